@@ -1,0 +1,90 @@
+//! Who acts, and what the append-only audit log records (DESIGN.md §6).
+
+use crate::ids::UserId;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::str::FromStr;
+
+/// A caller's role, from the JWT's `role` claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Buyer,
+    Support,
+    Admin,
+}
+
+impl Role {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Buyer => "buyer",
+            Self::Support => "support",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+impl FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "buyer" => Ok(Self::Buyer),
+            "support" => Ok(Self::Support),
+            "admin" => Ok(Self::Admin),
+            other => Err(format!(
+                "unknown role `{other}` (expected buyer, support or admin)"
+            )),
+        }
+    }
+}
+
+/// Who caused an audit entry: a person with a role, the provider, or payretry itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Actor {
+    User { id: UserId, role: Role },
+    Provider,
+    System,
+}
+
+impl fmt::Display for Actor {
+    /// `sub:role`, `provider` or `system` — the form stored in the audit log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::User { id, role } => write!(f, "{id}:{}", role.as_str()),
+            Self::Provider => f.write_str("provider"),
+            Self::System => f.write_str("system"),
+        }
+    }
+}
+
+/// The audit log's actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditAction {
+    CheckoutCreated,
+    PaymentFailed,
+    RetryRequested,
+    RetryInitiated,
+    RetryAbandoned,
+    PaymentSucceeded,
+    RetryDeadLettered,
+    RetryRedriven,
+    SessionExpired,
+}
+
+impl AuditAction {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::CheckoutCreated => "checkout_created",
+            Self::PaymentFailed => "payment_failed",
+            Self::RetryRequested => "retry_requested",
+            Self::RetryInitiated => "retry_initiated",
+            Self::RetryAbandoned => "retry_abandoned",
+            Self::PaymentSucceeded => "payment_succeeded",
+            Self::RetryDeadLettered => "retry_dead_lettered",
+            Self::RetryRedriven => "retry_redriven",
+            Self::SessionExpired => "session_expired",
+        }
+    }
+}

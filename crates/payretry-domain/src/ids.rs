@@ -1,0 +1,196 @@
+//! Identifiers and keys. Each is a newtype so a session id can never be passed where a
+//! provider checkout id is expected, and each parsed value is known to be valid.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Why an identifier or key was rejected.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("a payment session id starts with `ps_` followed by 1 to 64 letters, digits or `_`")]
+    SessionId,
+    #[error("an Idempotency-Key is 1 to 255 printable ASCII characters")]
+    IdempotencyKey,
+}
+
+/// Our payment session id (`ps_…`). It is preserved across every retry: only the provider
+/// checkout changes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct PaymentSessionId(String);
+
+impl PaymentSessionId {
+    pub const PREFIX: &'static str = "ps_";
+
+    /// A new id from 128 random bits given by the caller (the domain has no randomness).
+    pub fn from_random(bits: u128) -> Self {
+        Self(format!("{}{bits:032x}", Self::PREFIX))
+    }
+
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        let rest = raw.strip_prefix(Self::PREFIX).ok_or(IdError::SessionId)?;
+        let valid = !rest.is_empty()
+            && rest.len() <= 64
+            && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(IdError::SessionId)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PaymentSessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The provider's checkout session id (`cs_…` at Stripe). One per attempt.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ProviderSessionId(String);
+
+impl ProviderSessionId {
+    pub fn new(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ProviderSessionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A user, as named by the JWT's `sub` claim.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct UserId(String);
+
+impl UserId {
+    pub fn new(raw: impl Into<String>) -> Self {
+        Self(raw.into())
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for UserId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A client-chosen `Idempotency-Key`: 1–255 printable ASCII characters (space to `~`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub const MAX_LEN: usize = 255;
+
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        let valid = !raw.is_empty()
+            && raw.len() <= Self::MAX_LEN
+            && raw.bytes().all(|b| (0x20..=0x7e).contains(&b));
+        if valid {
+            Ok(Self(raw.to_owned()))
+        } else {
+            Err(IdError::IdempotencyKey)
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// Which checkout of a session: 0 is the original, 1..=max the retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AttemptNumber(u32);
+
+impl AttemptNumber {
+    /// The first checkout, created with the session.
+    pub const ORIGINAL: Self = Self(0);
+
+    pub const fn new(n: u32) -> Self {
+        Self(n)
+    }
+
+    pub const fn get(self) -> u32 {
+        self.0
+    }
+
+    pub const fn next(self) -> Self {
+        Self(self.0 + 1)
+    }
+
+    pub const fn is_retry(self) -> bool {
+        self.0 > 0
+    }
+}
+
+impl fmt::Display for AttemptNumber {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn session_id_round_trips_from_random_bits() {
+        let id = PaymentSessionId::from_random(0xdead_beef);
+        assert_eq!(PaymentSessionId::parse(id.as_str()), Ok(id));
+    }
+
+    #[test]
+    fn session_id_rejects_foreign_shapes() {
+        for raw in [
+            "",
+            "ps_",
+            "cs_abc",
+            "ps_a/b",
+            "ps_a b",
+            &format!("ps_{}", "a".repeat(65)),
+        ] {
+            assert_eq!(
+                PaymentSessionId::parse(raw),
+                Err(IdError::SessionId),
+                "{raw:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn idempotency_key_bounds() {
+        assert!(IdempotencyKey::parse("a").is_ok());
+        assert!(IdempotencyKey::parse(&"k".repeat(255)).is_ok());
+        assert!(IdempotencyKey::parse("").is_err());
+        assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
+        assert!(IdempotencyKey::parse("tab\tkey").is_err());
+        assert!(IdempotencyKey::parse("clé").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn idempotency_key_accepts_exactly_printable_ascii(raw in "\\PC{0,300}") {
+            let expected = !raw.is_empty() && raw.len() <= 255 && raw.bytes().all(|b| (0x20..=0x7e).contains(&b));
+            prop_assert_eq!(IdempotencyKey::parse(&raw).is_ok(), expected);
+        }
+    }
+}

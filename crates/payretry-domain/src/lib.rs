@@ -1,0 +1,32 @@
+//! payretry's domain: the rules of a payment retry, with no I/O.
+//!
+//! Layout:
+//! - [`ids`]: newtypes for every identifier and key that crosses a boundary.
+//! - [`money`]: amounts in integer minor units with their currency.
+//! - [`status`]: the session state machine's states and the reasons a retry is unavailable.
+//! - [`failure`]: provider failure reasons (decline codes) as a value.
+//! - [`policy`]: the retry policy (delays, attempt cap, window, non-retryable reasons).
+//! - [`eligibility`]: the single place that decides whether a retry may be scheduled.
+//! - [`audit`]: roles, actors and the audit log's actions.
+//! - [`job`]: the queue message shared by every queue backend.
+//!
+//! This crate must never depend on tokio, sqlx or reqwest: everything with I/O lives in the
+//! service crate behind traits this crate does not know.
+
+pub mod audit;
+pub mod eligibility;
+pub mod failure;
+pub mod ids;
+pub mod job;
+pub mod money;
+pub mod policy;
+pub mod status;
+
+pub use audit::{Actor, AuditAction, Role};
+pub use eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
+pub use failure::FailureReason;
+pub use ids::{AttemptNumber, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId};
+pub use job::RetryJob;
+pub use money::{Amount, Currency, Money};
+pub use policy::RetryPolicy;
+pub use status::{RetryUnavailableReason, SessionStatus};
