@@ -39,20 +39,19 @@ impl FromStr for Role {
     }
 }
 
-/// Who caused an audit entry: a person with a role, the provider, or payretry itself.
+/// Who caused an audit entry: a person with a role, or payretry itself (the worker, the
+/// sweeper, or a provider event it verified).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Actor {
     User { id: UserId, role: Role },
-    Provider,
     System,
 }
 
 impl fmt::Display for Actor {
-    /// `sub:role`, `provider` or `system` — the form stored in the audit log.
+    /// `sub:role` or `system` — the form stored in the audit log.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::User { id, role } => write!(f, "{id}:{}", role.as_str()),
-            Self::Provider => f.write_str("provider"),
             Self::System => f.write_str("system"),
         }
     }
@@ -86,5 +85,55 @@ impl AuditAction {
             Self::RetryRedriven => "retry_redriven",
             Self::SessionExpired => "session_expired",
         }
+    }
+}
+
+/// An authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user: UserId,
+    pub role: Role,
+}
+
+impl Principal {
+    /// A buyer sees only their own sessions; support and admin see all. Anyone else's
+    /// session must look exactly like a missing one (404, never 403).
+    pub fn can_see(&self, buyer: &UserId) -> bool {
+        self.role != Role::Buyer || &self.user == buyer
+    }
+
+    pub fn actor(&self) -> Actor {
+        Actor::User {
+            id: self.user.clone(),
+            role: self.role,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buyers_see_only_their_own_sessions() {
+        let alice = UserId::new("alice");
+        let bob = UserId::new("bob");
+        let buyer = Principal {
+            user: alice.clone(),
+            role: Role::Buyer,
+        };
+        assert!(buyer.can_see(&alice));
+        assert!(!buyer.can_see(&bob));
+        for role in [Role::Support, Role::Admin] {
+            assert!(
+                Principal {
+                    user: alice.clone(),
+                    role
+                }
+                .can_see(&bob)
+            );
+        }
+        assert_eq!(buyer.actor().to_string(), "alice:buyer");
+        assert_eq!(Actor::System.to_string(), "system");
     }
 }

@@ -22,7 +22,7 @@ pub mod money;
 pub mod policy;
 pub mod status;
 
-pub use audit::{Actor, AuditAction, Role};
+pub use audit::{Actor, AuditAction, Principal, Role};
 pub use eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
 pub use failure::FailureReason;
 pub use ids::{AttemptNumber, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId};

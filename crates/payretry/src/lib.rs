@@ -1,1 +1,22 @@
+//! payretry: safe, bounded retries of failed card payments inside the payment window.
+//!
+//! Layout:
+//! - `provider`: the payment provider trait, with the built-in `sandbox` and `stripe`.
+//! - `webhook`: provider webhook signatures and event parsing.
+//! - `secret`: secrets that cannot be printed by accident.
 
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod provider;
+pub mod queue;
+pub mod secret;
+pub mod service;
+pub mod shutdown;
+pub mod storage;
+pub mod sweeper;
+pub mod telemetry;
+pub mod webhook;
+pub mod worker;

@@ -1,1 +1,23 @@
-fn main() {}
+use clap::Parser;
+use payretry::cli::{self, Cli};
+use payretry::config::Config;
+use std::process::ExitCode;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("payretry: configuration error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli::run(cli, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("payretry: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

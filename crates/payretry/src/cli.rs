@@ -1,0 +1,138 @@
+//! The `payretry` command line (DESIGN.md §8).
+
+use crate::app::{self, App, ServeRole, Tuning};
+use crate::config::Config;
+use crate::http::admin::DeadLetterView;
+use crate::http::auth::JwtKeys;
+use crate::shutdown;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use payretry_domain::{Principal, Role, UserId};
+use tokio::net::TcpListener;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "payretry",
+    version,
+    about = "Safe, bounded retries of failed card payments inside the payment window."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the service (configuration from the environment).
+    Serve {
+        #[arg(long, value_enum, default_value = "all")]
+        role: ServeRole,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Print a signed access token.
+    Token {
+        #[arg(long)]
+        sub: String,
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl: u64,
+    },
+    /// Review retry jobs that kept failing.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+    /// Walk through the whole retry story on a throw-away database, narrated.
+    Demo,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeadLetterAction {
+    /// List dead letters as JSON lines.
+    List,
+    /// Queue a dead letter again.
+    Redrive { id: String },
+}
+
+fn parse_role(raw: &str) -> Result<Role, String> {
+    raw.parse()
+}
+
+pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { role } => {
+            crate::telemetry::logs::init(config.log_format, "info");
+            let listener = TcpListener::bind(config.listen)
+                .await
+                .with_context(|| format!("PAYRETRY_LISTEN: cannot bind {}", config.listen))?;
+            let public_url = app::public_url(&config, &listener)?;
+            let app = App::build(&config, public_url.clone(), Tuning::from_config(&config)).await?;
+            let (trigger, shutdown) = shutdown::channel();
+            tokio::spawn(async move {
+                shutdown::os_signal().await;
+                tracing::info!("shutting down");
+                trigger.trigger();
+            });
+            tracing::info!(%public_url, ?role, "payretry ready");
+            app.serve(listener, role, shutdown).await
+        }
+        Command::Migrate => {
+            app::open_storage(&config).await?;
+            println!("migrations applied to {}", config.database_url);
+            Ok(())
+        }
+        Command::Token { sub, role, ttl } => {
+            let storage = app::open_storage(&config).await?;
+            let secret = app::jwt_secret(&config, storage.as_ref()).await?;
+            println!("{}", JwtKeys::new(&secret).issue(&sub, role, ttl));
+            Ok(())
+        }
+        Command::DeadLetters { action } => {
+            let public_url = config
+                .public_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{}", config.listen));
+            let app = App::build(&config, public_url, Tuning::from_config(&config)).await?;
+            let payments = &app.state.payments;
+            match action {
+                DeadLetterAction::List => {
+                    for dead in payments.dead_letters().await? {
+                        println!("{}", serde_json::to_string(&DeadLetterView::from(&dead))?);
+                    }
+                }
+                DeadLetterAction::Redrive { id } => {
+                    let operator = Principal {
+                        user: UserId::new("cli"),
+                        role: Role::Admin,
+                    };
+                    let dead = payments.redrive(&id, &operator).await.map_err(|e| {
+                        anyhow::anyhow!(
+                            "redrive refused: {}",
+                            crate::http::error::ApiError::from(e)
+                        )
+                    })?;
+                    println!(
+                        "redriven: session {} attempt {}",
+                        dead.job.payment_session_id, dead.job.attempt_number
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Demo => crate::demo::run().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_cli_definition_is_valid() {
+        Cli::command().debug_assert();
+    }
+}

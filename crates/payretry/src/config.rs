@@ -1,0 +1,353 @@
+//! Configuration from the environment (DESIGN.md §7). Everything is optional; a bad value
+//! stops start-up with one line naming the variable and what it accepts.
+
+use crate::secret::Secret;
+use payretry_domain::policy::{parse_delays, parse_duration};
+use payretry_domain::{FailureReason, RetryPolicy};
+use std::net::SocketAddr;
+
+/// A bad setting: which variable, and what it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{var}: {expected} (got {got:?})")]
+pub struct ConfigError {
+    pub var: &'static str,
+    pub expected: String,
+    pub got: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueKind {
+    Embedded,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    Sandbox,
+    Stripe,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything payretry reads from its environment.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// Base for links (checkout return URLs, the sandbox page). `None`: `http://{listen}`
+    /// with the port actually bound.
+    pub public_url: Option<String>,
+    pub database_url: String,
+    /// Suffix of the queue names.
+    pub env: String,
+    pub queue: QueueKind,
+    pub policy: RetryPolicy,
+    /// Deliveries of one job before it is dead-lettered.
+    pub max_receives: u32,
+    pub provider: ProviderKind,
+    pub stripe_secret_key: Option<Secret>,
+    /// Webhook signing secrets: the first signs (sandbox), any verifies (rotation).
+    pub webhook_secrets: Vec<Secret>,
+    pub stripe_api_base: String,
+    /// `None`: generated once and kept in the database.
+    pub jwt_secret: Option<Secret>,
+    pub log_format: LogFormat,
+    /// Retry jobs processed at once by one worker.
+    pub worker_concurrency: usize,
+    /// Requests per minute per principal on checkout and retry.
+    pub rate_limit_per_minute: u32,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            public_url: None,
+            database_url: "sqlite://payretry.db".to_owned(),
+            env: "dev".to_owned(),
+            queue: QueueKind::Embedded,
+            policy: RetryPolicy::default(),
+            max_receives: 5,
+            provider: ProviderKind::Sandbox,
+            stripe_secret_key: None,
+            webhook_secrets: Vec::new(),
+            stripe_api_base: "https://api.stripe.com".to_owned(),
+            jwt_secret: None,
+            log_format: LogFormat::Text,
+            worker_concurrency: 16,
+            rate_limit_per_minute: 120,
+        }
+    }
+}
+
+fn bad(var: &'static str, expected: impl Into<String>, got: &str) -> ConfigError {
+    ConfigError {
+        var,
+        expected: expected.into(),
+        got: got.to_owned(),
+    }
+}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+    }
+
+    /// Reads settings through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut c = Self::default();
+        if let Some(v) = lookup("PAYRETRY_LISTEN") {
+            c.listen = v.parse().map_err(|_| {
+                bad(
+                    "PAYRETRY_LISTEN",
+                    "expected host:port, e.g. 127.0.0.1:8080",
+                    &v,
+                )
+            })?;
+        }
+        if let Some(v) = lookup("PAYRETRY_PUBLIC_URL") {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(bad(
+                    "PAYRETRY_PUBLIC_URL",
+                    "expected an http:// or https:// URL",
+                    &v,
+                ));
+            }
+            c.public_url = Some(v.trim_end_matches('/').to_owned());
+        }
+        if let Some(v) = lookup("PAYRETRY_DATABASE_URL") {
+            if !v.starts_with("sqlite:") {
+                return Err(bad("PAYRETRY_DATABASE_URL", "expected sqlite://PATH", &v));
+            }
+            c.database_url = v;
+        }
+        if let Some(v) = lookup("PAYRETRY_ENV") {
+            let ok = v.len() <= 40
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !ok {
+                return Err(bad(
+                    "PAYRETRY_ENV",
+                    "expected up to 40 letters, digits, `-` or `_`",
+                    &v,
+                ));
+            }
+            c.env = v;
+        }
+        if let Some(v) = lookup("PAYRETRY_QUEUE") {
+            c.queue = match v.as_str() {
+                "embedded" => QueueKind::Embedded,
+                _ => return Err(bad("PAYRETRY_QUEUE", "expected `embedded`", &v)),
+            };
+        }
+        let delays = match lookup("PAYRETRY_RETRY_DELAYS") {
+            Some(v) => {
+                parse_delays(&v).map_err(|e| bad("PAYRETRY_RETRY_DELAYS", e.to_string(), &v))?
+            }
+            None => c.policy.delays().to_vec(),
+        };
+        let max_attempts = match lookup("PAYRETRY_MAX_ATTEMPTS") {
+            Some(v) => v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=20).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "PAYRETRY_MAX_ATTEMPTS",
+                        "expected a whole number from 1 to 20",
+                        &v,
+                    )
+                })?,
+            None => c.policy.max_attempts,
+        };
+        let window = match lookup("PAYRETRY_PAYMENT_WINDOW") {
+            Some(v) => parse_duration(&v)
+                .ok()
+                .filter(|d| !d.is_zero())
+                .ok_or_else(|| {
+                    bad(
+                        "PAYRETRY_PAYMENT_WINDOW",
+                        "expected a duration like `24h` (units s, m, h)",
+                        &v,
+                    )
+                })?,
+            None => c.policy.window,
+        };
+        let non_retryable = match lookup("PAYRETRY_NON_RETRYABLE_REASONS") {
+            Some(v) => v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(FailureReason::from_code)
+                .collect(),
+            None => c.policy.non_retryable.clone(),
+        };
+        c.policy = RetryPolicy::new(delays, max_attempts, window, non_retryable)
+            .map_err(|e| bad("PAYRETRY_RETRY_DELAYS", e.to_string(), ""))?;
+        if let Some(v) = lookup("PAYRETRY_MAX_RECEIVES") {
+            c.max_receives = v
+                .parse::<u32>()
+                .ok()
+                .filter(|n| (1..=1000).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "PAYRETRY_MAX_RECEIVES",
+                        "expected a whole number from 1 to 1000",
+                        &v,
+                    )
+                })?;
+        }
+        if let Some(v) = lookup("PAYRETRY_PROVIDER") {
+            c.provider = match v.as_str() {
+                "sandbox" => ProviderKind::Sandbox,
+                "stripe" => ProviderKind::Stripe,
+                _ => {
+                    return Err(bad(
+                        "PAYRETRY_PROVIDER",
+                        "expected `sandbox` or `stripe`",
+                        &v,
+                    ));
+                }
+            };
+        }
+        c.stripe_secret_key = lookup("STRIPE_SECRET_KEY").map(Secret::new);
+        if let Some(v) = lookup("STRIPE_WEBHOOK_SECRET") {
+            c.webhook_secrets = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(Secret::new)
+                .collect();
+        }
+        if let Some(v) = lookup("STRIPE_API_BASE") {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(bad(
+                    "STRIPE_API_BASE",
+                    "expected an http:// or https:// URL",
+                    &v,
+                ));
+            }
+            c.stripe_api_base = v.trim_end_matches('/').to_owned();
+        }
+        if c.provider == ProviderKind::Stripe {
+            if c.stripe_secret_key.is_none() {
+                return Err(bad(
+                    "STRIPE_SECRET_KEY",
+                    "required when PAYRETRY_PROVIDER=stripe",
+                    "",
+                ));
+            }
+            if c.webhook_secrets.is_empty() {
+                return Err(bad(
+                    "STRIPE_WEBHOOK_SECRET",
+                    "required when PAYRETRY_PROVIDER=stripe",
+                    "",
+                ));
+            }
+        }
+        if let Some(v) = lookup("PAYRETRY_JWT_SECRET") {
+            if v.len() < 32 {
+                return Err(bad(
+                    "PAYRETRY_JWT_SECRET",
+                    "expected at least 32 characters",
+                    "[redacted]",
+                ));
+            }
+            c.jwt_secret = Some(Secret::new(v));
+        }
+        if let Some(v) = lookup("PAYRETRY_LOG_FORMAT") {
+            c.log_format = match v.as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => return Err(bad("PAYRETRY_LOG_FORMAT", "expected `text` or `json`", &v)),
+            };
+        }
+        if let Some(v) = lookup("PAYRETRY_WORKER_CONCURRENCY") {
+            c.worker_concurrency = v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=256).contains(n))
+                .ok_or_else(|| {
+                    bad(
+                        "PAYRETRY_WORKER_CONCURRENCY",
+                        "expected a whole number from 1 to 256",
+                        &v,
+                    )
+                })?;
+        }
+        if let Some(v) = lookup("PAYRETRY_RATE_LIMIT_PER_MINUTE") {
+            c.rate_limit_per_minute =
+                v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    bad(
+                        "PAYRETRY_RATE_LIMIT_PER_MINUTE",
+                        "expected a whole number of at least 1",
+                        &v,
+                    )
+                })?;
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn from(pairs: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = from(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.database_url, "sqlite://payretry.db");
+        assert_eq!(c.env, "dev");
+        assert_eq!(c.max_receives, 5);
+        assert_eq!(c.provider, ProviderKind::Sandbox);
+        assert_eq!(c.policy, RetryPolicy::default());
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_in_one_line() {
+        let cases = [
+            ("PAYRETRY_LISTEN", "nowhere"),
+            ("PAYRETRY_MAX_ATTEMPTS", "zero"),
+            ("PAYRETRY_RETRY_DELAYS", "1m,5x"),
+            ("PAYRETRY_PAYMENT_WINDOW", "0s"),
+            ("PAYRETRY_PROVIDER", "paypal"),
+            ("PAYRETRY_QUEUE", "kafka"),
+            ("PAYRETRY_MAX_RECEIVES", "-1"),
+            ("PAYRETRY_DATABASE_URL", "mysql://x"),
+        ];
+        for (var, value) in cases {
+            let err = from(&[(var, value)]).unwrap_err();
+            assert_eq!(err.var, var);
+            let line = err.to_string();
+            assert!(line.starts_with(var) && !line.contains('\n'), "{line}");
+        }
+    }
+
+    #[test]
+    fn stripe_needs_its_keys_and_secrets_are_not_echoed() {
+        let err = from(&[("PAYRETRY_PROVIDER", "stripe")]).unwrap_err();
+        assert_eq!(err.var, "STRIPE_SECRET_KEY");
+        let err = from(&[("PAYRETRY_JWT_SECRET", "short-secret")]).unwrap_err();
+        assert!(!err.to_string().contains("short-secret"));
+    }
+
+    #[test]
+    fn webhook_secrets_may_be_rotated() {
+        let c = from(&[("STRIPE_WEBHOOK_SECRET", "whsec_new, whsec_old")]).unwrap();
+        let secrets: Vec<&str> = c.webhook_secrets.iter().map(Secret::expose).collect();
+        assert_eq!(secrets, ["whsec_new", "whsec_old"]);
+    }
+}

@@ -1,0 +1,159 @@
+//! The HTTP edge (DESIGN.md §3): routes, authentication, idempotency, and the one error
+//! type. Each handler parses its input into domain values, calls the service, and maps
+//! the outcome; no business rule lives here.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod health;
+pub mod idempotency;
+pub mod openapi;
+pub mod pay_page;
+pub mod payments;
+pub mod rate_limit;
+pub mod sandbox;
+pub mod webhooks;
+
+use crate::secret::Secret;
+use crate::service::Payments;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use error::ApiError;
+use metrics_exporter_prometheus::PrometheusHandle;
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+/// Request bodies larger than this are refused with 413 `payload_too_large`.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Shared by every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub payments: Arc<Payments>,
+    pub jwt: Arc<auth::JwtKeys>,
+    /// The first signs sandbox events; any verifies incoming ones.
+    pub webhook_secrets: Arc<Vec<Secret>>,
+    pub prometheus: PrometheusHandle,
+    pub limiter: Arc<rate_limit::RateLimiter>,
+    /// For the sandbox's webhook deliveries.
+    pub http: reqwest::Client,
+}
+
+/// The raw body, with the size limit and read errors mapped to the contract.
+pub struct RequestBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RequestBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        Bytes::from_request(req, state)
+            .await
+            .map(RequestBody)
+            .map_err(|rejection| {
+                if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge
+                } else {
+                    ApiError::InvalidRequest("the request body could not be read".to_owned())
+                }
+            })
+    }
+}
+
+/// Refuses an oversize body before reading it, when its length is declared.
+async fn limit_declared_length(request: Request, next: Next) -> Response {
+    let declared = request
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    next.run(request).await
+}
+
+/// One span per request with method, route, status and latency; echoes `x-request-id`.
+async fn trace_request(request: Request, next: Next) -> Response {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>()));
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let span = tracing::info_span!("request", method = %request.method(), route = %route, request_id = %request_id);
+    let started = Instant::now();
+    let mut response = next.run(request).instrument(span.clone()).await;
+    span.in_scope(|| {
+        tracing::info!(
+            status = response.status().as_u16(),
+            latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+    });
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("x-request-id", value);
+    }
+    response
+}
+
+async fn not_found() -> ApiError {
+    ApiError::RouteNotFound
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    Json(openapi::ApiDoc::openapi())
+}
+
+/// Routes every process serves: health, readiness, metrics, the OpenAPI document.
+fn operations() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi_json))
+}
+
+/// The full API.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/payments/checkout", post(payments::create_checkout))
+        .route(
+            "/payments/checkout/{session_id}/status",
+            get(payments::status),
+        )
+        .route(
+            "/payments/checkout/{session_id}/audit",
+            get(payments::audit),
+        )
+        .route("/payments/retry/{session_id}", post(payments::retry))
+        .route("/webhooks/stripe", post(webhooks::stripe))
+        .route("/admin/dead-letters", get(admin::list))
+        .route("/admin/dead-letters/{id}/redrive", post(admin::redrive))
+        .route("/pay/{session_id}", get(pay_page::show))
+        .route("/sandbox/checkout/{id}", get(sandbox::show))
+        .route("/sandbox/checkout/{id}/pay", post(sandbox::pay))
+        .route("/sandbox/checkout/{id}/decline", post(sandbox::decline))
+        .merge(operations())
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn(limit_declared_length))
+        .route_layer(middleware::from_fn(trace_request))
+        .with_state(state)
+}
+
+/// A worker-only process serves just the operations routes.
+pub fn operations_router(state: AppState) -> Router {
+    operations().fallback(not_found).with_state(state)
+}

@@ -1,0 +1,246 @@
+//! The buyer-facing routes: create a checkout, read its status, ask for a retry, and (for
+//! support) read the audit log.
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::idempotency::{self, Claim};
+use super::{AppState, RequestBody};
+use crate::service::checkout::NewCheckout;
+use crate::service::views::{RetryAcceptedView, StatusView};
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, Method};
+use axum::response::{IntoResponse, Response};
+use payretry_domain::{Amount, Currency, Money, PaymentSessionId, Role};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+/// `POST /payments/checkout` body.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CreateCheckoutBody {
+    /// Minor units, 1..=99999999.
+    #[schema(minimum = 1, maximum = 99_999_999, example = 2500)]
+    pub amount: i64,
+    /// Three lowercase letters.
+    #[schema(pattern = "^[a-z]{3}$", example = "usd")]
+    pub currency: String,
+    #[schema(example = "Order 123")]
+    pub description: Option<String>,
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Value>,
+}
+
+const MAX_DESCRIPTION: usize = 500;
+
+impl TryFrom<CreateCheckoutBody> for NewCheckout {
+    type Error = ApiError;
+
+    fn try_from(body: CreateCheckoutBody) -> Result<Self, ApiError> {
+        let amount =
+            Amount::new(body.amount).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        let currency =
+            Currency::parse(&body.currency).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+        let description = body.description.unwrap_or_else(|| "Payment".to_owned());
+        if description.trim().is_empty() || description.chars().count() > MAX_DESCRIPTION {
+            return Err(ApiError::InvalidRequest(format!(
+                "description must be 1 to {MAX_DESCRIPTION} characters"
+            )));
+        }
+        let metadata = match body.metadata {
+            None | Some(Value::Null) => Value::Object(Default::default()),
+            Some(Value::Object(map)) => Value::Object(map),
+            Some(_) => {
+                return Err(ApiError::InvalidRequest(
+                    "metadata must be an object".into(),
+                ));
+            }
+        };
+        Ok(Self {
+            money: Money { amount, currency },
+            description,
+            metadata,
+        })
+    }
+}
+
+fn session_id(raw: &str) -> Result<PaymentSessionId, ApiError> {
+    PaymentSessionId::parse(raw).map_err(|_| ApiError::SessionNotFound)
+}
+
+/// Create a payment session and its first provider checkout.
+#[utoipa::path(post, path = "/payments/checkout", tag = "payments",
+    request_body = CreateCheckoutBody,
+    params(("Idempotency-Key" = Option<String>, Header, description = "optional; 1–255 printable ASCII")),
+    responses(
+        (status = 201, body = StatusView),
+        (status = 400, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 409, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 429, body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_checkout(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Result<Response, ApiError> {
+    let buyer = caller.require(&[Role::Buyer])?;
+    state.limiter.check(buyer.user.as_str())?;
+    let key = idempotency::key_from(&headers)?;
+    let parsed: CreateCheckoutBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
+    let request = NewCheckout::try_from(parsed)?;
+    let storage = state.payments.storage.as_ref();
+    let scope = match &key {
+        Some(key) => match idempotency::claim(
+            storage,
+            buyer,
+            key,
+            &Method::POST,
+            "/payments/checkout",
+            &body,
+        )
+        .await?
+        {
+            Claim::Answer(response) => return Ok(response),
+            Claim::Proceed(scope) => Some(scope),
+        },
+        None => None,
+    };
+    match state
+        .payments
+        .create_checkout(buyer, request, scope.as_ref())
+        .await
+    {
+        Ok((_, response)) => Ok(idempotency::stored(&response)),
+        Err(error) => match &scope {
+            Some(scope) => Ok(idempotency::settle_error(storage, scope, error.into()).await),
+            None => Err(error.into()),
+        },
+    }
+}
+
+/// The status object of a session.
+#[utoipa::path(get, path = "/payments/checkout/{sessionId}/status", tag = "payments",
+    params(("sessionId" = String, Path)),
+    responses(
+        (status = 200, body = StatusView),
+        (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw_id): Path<String>,
+) -> Result<Json<StatusView>, ApiError> {
+    let caller = caller.require(&[Role::Buyer, Role::Support, Role::Admin])?;
+    let id = session_id(&raw_id)?;
+    let session = state.payments.visible_session(&id, caller).await?;
+    Ok(Json(StatusView::of(
+        &session,
+        &state.payments.policy,
+        chrono::Utc::now(),
+    )))
+}
+
+/// Schedule a retry of a failed payment.
+#[utoipa::path(post, path = "/payments/retry/{sessionId}", tag = "payments",
+    params(("sessionId" = String, Path),
+        ("Idempotency-Key" = String, Header, description = "required; 1–255 printable ASCII")),
+    responses(
+        (status = 202, body = RetryAcceptedView),
+        (status = 400, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 409, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 410, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 429, body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn retry(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw_id): Path<String>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Result<Response, ApiError> {
+    let caller = caller.require(&[Role::Buyer, Role::Support, Role::Admin])?;
+    state.limiter.check(caller.user.as_str())?;
+    let key = idempotency::key_from(&headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
+    let id = session_id(&raw_id)?;
+    let storage = state.payments.storage.as_ref();
+    let path = format!("/payments/retry/{id}");
+    let scope = match idempotency::claim(storage, caller, &key, &Method::POST, &path, &body).await?
+    {
+        Claim::Answer(response) => return Ok(response),
+        Claim::Proceed(scope) => scope,
+    };
+    match state.payments.schedule_retry(&id, caller, &scope).await {
+        Ok(response) => Ok(idempotency::stored(&response)),
+        Err(error) => Ok(idempotency::settle_error(storage, &scope, error.into()).await),
+    }
+}
+
+/// One audit log entry.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditEntryView {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub action: String,
+    pub attempt_number: Option<u32>,
+    pub actor: String,
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditLogView {
+    pub entries: Vec<AuditEntryView>,
+}
+
+/// A session's audit log, oldest first (support and admin).
+#[utoipa::path(get, path = "/payments/checkout/{sessionId}/audit", tag = "payments",
+    params(("sessionId" = String, Path)),
+    responses(
+        (status = 200, body = AuditLogView),
+        (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+pub async fn audit(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(raw_id): Path<String>,
+) -> Result<Json<AuditLogView>, ApiError> {
+    let caller = caller.require(&[Role::Support, Role::Admin])?;
+    let id = session_id(&raw_id)?;
+    state.payments.visible_session(&id, caller).await?;
+    let entries = state.payments.storage.audit_log(&id).await?;
+    Ok(Json(AuditLogView {
+        entries: entries
+            .into_iter()
+            .map(|e| AuditEntryView {
+                at: e.at,
+                action: e.action,
+                attempt_number: e.attempt.map(|a| a.get()),
+                actor: e.actor,
+                details: e.details,
+            })
+            .collect(),
+    }))
+}
+
+impl IntoResponse for AuditLogView {
+    fn into_response(self) -> Response {
+        Json(self).into_response()
+    }
+}

@@ -1,0 +1,49 @@
+//! `POST /webhooks/stripe`: verified by signature (no JWT), deduplicated by event id.
+//! Unknown event types and unknown sessions answer 200 so the provider stops resending.
+
+use super::error::ApiError;
+use super::{AppState, RequestBody};
+use crate::webhook::{event, signature};
+use axum::Json;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use serde_json::{Value, json};
+
+/// Receive a provider event.
+#[utoipa::path(post, path = "/webhooks/stripe", tag = "webhooks",
+    params(("Stripe-Signature" = String, Header)),
+    request_body(content = Object, description = "a Stripe event"),
+    responses(
+        (status = 200, description = "accepted (or ignored)"),
+        (status = 400, body = super::error::Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn stripe(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    RequestBody(body): RequestBody,
+) -> Result<Json<Value>, ApiError> {
+    let header = headers
+        .get("stripe-signature")
+        .and_then(|v| v.to_str().ok());
+    let secrets: Vec<&str> = state.webhook_secrets.iter().map(|s| s.expose()).collect();
+    let now = chrono::Utc::now().timestamp();
+    if let Err(error) = signature::verify(
+        header,
+        &body,
+        &secrets,
+        now,
+        signature::DEFAULT_TOLERANCE_SECS,
+    ) {
+        tracing::warn!(?error, "webhook signature refused");
+        return Err(ApiError::InvalidSignature);
+    }
+    let parsed = event::parse(&body).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let Some(event) = parsed else {
+        return Ok(Json(json!({"received": true, "effect": "ignored"})));
+    };
+    let effect = state.payments.apply_event(&event).await?;
+    tracing::info!(event_id = %event.id, session_id = %event.session_id, ?effect, "webhook applied");
+    Ok(Json(
+        json!({"received": true, "effect": format!("{effect:?}")}),
+    ))
+}

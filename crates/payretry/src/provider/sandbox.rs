@@ -1,0 +1,183 @@
+//! The built-in sandbox provider: the whole flow with no account. Its hosted page
+//! `/sandbox/checkout/{id}` (served by this service) has Pay and Decline buttons; pressing one
+//! delivers a Stripe-format, correctly signed webhook to this service's own
+//! `/webhooks/stripe`, exercising exactly the path a real provider's webhook takes.
+//! Checkouts live in the database, so every process on it (api, worker) sees them.
+
+use super::{CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError};
+use crate::secret::Secret;
+use crate::storage::{SandboxCheckout, Storage};
+use async_trait::async_trait;
+use chrono::Utc;
+use payretry_domain::ProviderSessionId;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+
+pub struct SandboxProvider {
+    storage: Arc<dyn Storage>,
+    public_url: String,
+}
+
+impl SandboxProvider {
+    pub fn new(storage: Arc<dyn Storage>, public_url: String) -> Self {
+        Self {
+            storage,
+            public_url,
+        }
+    }
+}
+
+fn unavailable(error: impl std::fmt::Display) -> ProviderError {
+    ProviderError::Transient(format!("sandbox storage: {error}"))
+}
+
+#[async_trait]
+impl PaymentProvider for SandboxProvider {
+    async fn create_checkout(
+        &self,
+        request: &CheckoutRequest,
+    ) -> Result<ProviderCheckout, ProviderError> {
+        // The id is derived from the idempotency key, so a repeated request for the same
+        // attempt finds the same checkout, as Stripe's Idempotency-Key guarantees.
+        let digest = Sha256::digest(request.idempotency_key().as_bytes());
+        let id = ProviderSessionId::new(format!("cs_sandbox_{}", &hex::encode(digest)[..24]));
+        let checkout = SandboxCheckout {
+            id: id.clone(),
+            session_id: request.session_id.clone(),
+            attempt: request.attempt,
+            amount: request.money.amount.minor_units(),
+            currency: request.money.currency.to_string(),
+            description: request.description.clone(),
+            success_url: request.success_url.clone(),
+            cancel_url: request.cancel_url.clone(),
+            expires_at: request.expires_at,
+            status: "open".to_owned(),
+        };
+        self.storage
+            .put_sandbox_checkout(&checkout)
+            .await
+            .map_err(unavailable)?;
+        let stored = self
+            .storage
+            .sandbox_checkout(&id)
+            .await
+            .map_err(unavailable)?;
+        let stored = stored.ok_or_else(|| unavailable("checkout vanished"))?;
+        Ok(ProviderCheckout {
+            url: format!("{}/sandbox/checkout/{id}", self.public_url),
+            id,
+            expires_at: stored.expires_at,
+        })
+    }
+
+    async fn retrieve_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> Result<CheckoutState, ProviderError> {
+        let checkout = self
+            .storage
+            .sandbox_checkout(id)
+            .await
+            .map_err(unavailable)?;
+        match checkout.as_ref().map(|c| c.status.as_str()) {
+            Some("paid") => Ok(CheckoutState::Paid),
+            Some("expired") => Ok(CheckoutState::Expired),
+            Some(_)
+                if checkout
+                    .as_ref()
+                    .is_some_and(|c| c.expires_at <= Utc::now()) =>
+            {
+                Ok(CheckoutState::Expired)
+            }
+            Some(_) => Ok(CheckoutState::Open),
+            None => Err(ProviderError::Permanent(format!("no such checkout: {id}"))),
+        }
+    }
+
+    async fn expire_checkout(&self, id: &ProviderSessionId) -> Result<(), ProviderError> {
+        let checkout = self
+            .storage
+            .sandbox_checkout(id)
+            .await
+            .map_err(unavailable)?;
+        if checkout.is_some_and(|c| c.status == "open") {
+            self.storage
+                .set_sandbox_checkout_status(id, "expired")
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+}
+
+/// The Stripe-format events the sandbox page sends.
+pub mod events {
+    use super::*;
+
+    fn metadata(c: &SandboxCheckout) -> Value {
+        json!({"payment_session_id": c.session_id.as_str(), "retry_attempt": c.attempt.to_string()})
+    }
+
+    fn envelope(kind: &str, object: Value) -> Value {
+        json!({
+            "id": format!("evt_sandbox_{:032x}", rand::random::<u128>()),
+            "object": "event",
+            "type": kind,
+            "created": Utc::now().timestamp(),
+            "livemode": false,
+            "data": {"object": object},
+        })
+    }
+
+    /// `checkout.session.completed` with `payment_status: paid`.
+    pub fn paid(c: &SandboxCheckout) -> Value {
+        envelope(
+            "checkout.session.completed",
+            json!({
+                "id": c.id.as_str(), "object": "checkout.session", "status": "complete",
+                "payment_status": "paid", "amount_total": c.amount, "currency": c.currency,
+                "client_reference_id": c.session_id.as_str(), "metadata": metadata(c),
+            }),
+        )
+    }
+
+    /// `payment_intent.payment_failed` with the chosen decline code.
+    pub fn declined(c: &SandboxCheckout, decline_code: &str) -> Value {
+        envelope(
+            "payment_intent.payment_failed",
+            json!({
+                "id": format!("pi_sandbox_{}", &c.id.as_str()[11..]), "object": "payment_intent",
+                "amount": c.amount, "currency": c.currency, "metadata": metadata(c),
+                "last_payment_error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code},
+            }),
+        )
+    }
+}
+
+/// Sends a signed event to this service's webhook endpoint, as the provider would.
+pub async fn deliver(
+    client: &reqwest::Client,
+    public_url: &str,
+    secret: &Secret,
+    event: &Value,
+) -> Result<(), ProviderError> {
+    let body = serde_json::to_vec(event).map_err(|e| ProviderError::Permanent(e.to_string()))?;
+    let signature = crate::webhook::signature::sign(&body, secret.expose(), Utc::now().timestamp());
+    let response = client
+        .post(format!("{public_url}/webhooks/stripe"))
+        .header("Stripe-Signature", signature)
+        .header("Content-Type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| ProviderError::Transient(format!("webhook delivery: {e}")))?;
+    if response.status().is_success() {
+        Ok(())
+    } else {
+        Err(ProviderError::Transient(format!(
+            "webhook answered {}",
+            response.status()
+        )))
+    }
+}

@@ -1,0 +1,124 @@
+//! The retry service: the business operations of payretry, each ending in one atomic
+//! storage transition. HTTP handlers, the worker and the sweeper call these; none of them
+//! touches storage state directly.
+//!
+//! - [`checkout`]: create a payment session with its first checkout.
+//! - [`retry`]: eligibility and scheduling of a buyer's retry.
+//! - [`events`]: provider events (paid, failed, expired) applied to sessions.
+//! - [`expiry`]: closing sessions whose window passed.
+//! - [`dead_letters`]: listing and redriving jobs that kept failing.
+//! - [`views`]: the status and retry objects of the HTTP contract.
+
+pub mod checkout;
+pub mod dead_letters;
+pub mod events;
+pub mod expiry;
+pub mod retry;
+pub mod views;
+
+use crate::provider::{PaymentProvider, ProviderError};
+use crate::storage::{
+    Committed, IdempotencyCompletion, IdempotencyScope, SessionRecord, Storage, StorageError,
+    StoredResponse, Transition,
+};
+use chrono::{DateTime, Utc};
+use payretry_domain::{PaymentSessionId, Principal, RetryPolicy, RetryRefusal};
+use serde::Serialize;
+use std::sync::Arc;
+
+/// How often a transition is re-decided after losing a compare-and-set race before giving up.
+const MAX_CONFLICT_ROUNDS: usize = 8;
+
+/// Why an operation did not happen. The HTTP edge maps each to the contract.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("session not found")]
+    SessionNotFound,
+    #[error("dead letter not found")]
+    DeadLetterNotFound,
+    #[error(transparent)]
+    Refused(#[from] RetryRefusal),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("the session kept changing while being updated")]
+    Contended,
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;
+
+/// The operations and what they need.
+pub struct Payments {
+    pub storage: Arc<dyn Storage>,
+    pub provider: Arc<dyn PaymentProvider>,
+    pub policy: RetryPolicy,
+    /// Base for the links handed to the provider (`/pay/{id}`).
+    pub public_url: String,
+}
+
+impl Payments {
+    /// A session the caller may see; anyone else's is reported as missing.
+    pub async fn visible_session(
+        &self,
+        id: &PaymentSessionId,
+        caller: &Principal,
+    ) -> ServiceResult<SessionRecord> {
+        match self.storage.session(id).await? {
+            Some(session) if caller.can_see(&session.buyer) => Ok(session),
+            _ => Err(ServiceError::SessionNotFound),
+        }
+    }
+
+    pub(crate) async fn load(&self, id: &PaymentSessionId) -> ServiceResult<SessionRecord> {
+        self.storage
+            .session(id)
+            .await?
+            .ok_or(ServiceError::SessionNotFound)
+    }
+
+    /// The buyer-facing page of a session, also the provider's return URL.
+    pub fn pay_url(&self, id: &PaymentSessionId) -> String {
+        format!("{}/pay/{id}", self.public_url)
+    }
+
+    /// Decides and commits a transition, re-deciding on a lost compare-and-set race.
+    /// `decide` returns `None` when there is nothing to do for the session as it now is.
+    pub(crate) async fn transition<T>(
+        &self,
+        id: &PaymentSessionId,
+        mut decide: impl FnMut(&SessionRecord, DateTime<Utc>) -> ServiceResult<Option<(Transition, T)>>,
+    ) -> ServiceResult<Option<(SessionRecord, T)>> {
+        for _ in 0..MAX_CONFLICT_ROUNDS {
+            let session = self.load(id).await?;
+            let Some((transition, value)) = decide(&session, Utc::now())? else {
+                return Ok(None);
+            };
+            match self.storage.commit(transition).await? {
+                Committed::Applied => return Ok(Some((session, value))),
+                Committed::DuplicateEvent => return Ok(None),
+                Committed::Conflict => continue,
+            }
+        }
+        Err(ServiceError::Contended)
+    }
+}
+
+/// Serialises a response body once, so the bytes stored for idempotent replay are exactly
+/// the bytes sent.
+pub fn json_response(status: u16, body: &impl Serialize) -> StoredResponse {
+    StoredResponse {
+        status,
+        body: serde_json::to_vec(body).expect("views serialise"),
+    }
+}
+
+pub(crate) fn completion(
+    scope: Option<&IdempotencyScope>,
+    response: &StoredResponse,
+) -> Option<IdempotencyCompletion> {
+    scope.map(|scope| IdempotencyCompletion {
+        scope: scope.clone(),
+        response: response.clone(),
+    })
+}

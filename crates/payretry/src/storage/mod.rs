@@ -1,0 +1,346 @@
+//! Durable state: payment sessions, attempts, the audit log, idempotency records, processed
+//! webhook events, the retry-job outbox and dead letters.
+//!
+//! The rule this module enforces: every state change is one [`Transition`], committed in one
+//! database transaction together with everything that must happen because of it (audit
+//! entries, queued jobs, the idempotent response). Transitions are compare-and-set on the
+//! session's `version`, so of two concurrent writers exactly one wins and the other re-reads.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use payretry_domain::{
+    AttemptNumber, AuditAction, FailureReason, Money, PaymentSessionId, ProviderSessionId,
+    RetryJob, SessionStatus, UserId, eligibility::SessionSnapshot,
+};
+use serde_json::Value;
+
+/// Storage failures. Details are logged, never shown to API callers.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// The mutable part of a session: what a [`Transition`] replaces as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub status: SessionStatus,
+    /// The latest failure (the latest decline stands).
+    pub failure_reason: Option<FailureReason>,
+    /// Retries spent (the original checkout is not one).
+    pub retry_attempts: u32,
+    pub last_retry_at: Option<DateTime<Utc>>,
+    /// The failure reason the latest retry was requested for.
+    pub retry_reason: Option<FailureReason>,
+    /// When the scheduled retry's checkout is due.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// The attempt whose checkout is live (or was last live).
+    pub current_attempt: AttemptNumber,
+    pub provider_session_id: Option<ProviderSessionId>,
+    pub checkout_url: Option<String>,
+    /// Which attempt's checkout was paid.
+    pub paid_attempt: Option<AttemptNumber>,
+}
+
+/// A payment session as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRecord {
+    pub id: PaymentSessionId,
+    pub buyer: UserId,
+    pub money: Money,
+    pub description: String,
+    pub metadata: Value,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Incremented by every transition; the compare-and-set token.
+    pub version: i64,
+    pub state: SessionState,
+}
+
+impl SessionRecord {
+    pub fn snapshot(&self) -> SessionSnapshot {
+        SessionSnapshot {
+            status: self.state.status,
+            retry_attempts: self.state.retry_attempts,
+            failure_reason: self.state.failure_reason.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+}
+
+/// Where one attempt (one provider checkout) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptStatus {
+    Scheduled,
+    Open,
+    Failed,
+    Succeeded,
+    Abandoned,
+    DeadLettered,
+}
+
+impl AttemptStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Open => "open",
+            Self::Failed => "failed",
+            Self::Succeeded => "succeeded",
+            Self::Abandoned => "abandoned",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Insert-or-update of one attempt row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptChange {
+    pub attempt: AttemptNumber,
+    pub status: AttemptStatus,
+    pub provider_session_id: Option<ProviderSessionId>,
+    pub failure_reason: Option<FailureReason>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+}
+
+/// An audit entry to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAuditEntry {
+    pub action: AuditAction,
+    pub attempt: Option<AttemptNumber>,
+    /// `sub:role`, `provider` or `system`.
+    pub actor: String,
+    pub details: Value,
+}
+
+/// An audit entry as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    pub at: DateTime<Utc>,
+    pub action: String,
+    pub attempt: Option<AttemptNumber>,
+    pub actor: String,
+    pub details: Value,
+}
+
+/// The response of an idempotent request, stored for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+}
+
+/// Identifies one idempotency record: the caller's `sub` and the key they sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyScope {
+    pub caller: UserId,
+    pub key: String,
+}
+
+/// Completing an idempotency record inside a transition, so the response and the effect
+/// commit together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyCompletion {
+    pub scope: IdempotencyScope,
+    pub response: StoredResponse,
+}
+
+/// What [`Storage::begin_idempotent`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyBegin {
+    /// First time (or the earlier attempt was abandoned): go ahead.
+    Started,
+    /// Done before: send this back byte for byte.
+    Replay(StoredResponse),
+    /// The same key is being processed right now.
+    InFlight,
+    /// The same key was used for a different request.
+    Mismatch,
+}
+
+/// A job that kept failing, moved aside for manual review.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub id: String,
+    pub job: RetryJob,
+    pub receive_count: u32,
+    pub last_error: String,
+    pub dead_at: DateTime<Utc>,
+}
+
+/// A dead letter to record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewDeadLetter {
+    pub job: RetryJob,
+    pub receive_count: u32,
+    pub last_error: String,
+}
+
+/// One atomic state change of a session and everything that goes with it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub session_id: PaymentSessionId,
+    /// The `version` the decision was based on; the commit fails with
+    /// [`Committed::Conflict`] if the session changed since.
+    pub expected_version: i64,
+    pub state: SessionState,
+    pub attempt: Option<AttemptChange>,
+    pub audit: Vec<NewAuditEntry>,
+    /// A retry job to queue (outbox), due at its `scheduled_for`.
+    pub enqueue: Option<RetryJob>,
+    pub dead_letter: Option<NewDeadLetter>,
+    /// A dead letter being redriven: removed in the same commit.
+    pub redrive: Option<String>,
+    /// The provider event that caused this, recorded so a redelivery is ignored.
+    pub webhook_event_id: Option<String>,
+    pub idempotency: Option<IdempotencyCompletion>,
+}
+
+impl Transition {
+    /// A transition of `session` to `state`, with nothing else attached yet.
+    pub fn new(session: &SessionRecord, state: SessionState) -> Self {
+        Self {
+            session_id: session.id.clone(),
+            expected_version: session.version,
+            state,
+            attempt: None,
+            audit: Vec::new(),
+            enqueue: None,
+            dead_letter: None,
+            redrive: None,
+            webhook_event_id: None,
+            idempotency: None,
+        }
+    }
+}
+
+/// How a transition ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    Applied,
+    /// The session changed since it was read; nothing was written.
+    Conflict,
+    /// The webhook event was processed before; nothing was written.
+    DuplicateEvent,
+}
+
+/// A new session with its first checkout.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSession {
+    pub id: PaymentSessionId,
+    pub buyer: UserId,
+    pub money: Money,
+    pub description: String,
+    pub metadata: Value,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub provider_session_id: ProviderSessionId,
+    pub checkout_url: String,
+    pub audit: NewAuditEntry,
+    pub idempotency: Option<IdempotencyCompletion>,
+}
+
+/// A checkout of the built-in sandbox provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxCheckout {
+    pub id: ProviderSessionId,
+    pub session_id: PaymentSessionId,
+    pub attempt: AttemptNumber,
+    pub amount: i64,
+    pub currency: String,
+    pub description: String,
+    pub success_url: String,
+    pub cancel_url: String,
+    pub expires_at: DateTime<Utc>,
+    /// `open`, `paid` or `expired`.
+    pub status: String,
+}
+
+/// The repository of payment sessions and everything attached to them.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// Applies pending migrations.
+    async fn migrate(&self) -> StorageResult<()>;
+
+    /// Answers when the database is reachable.
+    async fn ping(&self) -> StorageResult<()>;
+
+    async fn insert_session(&self, session: NewSession) -> StorageResult<()>;
+
+    async fn session(&self, id: &PaymentSessionId) -> StorageResult<Option<SessionRecord>>;
+
+    /// Commits a transition atomically (see the module doc).
+    async fn commit(&self, transition: Transition) -> StorageResult<Committed>;
+
+    /// The session's audit log, oldest first.
+    async fn audit_log(&self, id: &PaymentSessionId) -> StorageResult<Vec<AuditEntry>>;
+
+    /// Sessions still live (open, failed, retry scheduled) whose window closed by `now`.
+    async fn sessions_past_window(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<SessionRecord>>;
+
+    /// The earliest window end among live sessions, so the sweeper can sleep until then.
+    async fn next_window_end(&self) -> StorageResult<Option<DateTime<Utc>>>;
+
+    /// Claims an idempotency key for a request with this fingerprint.
+    async fn begin_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+    ) -> StorageResult<IdempotencyBegin>;
+
+    /// Stores the response of a request that reached the business logic without a transition.
+    async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()>;
+
+    /// Forgets an in-flight claim (the request failed internally; the client may try again).
+    async fn abandon_idempotent(&self, scope: &IdempotencyScope) -> StorageResult<()>;
+
+    /// Deletes idempotency records and processed event ids older than `before`.
+    async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64>;
+
+    async fn dead_letters(&self) -> StorageResult<Vec<DeadLetter>>;
+
+    async fn dead_letter(&self, id: &str) -> StorageResult<Option<DeadLetter>>;
+
+    /// A named secret, generated by `generate` and stored on first use, so every process on
+    /// this database shares it.
+    async fn service_secret(
+        &self,
+        name: &str,
+        generate: &(dyn Fn() -> String + Sync),
+    ) -> StorageResult<String>;
+
+    async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> StorageResult<()>;
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> StorageResult<Option<SandboxCheckout>>;
+
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        status: &str,
+    ) -> StorageResult<()>;
+}
+
+/// Milliseconds since the epoch: how every timestamp is stored.
+pub(crate) fn to_millis(at: DateTime<Utc>) -> i64 {
+    at.timestamp_millis()
+}
+
+pub(crate) fn from_millis(ms: i64) -> StorageResult<DateTime<Utc>> {
+    DateTime::from_timestamp_millis(ms).ok_or_else(|| StorageError::Corrupt(format!("time {ms}")))
+}

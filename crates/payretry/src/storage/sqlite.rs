@@ -1,0 +1,674 @@
+//! SQLite storage: the embedded default. One file, WAL with `synchronous=FULL` so a commit
+//! survives power loss. All writes go through a single-connection writer pool that opens
+//! transactions with `BEGIN IMMEDIATE`: SQLite has one writer anyway, and queueing writers
+//! in-process avoids `SQLITE_BUSY` reaching a caller. Reads use a separate pool.
+
+use super::*;
+use crate::queue::{Delivery, JobQueue};
+use payretry_domain::{Amount, Currency};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// How long an in-flight idempotency claim blocks the same key before it is presumed
+/// abandoned (its process died) and may be taken over.
+const IDEMPOTENCY_LOCK_TIMEOUT_MS: i64 = 60_000;
+/// How long a stored idempotent response is replayed.
+const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+
+pub struct SqliteStorage {
+    writer: SqlitePool,
+    reader: SqlitePool,
+    /// Wakes this process's worker when a job is enqueued.
+    enqueued: Notify,
+}
+
+impl SqliteStorage {
+    /// Opens (creating if missing) the database at `url` (`sqlite://path`).
+    pub async fn connect(url: &str) -> StorageResult<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let writer = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(options.clone())
+            .await?;
+        let reader = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(options)
+            .await?;
+        Ok(Self {
+            writer,
+            reader,
+            enqueued: Notify::new(),
+        })
+    }
+
+    async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
+        Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
+    }
+}
+
+fn opt_time(ms: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
+    ms.map(from_millis).transpose()
+}
+
+fn attempt(n: i64) -> AttemptNumber {
+    AttemptNumber::new(u32::try_from(n).unwrap_or(0))
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(what.to_string())
+}
+
+fn session_from_row(row: &SqliteRow) -> StorageResult<SessionRecord> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let metadata: String = row.try_get("metadata")?;
+    let amount: i64 = row.try_get("amount")?;
+    let currency: String = row.try_get("currency")?;
+    Ok(SessionRecord {
+        id: PaymentSessionId::parse(&id).map_err(corrupt)?,
+        buyer: UserId::new(row.try_get::<String, _>("buyer_id")?),
+        money: Money {
+            amount: Amount::new(amount).map_err(corrupt)?,
+            currency: Currency::parse(&currency).map_err(corrupt)?,
+        },
+        description: row.try_get("description")?,
+        metadata: serde_json::from_str(&metadata).map_err(corrupt)?,
+        expires_at: from_millis(row.try_get("expires_at")?)?,
+        created_at: from_millis(row.try_get("created_at")?)?,
+        updated_at: from_millis(row.try_get("updated_at")?)?,
+        version: row.try_get("version")?,
+        state: SessionState {
+            status: status.parse().map_err(corrupt)?,
+            failure_reason: row
+                .try_get::<Option<String>, _>("failure_reason")?
+                .map(|r| FailureReason::from_code(&r)),
+            retry_attempts: u32::try_from(row.try_get::<i64, _>("retry_attempts")?)
+                .map_err(corrupt)?,
+            last_retry_at: opt_time(row.try_get("last_retry_at")?)?,
+            retry_reason: row
+                .try_get::<Option<String>, _>("retry_reason")?
+                .map(|r| FailureReason::from_code(&r)),
+            next_retry_at: opt_time(row.try_get("next_retry_at")?)?,
+            current_attempt: attempt(row.try_get("current_attempt")?),
+            provider_session_id: row
+                .try_get::<Option<String>, _>("provider_session_id")?
+                .map(ProviderSessionId::new),
+            checkout_url: row.try_get("checkout_url")?,
+            paid_attempt: row.try_get::<Option<i64>, _>("paid_attempt")?.map(attempt),
+        },
+    })
+}
+
+fn dead_letter_from_row(row: &SqliteRow) -> StorageResult<DeadLetter> {
+    let payload: String = row.try_get("payload")?;
+    Ok(DeadLetter {
+        id: row.try_get::<i64, _>("id")?.to_string(),
+        job: serde_json::from_str(&payload).map_err(corrupt)?,
+        receive_count: u32::try_from(row.try_get::<i64, _>("receive_count")?).map_err(corrupt)?,
+        last_error: row.try_get("last_error")?,
+        dead_at: from_millis(row.try_get("dead_at")?)?,
+    })
+}
+
+async fn append_audit(
+    tx: &mut Transaction<'static, Sqlite>,
+    session_id: &PaymentSessionId,
+    at: i64,
+    entry: &NewAuditEntry,
+) -> StorageResult<()> {
+    sqlx::query(
+        "INSERT INTO audit_log (session_id, at, action, attempt_number, actor, details)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(session_id.as_str())
+    .bind(at)
+    .bind(entry.action.as_str())
+    .bind(entry.attempt.map(|a| i64::from(a.get())))
+    .bind(&entry.actor)
+    .bind(entry.details.to_string())
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn store_response(
+    tx: &mut Transaction<'static, Sqlite>,
+    completion: &IdempotencyCompletion,
+) -> StorageResult<()> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET response_status = ?, response_body = ?
+         WHERE caller = ? AND idempotency_key = ?",
+    )
+    .bind(i64::from(completion.response.status))
+    .bind(&completion.response.body)
+    .bind(completion.scope.caller.as_str())
+    .bind(&completion.scope.key)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn enqueue_job(
+    tx: &mut Transaction<'static, Sqlite>,
+    job: &RetryJob,
+    now: i64,
+) -> StorageResult<()> {
+    let payload = serde_json::to_string(job).map_err(corrupt)?;
+    sqlx::query(
+        "INSERT INTO retry_jobs (session_id, attempt_number, payload, run_at, created_at)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(job.payment_session_id.as_str())
+    .bind(i64::from(job.attempt_number.get()))
+    .bind(payload)
+    .bind(to_millis(job.scheduled_for))
+    .bind(now)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    async fn migrate(&self) -> StorageResult<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.writer)
+            .await?;
+        Ok(())
+    }
+
+    async fn ping(&self) -> StorageResult<()> {
+        sqlx::query("SELECT 1").execute(&self.reader).await?;
+        Ok(())
+    }
+
+    async fn insert_session(&self, s: NewSession) -> StorageResult<()> {
+        let now = to_millis(s.created_at);
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO payment_sessions (id, buyer_id, status, amount, currency, description,
+                metadata, current_attempt, provider_session_id, checkout_url, expires_at,
+                created_at, updated_at)
+             VALUES (?, ?, 'open', ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)",
+        )
+        .bind(s.id.as_str())
+        .bind(s.buyer.as_str())
+        .bind(s.money.amount.minor_units())
+        .bind(s.money.currency.as_str())
+        .bind(&s.description)
+        .bind(s.metadata.to_string())
+        .bind(s.provider_session_id.as_str())
+        .bind(&s.checkout_url)
+        .bind(to_millis(s.expires_at))
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO payment_attempts (session_id, attempt_number, status, provider_session_id,
+                created_at, updated_at)
+             VALUES (?, 0, 'open', ?, ?, ?)",
+        )
+        .bind(s.id.as_str())
+        .bind(s.provider_session_id.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        append_audit(&mut tx, &s.id, now, &s.audit).await?;
+        if let Some(completion) = &s.idempotency {
+            store_response(&mut tx, completion).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn session(&self, id: &PaymentSessionId) -> StorageResult<Option<SessionRecord>> {
+        let row = sqlx::query("SELECT * FROM payment_sessions WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn commit(&self, t: Transition) -> StorageResult<Committed> {
+        let now = to_millis(Utc::now());
+        let mut tx = self.begin_write().await?;
+        if let Some(event_id) = &t.webhook_event_id {
+            let inserted = sqlx::query(
+                "INSERT INTO processed_webhook_events (event_id, processed_at) VALUES (?, ?)
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(event_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                return Ok(Committed::DuplicateEvent);
+            }
+        }
+        let s = &t.state;
+        let updated = sqlx::query(
+            "UPDATE payment_sessions SET status = ?, failure_reason = ?, retry_attempts = ?,
+                last_retry_at = ?, retry_reason = ?, next_retry_at = ?, current_attempt = ?,
+                provider_session_id = ?, checkout_url = ?, paid_attempt = ?, updated_at = ?,
+                version = version + 1
+             WHERE id = ? AND version = ?",
+        )
+        .bind(s.status.as_str())
+        .bind(s.failure_reason.as_ref().map(|r| r.as_str()))
+        .bind(i64::from(s.retry_attempts))
+        .bind(s.last_retry_at.map(to_millis))
+        .bind(s.retry_reason.as_ref().map(|r| r.as_str()))
+        .bind(s.next_retry_at.map(to_millis))
+        .bind(i64::from(s.current_attempt.get()))
+        .bind(s.provider_session_id.as_ref().map(|p| p.as_str()))
+        .bind(s.checkout_url.as_deref())
+        .bind(s.paid_attempt.map(|a| i64::from(a.get())))
+        .bind(now)
+        .bind(t.session_id.as_str())
+        .bind(t.expected_version)
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(Committed::Conflict);
+        }
+        if let Some(a) = &t.attempt {
+            sqlx::query(
+                "INSERT INTO payment_attempts (session_id, attempt_number, status,
+                    provider_session_id, failure_reason, scheduled_for, created_at, updated_at)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (session_id, attempt_number) DO UPDATE SET
+                    status = excluded.status,
+                    provider_session_id = COALESCE(excluded.provider_session_id, provider_session_id),
+                    failure_reason = COALESCE(excluded.failure_reason, failure_reason),
+                    scheduled_for = COALESCE(excluded.scheduled_for, scheduled_for),
+                    updated_at = excluded.updated_at",
+            )
+            .bind(t.session_id.as_str())
+            .bind(i64::from(a.attempt.get()))
+            .bind(a.status.as_str())
+            .bind(a.provider_session_id.as_ref().map(|p| p.as_str()))
+            .bind(a.failure_reason.as_ref().map(|r| r.as_str()))
+            .bind(a.scheduled_for.map(to_millis))
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        for entry in &t.audit {
+            append_audit(&mut tx, &t.session_id, now, entry).await?;
+        }
+        if let Some(job) = &t.enqueue {
+            enqueue_job(&mut tx, job, now).await?;
+        }
+        if let Some(dead) = &t.dead_letter {
+            sqlx::query(
+                "INSERT INTO dead_letters (session_id, attempt_number, payload, receive_count,
+                    last_error, dead_at)
+                 VALUES (?, ?, ?, ?, ?, ?)",
+            )
+            .bind(dead.job.payment_session_id.as_str())
+            .bind(i64::from(dead.job.attempt_number.get()))
+            .bind(serde_json::to_string(&dead.job).map_err(corrupt)?)
+            .bind(i64::from(dead.receive_count))
+            .bind(&dead.last_error)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if let Some(id) = &t.redrive {
+            sqlx::query("DELETE FROM dead_letters WHERE id = ?")
+                .bind(id.parse::<i64>().unwrap_or(-1))
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(completion) = &t.idempotency {
+            store_response(&mut tx, completion).await?;
+        }
+        tx.commit().await?;
+        if t.enqueue.is_some() {
+            self.enqueued.notify_one();
+        }
+        Ok(Committed::Applied)
+    }
+
+    async fn audit_log(&self, id: &PaymentSessionId) -> StorageResult<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT at, action, attempt_number, actor, details FROM audit_log
+             WHERE session_id = ? ORDER BY id",
+        )
+        .bind(id.as_str())
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let details: String = row.try_get("details")?;
+                Ok(AuditEntry {
+                    at: from_millis(row.try_get("at")?)?,
+                    action: row.try_get("action")?,
+                    attempt: row
+                        .try_get::<Option<i64>, _>("attempt_number")?
+                        .map(attempt),
+                    actor: row.try_get("actor")?,
+                    details: serde_json::from_str(&details).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn sessions_past_window(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<SessionRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM payment_sessions
+             WHERE status IN ('open', 'failed', 'retry_scheduled') AND expires_at <= ?
+             ORDER BY expires_at LIMIT ?",
+        )
+        .bind(to_millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(session_from_row).collect()
+    }
+
+    async fn next_window_end(&self) -> StorageResult<Option<DateTime<Utc>>> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(expires_at) FROM payment_sessions
+             WHERE status IN ('open', 'failed', 'retry_scheduled')",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        opt_time(next)
+    }
+
+    async fn begin_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+    ) -> StorageResult<IdempotencyBegin> {
+        let now = to_millis(now);
+        let mut tx = self.begin_write().await?;
+        let existing = sqlx::query(
+            "SELECT fingerprint, response_status, response_body, locked_at, created_at
+             FROM idempotency_keys WHERE caller = ? AND idempotency_key = ?",
+        )
+        .bind(scope.caller.as_str())
+        .bind(&scope.key)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(row) = existing {
+            let created_at: i64 = row.try_get("created_at")?;
+            if created_at > now - IDEMPOTENCY_TTL_MS {
+                let stored_fingerprint: String = row.try_get("fingerprint")?;
+                if stored_fingerprint != fingerprint {
+                    return Ok(IdempotencyBegin::Mismatch);
+                }
+                if let Some(status) = row.try_get::<Option<i64>, _>("response_status")? {
+                    let body: Vec<u8> = row.try_get("response_body")?;
+                    let status = u16::try_from(status).map_err(corrupt)?;
+                    return Ok(IdempotencyBegin::Replay(StoredResponse { status, body }));
+                }
+                let locked_at: i64 = row.try_get("locked_at")?;
+                if locked_at > now - IDEMPOTENCY_LOCK_TIMEOUT_MS {
+                    return Ok(IdempotencyBegin::InFlight);
+                }
+            }
+        }
+        sqlx::query(
+            "INSERT INTO idempotency_keys (caller, idempotency_key, fingerprint, locked_at, created_at)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (caller, idempotency_key) DO UPDATE SET
+                fingerprint = excluded.fingerprint, response_status = NULL,
+                response_body = NULL, locked_at = excluded.locked_at,
+                created_at = excluded.created_at",
+        )
+        .bind(scope.caller.as_str())
+        .bind(&scope.key)
+        .bind(fingerprint)
+        .bind(now)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(IdempotencyBegin::Started)
+    }
+
+    async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        store_response(&mut tx, completion).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn abandon_idempotent(&self, scope: &IdempotencyScope) -> StorageResult<()> {
+        sqlx::query(
+            "DELETE FROM idempotency_keys
+             WHERE caller = ? AND idempotency_key = ? AND response_status IS NULL",
+        )
+        .bind(scope.caller.as_str())
+        .bind(&scope.key)
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64> {
+        let before = to_millis(before);
+        let keys = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
+            .bind(before)
+            .execute(&self.writer)
+            .await?;
+        let events = sqlx::query("DELETE FROM processed_webhook_events WHERE processed_at < ?")
+            .bind(before)
+            .execute(&self.writer)
+            .await?;
+        Ok(keys.rows_affected() + events.rows_affected())
+    }
+
+    async fn dead_letters(&self) -> StorageResult<Vec<DeadLetter>> {
+        let rows = sqlx::query("SELECT * FROM dead_letters ORDER BY id")
+            .fetch_all(&self.reader)
+            .await?;
+        rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    async fn dead_letter(&self, id: &str) -> StorageResult<Option<DeadLetter>> {
+        let Ok(id) = id.parse::<i64>() else {
+            return Ok(None);
+        };
+        let row = sqlx::query("SELECT * FROM dead_letters WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.reader)
+            .await?;
+        row.as_ref().map(dead_letter_from_row).transpose()
+    }
+
+    async fn service_secret(
+        &self,
+        name: &str,
+        generate: &(dyn Fn() -> String + Sync),
+    ) -> StorageResult<String> {
+        sqlx::query(
+            "INSERT INTO service_secrets (name, value) VALUES (?, ?) ON CONFLICT DO NOTHING",
+        )
+        .bind(name)
+        .bind(generate())
+        .execute(&self.writer)
+        .await?;
+        Ok(
+            sqlx::query_scalar("SELECT value FROM service_secrets WHERE name = ?")
+                .bind(name)
+                .fetch_one(&self.writer)
+                .await?,
+        )
+    }
+
+    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
+        sqlx::query(
+            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
+                description, success_url, cancel_url, expires_at, status, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(c.id.as_str())
+        .bind(c.session_id.as_str())
+        .bind(i64::from(c.attempt.get()))
+        .bind(c.amount)
+        .bind(&c.currency)
+        .bind(&c.description)
+        .bind(&c.success_url)
+        .bind(&c.cancel_url)
+        .bind(to_millis(c.expires_at))
+        .bind(&c.status)
+        .bind(to_millis(Utc::now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> StorageResult<Option<SandboxCheckout>> {
+        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.writer)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let session_id: String = row.try_get("session_id")?;
+        Ok(Some(SandboxCheckout {
+            id: ProviderSessionId::new(row.try_get::<String, _>("id")?),
+            session_id: PaymentSessionId::parse(&session_id).map_err(corrupt)?,
+            attempt: attempt(row.try_get("attempt_number")?),
+            amount: row.try_get("amount")?,
+            currency: row.try_get("currency")?,
+            description: row.try_get("description")?,
+            success_url: row.try_get("success_url")?,
+            cancel_url: row.try_get("cancel_url")?,
+            expires_at: from_millis(row.try_get("expires_at")?)?,
+            status: row.try_get("status")?,
+        }))
+    }
+
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        status: &str,
+    ) -> StorageResult<()> {
+        sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ?")
+            .bind(status)
+            .bind(id.as_str())
+            .execute(&self.writer)
+            .await?;
+        Ok(())
+    }
+}
+
+/// The embedded queue: the outbox table itself, claimed with a lease.
+#[async_trait]
+impl JobQueue for SqliteStorage {
+    async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
+        let now = to_millis(Utc::now());
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let locked_until = now + lease_ms;
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(
+            "UPDATE retry_jobs SET locked_until = ?, receive_count = receive_count + 1
+             WHERE id IN (
+                SELECT id FROM retry_jobs
+                WHERE run_at <= ? AND (locked_until IS NULL OR locked_until <= ?)
+                ORDER BY run_at LIMIT ?)
+             RETURNING id, payload, receive_count",
+        )
+        .bind(locked_until)
+        .bind(now)
+        .bind(now)
+        .bind(i64::from(max))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let payload: String = row.try_get("payload")?;
+                Ok(Delivery {
+                    job: serde_json::from_str(&payload).map_err(corrupt)?,
+                    receipt: format!("{id}:{locked_until}"),
+                    receive_count: u32::try_from(row.try_get::<i64, _>("receive_count")?)
+                        .map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
+        let (id, lease) = parse_receipt(&delivery.receipt)?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM retry_jobs WHERE id = ? AND locked_until = ?")
+            .bind(id)
+            .bind(lease)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn release(
+        &self,
+        delivery: &Delivery,
+        error: &str,
+        delay: Duration,
+    ) -> StorageResult<()> {
+        let (id, lease) = parse_receipt(&delivery.receipt)?;
+        let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE retry_jobs SET run_at = ?, locked_until = NULL, last_error = ?
+             WHERE id = ? AND locked_until = ?",
+        )
+        .bind(run_at)
+        .bind(error)
+        .bind(id)
+        .bind(lease)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
+        let next: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(COALESCE(MAX(run_at, locked_until), run_at)) FROM retry_jobs",
+        )
+        .fetch_one(&self.reader)
+        .await?;
+        opt_time(next)
+    }
+
+    async fn enqueued(&self) {
+        self.enqueued.notified().await;
+    }
+}
+
+fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
+    let (id, lease) = receipt.split_once(':').ok_or_else(|| corrupt("receipt"))?;
+    Ok((
+        id.parse().map_err(corrupt)?,
+        lease.parse().map_err(corrupt)?,
+    ))
+}

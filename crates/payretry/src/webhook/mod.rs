@@ -1,0 +1,4 @@
+//! Provider webhooks: signature verification and the events payretry understands.
+
+pub mod event;
+pub mod signature;

@@ -1,0 +1,351 @@
+//! The retry worker (DESIGN.md §1, §5): one testable [`Worker::process`] that decides what a
+//! delivered job means, wrapped by [`Worker::run`], a loop that sleeps until the next job is
+//! due or one is enqueued — it never polls the database in a tight loop.
+//!
+//! Every step is idempotent: a stale, duplicate or after-success job does nothing; the
+//! checkout is created under the key `payretry-{session}-attempt-{N}`, so a redelivered job
+//! cannot create a second checkout; the session update is a compare-and-set on the attempt.
+
+use crate::provider::{CheckoutRequest, CheckoutState, ProviderError, checkout_expires_at};
+use crate::queue::{Delivery, JobQueue};
+use crate::service::{Payments, ServiceError};
+use crate::shutdown::Shutdown;
+use crate::storage::{
+    AttemptChange, AttemptStatus, NewAuditEntry, NewDeadLetter, SessionState, StorageError,
+    Transition,
+};
+use crate::telemetry::metrics;
+use chrono::{DateTime, Utc};
+use payretry_domain::{Actor, AuditAction, FailureReason, SessionStatus};
+use serde_json::json;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+/// Longest the worker sleeps without looking at the queue, for jobs enqueued by another
+/// process (this process's own enqueues wake it at once).
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+/// What processing a job amounted to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The retry checkout exists and the session is open on it.
+    CheckoutCreated,
+    /// The provider said the current checkout was paid: recorded as success, no retry.
+    Reconciled,
+    /// Nothing to do: the session moved on (paid, another attempt, already processed).
+    Dropped(&'static str),
+    /// The window closed before the retry could start.
+    Abandoned,
+    /// The provider is unavailable: deliver again later.
+    RetryLater(String),
+    /// The provider refused for good: no redelivery will help.
+    Permanent(String),
+}
+
+/// Tuning of the worker loop.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// Deliveries before a job is dead-lettered.
+    pub max_receives: u32,
+    /// Jobs processed at once.
+    pub concurrency: usize,
+    /// How long a delivery is hidden from other workers while it runs.
+    pub lease: Duration,
+    /// First redelivery delay after a failure; doubles per delivery, capped at 15 minutes.
+    pub backoff: Duration,
+}
+
+impl Default for WorkerSettings {
+    fn default() -> Self {
+        Self {
+            max_receives: 5,
+            concurrency: 16,
+            lease: Duration::from_secs(60),
+            backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+pub struct Worker {
+    payments: Arc<Payments>,
+    queue: Arc<dyn JobQueue>,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    pub fn new(
+        payments: Arc<Payments>,
+        queue: Arc<dyn JobQueue>,
+        settings: WorkerSettings,
+    ) -> Self {
+        Self {
+            payments,
+            queue,
+            settings,
+        }
+    }
+
+    /// Decides and performs what one delivery asks for. Does not acknowledge it.
+    pub async fn process(&self, delivery: &Delivery) -> Outcome {
+        match self.try_process(delivery).await {
+            Ok(outcome) => outcome,
+            Err(ServiceError::Provider(ProviderError::Permanent(e))) => Outcome::Permanent(e),
+            Err(error) => Outcome::RetryLater(error.to_string()),
+        }
+    }
+
+    async fn try_process(&self, delivery: &Delivery) -> Result<Outcome, ServiceError> {
+        let job = &delivery.job;
+        let now = Utc::now();
+        metrics::schedule_lag((now - job.scheduled_for).num_milliseconds() as f64 / 1000.0);
+        let Some(session) = self
+            .payments
+            .storage
+            .session(&job.payment_session_id)
+            .await?
+        else {
+            return Ok(Outcome::Dropped("unknown session"));
+        };
+        let state = &session.state;
+        if state.status != SessionStatus::RetryScheduled
+            || state.retry_attempts != job.attempt_number.get()
+        {
+            return Ok(Outcome::Dropped("session moved on"));
+        }
+        if now >= session.expires_at {
+            self.payments.expire_if_window_passed(&session.id).await?;
+            return Ok(Outcome::Abandoned);
+        }
+        if let Some(current) = &state.provider_session_id {
+            match self.payments.provider.retrieve_checkout(current).await {
+                Ok(CheckoutState::Paid) => {
+                    self.payments.record_reconciled_payment(&session).await?;
+                    return Ok(Outcome::Reconciled);
+                }
+                Ok(_) | Err(ProviderError::Permanent(_)) => {}
+                Err(transient) => return Err(transient.into()),
+            }
+        }
+        let checkout = self
+            .payments
+            .provider
+            .create_checkout(&CheckoutRequest {
+                session_id: session.id.clone(),
+                attempt: job.attempt_number,
+                money: session.money.clone(),
+                description: session.description.clone(),
+                success_url: format!("{}?result=success", self.payments.pay_url(&session.id)),
+                cancel_url: self.payments.pay_url(&session.id),
+                expires_at: checkout_expires_at(session.expires_at, now),
+            })
+            .await?;
+        let attempt = job.attempt_number;
+        let committed = self
+            .payments
+            .transition(&session.id, |s, _now| {
+                if s.state.status != SessionStatus::RetryScheduled
+                    || s.state.retry_attempts != attempt.get()
+                {
+                    return Ok(None);
+                }
+                let mut t = Transition::new(
+                    s,
+                    SessionState {
+                        status: SessionStatus::Open,
+                        next_retry_at: None,
+                        current_attempt: attempt,
+                        provider_session_id: Some(checkout.id.clone()),
+                        checkout_url: Some(checkout.url.clone()),
+                        ..s.state.clone()
+                    },
+                );
+                t.attempt = Some(AttemptChange {
+                    attempt,
+                    status: AttemptStatus::Open,
+                    provider_session_id: Some(checkout.id.clone()),
+                    failure_reason: None,
+                    scheduled_for: None,
+                });
+                t.audit.push(NewAuditEntry {
+                    action: AuditAction::RetryInitiated,
+                    attempt: Some(attempt),
+                    actor: Actor::System.to_string(),
+                    details: json!({
+                        "providerSessionId": checkout.id.as_str(),
+                        "retryReason": s.state.retry_reason.as_ref().map(ToString::to_string),
+                        "checkoutExpiresAt": checkout.expires_at,
+                        "receiveCount": delivery.receive_count,
+                    }),
+                });
+                Ok(Some((t, s.state.clone())))
+            })
+            .await?;
+        let Some((_, before)) = committed else {
+            // Paid or expired while the checkout was being made: close the unused one.
+            self.close_checkout(&checkout.id).await;
+            return Ok(Outcome::Dropped(
+                "session moved on during checkout creation",
+            ));
+        };
+        metrics::retry_checkout_created(attempt, before.retry_reason.as_ref());
+        if let Some(previous) = before.provider_session_id.filter(|p| *p != checkout.id) {
+            self.close_checkout(&previous).await;
+        }
+        Ok(Outcome::CheckoutCreated)
+    }
+
+    /// Closes a checkout nobody should pay any more. Best effort: a payment on it would
+    /// still be recorded (success from any attempt wins).
+    async fn close_checkout(&self, id: &payretry_domain::ProviderSessionId) {
+        if let Err(error) = self.payments.provider.expire_checkout(id).await {
+            tracing::warn!(provider_session_id = %id, %error, "could not close a superseded checkout");
+        }
+    }
+
+    /// Processes one delivery and settles it with the queue.
+    pub async fn handle(&self, delivery: Delivery) -> Result<Outcome, StorageError> {
+        let outcome = if delivery.receive_count > self.settings.max_receives {
+            // Earlier deliveries ended without settling (the process died): give up on it.
+            Outcome::RetryLater("the worker stopped while processing this job".to_owned())
+        } else {
+            self.process(&delivery).await
+        };
+        match &outcome {
+            Outcome::RetryLater(error) if delivery.receive_count < self.settings.max_receives => {
+                let delay = self.backoff(delivery.receive_count);
+                tracing::warn!(%error, receive_count = delivery.receive_count, "retry job failed; will redeliver");
+                self.queue.release(&delivery, error, delay).await?;
+            }
+            Outcome::RetryLater(error) | Outcome::Permanent(error) => {
+                self.dead_letter(&delivery, error).await?;
+                self.queue.ack(&delivery).await?;
+            }
+            _ => self.queue.ack(&delivery).await?,
+        }
+        Ok(outcome)
+    }
+
+    fn backoff(&self, receive_count: u32) -> Duration {
+        let exponent = receive_count.saturating_sub(1).min(16);
+        let base = self
+            .settings
+            .backoff
+            .saturating_mul(1 << exponent)
+            .min(Duration::from_secs(900));
+        // ±20% jitter so a provider outage does not end in a synchronized stampede.
+        base.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+    }
+
+    /// Moves a job aside and hands the session back to the buyer: the attempt stays spent,
+    /// the session is `failed` with `retry_processing_failed`, never stuck scheduled.
+    async fn dead_letter(&self, delivery: &Delivery, error: &str) -> Result<(), StorageError> {
+        let job = &delivery.job;
+        let result = self
+            .payments
+            .transition(&job.payment_session_id, |s, _now| {
+                if s.state.status != SessionStatus::RetryScheduled
+                    || s.state.retry_attempts != job.attempt_number.get()
+                {
+                    return Ok(None);
+                }
+                let mut t = Transition::new(
+                    s,
+                    SessionState {
+                        status: SessionStatus::Failed,
+                        failure_reason: Some(FailureReason::from_code(
+                            FailureReason::RETRY_PROCESSING_FAILED,
+                        )),
+                        next_retry_at: None,
+                        ..s.state.clone()
+                    },
+                );
+                t.attempt = Some(AttemptChange {
+                    attempt: job.attempt_number,
+                    status: AttemptStatus::DeadLettered,
+                    provider_session_id: None,
+                    failure_reason: None,
+                    scheduled_for: None,
+                });
+                t.audit.push(NewAuditEntry {
+                    action: AuditAction::RetryDeadLettered,
+                    attempt: Some(job.attempt_number),
+                    actor: Actor::System.to_string(),
+                    details: json!({"lastError": error, "receiveCount": delivery.receive_count}),
+                });
+                t.dead_letter = Some(NewDeadLetter {
+                    job: job.clone(),
+                    receive_count: delivery.receive_count,
+                    last_error: error.to_owned(),
+                });
+                Ok(Some((t, ())))
+            })
+            .await;
+        match result {
+            Ok(Some(_)) => {
+                metrics::retry_dead_lettered();
+                tracing::error!(session_id = %job.payment_session_id, attempt = %job.attempt_number, %error, "retry job dead-lettered");
+                Ok(())
+            }
+            Ok(None) | Err(ServiceError::SessionNotFound) => Ok(()),
+            Err(ServiceError::Storage(e)) => Err(e),
+            Err(other) => Err(StorageError::Corrupt(other.to_string())),
+        }
+    }
+
+    /// Runs until `shutdown`, then lets in-flight jobs finish.
+    pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
+        let mut running: JoinSet<()> = JoinSet::new();
+        while !shutdown.is_triggered() {
+            let free = self.settings.concurrency.saturating_sub(running.len());
+            let deliveries = if free > 0 {
+                match self.queue.receive(free as u32, self.settings.lease).await {
+                    Ok(deliveries) => deliveries,
+                    Err(error) => {
+                        tracing::error!(%error, "could not receive retry jobs");
+                        Vec::new()
+                    }
+                }
+            } else {
+                Vec::new()
+            };
+            let received = !deliveries.is_empty();
+            for delivery in deliveries {
+                let worker = Arc::clone(&self);
+                let span = tracing::info_span!(
+                    "job",
+                    session_id = %delivery.job.payment_session_id,
+                    attempt = %delivery.job.attempt_number,
+                );
+                running.spawn(
+                    async move {
+                        match worker.handle(delivery).await {
+                            Ok(outcome) => tracing::info!(?outcome, "retry job processed"),
+                            Err(error) => tracing::error!(%error, "could not settle retry job"),
+                        }
+                    }
+                    .instrument(span),
+                );
+            }
+            if received && running.len() < self.settings.concurrency {
+                continue;
+            }
+            let wake_at = self.next_wake().await;
+            let sleep = tokio::time::sleep(wake_at);
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.queue.enqueued() => {}
+                Some(_) = running.join_next(), if !running.is_empty() => {}
+                _ = shutdown.wait() => {}
+            }
+        }
+        while running.join_next().await.is_some() {}
+    }
+
+    async fn next_wake(&self) -> Duration {
+        let next: Option<DateTime<Utc>> = self.queue.next_due().await.unwrap_or(None);
+        next.map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
+            .map_or(IDLE_POLL, |d| d.min(IDLE_POLL))
+    }
+}

@@ -1,0 +1,720 @@
+//! A real local HTTP server standing in for the Stripe API's Checkout Sessions, so tests
+//! exercise payretry's HTTP client end to end and never call the live API.
+//!
+//! What it does like Stripe:
+//! - `POST /v1/checkout/sessions` (form-encoded), `GET /v1/checkout/sessions/{id}`,
+//!   `POST /v1/checkout/sessions/{id}/expire`, with Stripe's error envelope and a
+//!   `Request-Id` header; an open checkout past its `expires_at` reads as expired.
+//! - `Idempotency-Key`: the same key with the same parameters replays the first response
+//!   (`Idempotent-Replayed: true`, no second checkout); the same key with other parameters is
+//!   a 400 `idempotency_error`. Only successful creates are remembered, as at Stripe.
+//!
+//! What it checks beyond Stripe (payretry's contract, DESIGN.md §4): every create carries
+//! exactly the agreed fields, well-formed, `expires_at` 30 min to 24 h ahead, and the
+//! `payretry-{sessionId}-attempt-{N}` idempotency key; every request carries
+//! `Authorization: Bearer sk_test_…` and `Stripe-Version`. A violation is answered with 400
+//! (401 for the key, as Stripe does) and recorded in [`FakeStripe::violations`], which a test
+//! asserts empty.
+//!
+//! Failures are injected with [`FakeStripe::fail_next`]; the hosted page `/pay/{id}` is a stub.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fmt::Display;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri, header};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use payretry::provider::stripe::StripeConfig;
+use payretry::secret::Secret;
+use payretry_domain::PaymentSessionId;
+use serde_json::{Value, json};
+
+/// A key the fake accepts. Any `sk_test_…` key is accepted.
+pub const TEST_SECRET_KEY: &str = "sk_test_payretryFake4eC39HqLyjWDarjtT1zdp7dc";
+
+/// Stripe's bounds for `expires_at`, in seconds from now.
+pub const MIN_EXPIRES_IN_SECS: i64 = 30 * 60;
+pub const MAX_EXPIRES_IN_SECS: i64 = 24 * 60 * 60;
+
+/// Exactly the create fields of DESIGN.md §4.
+pub const CREATE_FIELDS: [&str; 13] = [
+    "mode",
+    "line_items[0][price_data][currency]",
+    "line_items[0][price_data][unit_amount]",
+    "line_items[0][price_data][product_data][name]",
+    "line_items[0][quantity]",
+    "success_url",
+    "cancel_url",
+    "client_reference_id",
+    "metadata[payment_session_id]",
+    "metadata[retry_attempt]",
+    "payment_intent_data[metadata][payment_session_id]",
+    "payment_intent_data[metadata][retry_attempt]",
+    "expires_at",
+];
+
+/// How an injected failure answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// This status with a Stripe error body, before the request is looked at.
+    Status(u16),
+    /// The same, plus `Retry-After: {whole seconds}`.
+    StatusWithRetryAfter(u16, Duration),
+    /// Hold the request this long, then handle it normally if the client is still waiting.
+    Hang(Duration),
+}
+
+/// A checkout the fake created.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeCheckout {
+    /// `cs_test_…`
+    pub id: String,
+    /// `{base}/pay/{id}`
+    pub url: String,
+    pub payment_session_id: String,
+    pub retry_attempt: u32,
+    pub idempotency_key: String,
+    /// The create request's form, decoded.
+    pub form: BTreeMap<String, String>,
+    /// Stripe's `status`: `open`, `complete`, `expired`.
+    pub status: String,
+    /// Stripe's `payment_status`: `unpaid`, `paid`, `no_payment_required`.
+    pub payment_status: String,
+    pub expires_at: i64,
+    pub created: i64,
+}
+
+/// One API request as it arrived (including replays and injected failures).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedRequest {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+    pub stripe_version: Option<String>,
+    pub idempotency_key: Option<String>,
+    pub content_type: Option<String>,
+    pub body: String,
+}
+
+/// A running fake. The server stops when this is dropped.
+pub struct FakeStripe {
+    shared: Arc<Shared>,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeStripe {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+impl FakeStripe {
+    /// Binds `127.0.0.1:0` and serves on the current tokio runtime.
+    pub async fn start() -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the fake Stripe server");
+        let addr = listener.local_addr().expect("fake Stripe address");
+        let shared = Arc::new(Shared {
+            base_url: format!("http://{addr}"),
+            ledger: Mutex::default(),
+        });
+        let app = Router::new()
+            .route("/v1/checkout/sessions", post(create))
+            .route("/v1/checkout/sessions/{id}", get(retrieve))
+            .route("/v1/checkout/sessions/{id}/expire", post(expire))
+            .route("/pay/{id}", get(pay_page))
+            .fallback(unknown_route)
+            .with_state(shared.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .await
+                .expect("fake Stripe server failed");
+        });
+        Self { shared, server }
+    }
+
+    /// `http://127.0.0.1:{port}`, for `STRIPE_API_BASE`.
+    pub fn base_url(&self) -> &str {
+        &self.shared.base_url
+    }
+
+    /// A provider config for this fake with test-speed timings: 2 s per try, 3 tries,
+    /// 10 ms initial backoff.
+    pub fn provider_config(&self) -> StripeConfig {
+        StripeConfig {
+            api_base: self.base_url().to_owned(),
+            secret_key: Secret::new(TEST_SECRET_KEY),
+            request_timeout: Duration::from_secs(2),
+            max_tries: 3,
+            initial_backoff: Duration::from_millis(10),
+        }
+    }
+
+    /// Every checkout created, oldest first, in its current state.
+    pub fn checkouts(&self) -> Vec<FakeCheckout> {
+        let mut ledger = self.shared.ledger();
+        let now = now_unix();
+        for checkout in &mut ledger.checkouts {
+            expire_if_due(checkout, now);
+        }
+        ledger.checkouts.clone()
+    }
+
+    pub fn checkout(&self, id: &str) -> Option<FakeCheckout> {
+        self.checkouts().into_iter().find(|c| c.id == id)
+    }
+
+    /// Distinct checkouts created for one attempt of one payment session (replays excluded).
+    pub fn create_count(&self, session_id: impl Display, attempt: impl Display) -> usize {
+        let (session_id, attempt) = (session_id.to_string(), attempt.to_string());
+        self.shared
+            .ledger()
+            .checkouts
+            .iter()
+            .filter(|c| {
+                c.payment_session_id == session_id && c.retry_attempt.to_string() == attempt
+            })
+            .count()
+    }
+
+    /// Raw `POST /v1/checkout/sessions` requests received: replays, refusals and injected
+    /// failures included.
+    pub fn create_requests(&self) -> usize {
+        self.shared
+            .ledger()
+            .requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/v1/checkout/sessions")
+            .count()
+    }
+
+    /// Every API request received, in arrival order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.shared.ledger().requests.clone()
+    }
+
+    /// Checkouts closed through `POST …/expire`, in order.
+    pub fn expired_ids(&self) -> Vec<String> {
+        self.shared.ledger().expired_ids.clone()
+    }
+
+    /// Contract violations seen so far; a well-behaved client leaves this empty.
+    pub fn violations(&self) -> Vec<String> {
+        self.shared.ledger().violations.clone()
+    }
+
+    /// The buyer paid: the checkout reads `complete` / `paid`.
+    pub fn mark_paid(&self, checkout_id: &str) {
+        self.set_state(checkout_id, "complete", "paid");
+    }
+
+    /// The buyer completed an asynchronous payment that has not cleared: `complete` / `unpaid`.
+    pub fn mark_complete_unpaid(&self, checkout_id: &str) {
+        self.set_state(checkout_id, "complete", "unpaid");
+    }
+
+    /// The next `n` API requests (create, retrieve or expire) fail as `mode` says. Calls queue
+    /// up: `fail_next(1, a); fail_next(1, b)` fails the next request with `a`, then one with `b`.
+    pub fn fail_next(&self, n: usize, mode: FailureMode) {
+        self.shared
+            .ledger()
+            .failures
+            .extend(std::iter::repeat_n(mode, n));
+    }
+
+    fn set_state(&self, checkout_id: &str, status: &str, payment_status: &str) {
+        let mut ledger = self.shared.ledger();
+        let checkout = ledger
+            .checkouts
+            .iter_mut()
+            .find(|c| c.id == checkout_id)
+            .unwrap_or_else(|| panic!("fake Stripe has no checkout {checkout_id}"));
+        checkout.status = status.to_owned();
+        checkout.payment_status = payment_status.to_owned();
+    }
+}
+
+struct Shared {
+    base_url: String,
+    ledger: Mutex<Ledger>,
+}
+
+impl Shared {
+    /// Never held across an `.await`; a panicking test cannot wedge the server.
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        self.ledger.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// What every API request goes through first: recorded, then any injected failure, then
+    /// the `Authorization` and `Stripe-Version` checks. `Some` is the answer to send instead.
+    async fn admit(
+        &self,
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        body: &Bytes,
+    ) -> Option<Response> {
+        let injected = {
+            let mut ledger = self.ledger();
+            ledger.requests.push(RecordedRequest {
+                method: method.to_string(),
+                path: uri.path().to_owned(),
+                authorization: header_text(headers, header::AUTHORIZATION.as_str()),
+                stripe_version: header_text(headers, "stripe-version"),
+                idempotency_key: header_text(headers, "idempotency-key"),
+                content_type: header_text(headers, header::CONTENT_TYPE.as_str()),
+                body: String::from_utf8_lossy(body).into_owned(),
+            });
+            ledger.failures.pop_front()
+        };
+        match injected {
+            Some(FailureMode::Status(status)) => return Some(injected_failure(status, None)),
+            Some(FailureMode::StatusWithRetryAfter(status, after)) => {
+                return Some(injected_failure(status, Some(after)));
+            }
+            Some(FailureMode::Hang(duration)) => tokio::time::sleep(duration).await,
+            None => {}
+        }
+
+        let authorization = header_text(headers, header::AUTHORIZATION.as_str());
+        let key = authorization
+            .as_deref()
+            .and_then(|v| v.strip_prefix("Bearer "));
+        let key_ok = key
+            .and_then(|k| k.strip_prefix("sk_test_"))
+            .is_some_and(|rest| {
+                !rest.is_empty() && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            });
+        if !key_ok {
+            self.violation(format!(
+                "{method} {}: Authorization is not `Bearer sk_test_…`",
+                uri.path()
+            ));
+            // Unlike Stripe, the key is echoed unmasked, so tests prove the client scrubs it.
+            return Some(stripe_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid_request_error",
+                Some("api_key_invalid"),
+                &format!("Invalid API Key provided: {}", key.unwrap_or("(none)")),
+            ));
+        }
+
+        let version = header_text(headers, "stripe-version");
+        if !version.as_deref().is_some_and(is_stripe_version) {
+            self.violation(format!(
+                "{method} {}: Stripe-Version is missing or not YYYY-MM-DD: {version:?}",
+                uri.path()
+            ));
+            return Some(stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                None,
+                "Invalid Stripe API version",
+            ));
+        }
+        None
+    }
+
+    fn violation(&self, text: String) {
+        self.ledger().violations.push(text);
+    }
+
+    fn create(&self, headers: &HeaderMap, body: &Bytes) -> Response {
+        let mut problems = Vec::new();
+        let content_type = header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
+        if !content_type.starts_with("application/x-www-form-urlencoded") {
+            problems.push(format!("Content-Type is {content_type:?}, not a form"));
+        }
+        let mut form = BTreeMap::new();
+        for (name, value) in form_urlencoded::parse(body) {
+            if form.insert(name.to_string(), value.to_string()).is_some() {
+                problems.push(format!("parameter {name} sent twice"));
+            }
+        }
+        let key = header_text(headers, "idempotency-key");
+
+        let mut ledger = self.ledger();
+        if let Some(key) = &key
+            && let Some(stored) = ledger.idempotency.get(key)
+        {
+            if stored.params == form {
+                let replay = stored.body.clone();
+                drop(ledger);
+                let mut response = stripe_json(StatusCode::OK, replay);
+                response
+                    .headers_mut()
+                    .insert("Idempotent-Replayed", HeaderValue::from_static("true"));
+                return response;
+            }
+            ledger.violations.push(format!(
+                "create: Idempotency-Key {key} reused with different parameters"
+            ));
+            drop(ledger);
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_error",
+                None,
+                &format!(
+                    "Keys for idempotent requests can only be used with the same parameters \
+                     they were first used with. Try using a key other than '{key}' if you \
+                     meant to execute a different request."
+                ),
+            );
+        }
+
+        let now = now_unix();
+        problems.extend(validate_create(&form, key.as_deref(), now));
+        if !problems.is_empty() {
+            ledger
+                .violations
+                .extend(problems.iter().map(|p| format!("create: {p}")));
+            drop(ledger);
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("parameter_invalid"),
+                &problems.join("; "),
+            );
+        }
+
+        let id = format!("cs_test_{}", uuid::Uuid::new_v4().simple());
+        let checkout = FakeCheckout {
+            url: format!("{}/pay/{id}", self.base_url),
+            id,
+            payment_session_id: form["client_reference_id"].clone(),
+            retry_attempt: form["metadata[retry_attempt]"].parse().unwrap_or_default(),
+            idempotency_key: key.clone().unwrap_or_default(),
+            status: "open".to_owned(),
+            payment_status: "unpaid".to_owned(),
+            expires_at: form["expires_at"].parse().unwrap_or_default(),
+            created: now,
+            form: form.clone(),
+        };
+        let body = checkout_json(&checkout);
+        if let Some(key) = key {
+            ledger.idempotency.insert(
+                key,
+                Stored {
+                    params: form,
+                    body: body.clone(),
+                },
+            );
+        }
+        ledger.checkouts.push(checkout);
+        drop(ledger);
+        stripe_json(StatusCode::OK, body)
+    }
+}
+
+#[derive(Default)]
+struct Ledger {
+    checkouts: Vec<FakeCheckout>,
+    /// Idempotency-Key → the parameters and response of the first successful create.
+    idempotency: HashMap<String, Stored>,
+    requests: Vec<RecordedRequest>,
+    violations: Vec<String>,
+    failures: VecDeque<FailureMode>,
+    expired_ids: Vec<String>,
+}
+
+struct Stored {
+    params: BTreeMap<String, String>,
+    body: Value,
+}
+
+async fn create(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
+        return refusal;
+    }
+    shared.create(&headers, &body)
+}
+
+async fn retrieve(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
+        return refusal;
+    }
+    let mut ledger = shared.ledger();
+    let now = now_unix();
+    match ledger.checkouts.iter_mut().find(|c| c.id == id) {
+        Some(checkout) => {
+            expire_if_due(checkout, now);
+            stripe_json(StatusCode::OK, checkout_json(checkout))
+        }
+        None => no_such_checkout(&id),
+    }
+}
+
+async fn expire(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
+        return refusal;
+    }
+    let mut ledger = shared.ledger();
+    let now = now_unix();
+    let Some(checkout) = ledger.checkouts.iter_mut().find(|c| c.id == id) else {
+        return no_such_checkout(&id);
+    };
+    expire_if_due(checkout, now);
+    if checkout.status != "open" {
+        return stripe_error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            None,
+            &format!(
+                "Only Checkout Sessions with a status in [\"open\"] can be expired. This \
+                 Checkout Session has a status of \"{}\".",
+                checkout.status
+            ),
+        );
+    }
+    checkout.status = "expired".to_owned();
+    let body = checkout_json(checkout);
+    ledger.expired_ids.push(id);
+    stripe_json(StatusCode::OK, body)
+}
+
+async fn pay_page(Path(id): Path<String>) -> Html<String> {
+    Html(format!(
+        "<!doctype html><title>Fake Stripe checkout</title><p>Checkout {id}</p>"
+    ))
+}
+
+async fn unknown_route(State(shared): State<Arc<Shared>>, method: Method, uri: Uri) -> Response {
+    shared.violation(format!("unexpected request {method} {}", uri.path()));
+    stripe_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("resource_missing"),
+        &format!("Unrecognized request URL ({method}: {}).", uri.path()),
+    )
+}
+
+/// Every problem with a create request's form and idempotency key.
+fn validate_create(form: &BTreeMap<String, String>, key: Option<&str>, now: i64) -> Vec<String> {
+    let mut problems = Vec::new();
+    for field in CREATE_FIELDS {
+        if !form.contains_key(field) {
+            problems.push(format!("missing parameter {field}"));
+        }
+    }
+    for field in form.keys() {
+        if !CREATE_FIELDS.contains(&field.as_str()) {
+            problems.push(format!("unexpected parameter {field}"));
+        }
+    }
+    let field = |name: &str| form.get(name).map(String::as_str);
+    let mut expect = |ok: bool, problem: &str| {
+        if !ok {
+            problems.push(problem.to_owned());
+        }
+    };
+
+    expect(
+        field("mode").is_none_or(|v| v == "payment"),
+        "mode must be `payment`",
+    );
+    expect(
+        field("line_items[0][price_data][currency]")
+            .is_none_or(|v| v.len() == 3 && v.bytes().all(|b| b.is_ascii_lowercase())),
+        "currency must be three lowercase letters",
+    );
+    expect(
+        field("line_items[0][price_data][unit_amount]")
+            .is_none_or(|v| canonical_integer(v).is_some_and(|n| (1..=99_999_999).contains(&n))),
+        "unit_amount must be an integer from 1 to 99999999",
+    );
+    expect(
+        field("line_items[0][price_data][product_data][name]").is_none_or(|v| !v.trim().is_empty()),
+        "product_data[name] must not be empty",
+    );
+    expect(
+        field("line_items[0][quantity]").is_none_or(|v| v == "1"),
+        "quantity must be 1",
+    );
+    for name in ["success_url", "cancel_url"] {
+        expect(
+            field(name).is_none_or(|v| {
+                reqwest::Url::parse(v).is_ok_and(|u| matches!(u.scheme(), "http" | "https"))
+            }),
+            &format!("{name} must be an absolute http(s) URL"),
+        );
+    }
+
+    let session = field("client_reference_id");
+    expect(
+        session.is_none_or(|v| PaymentSessionId::parse(v).is_ok()),
+        "client_reference_id must be a payment session id (ps_…)",
+    );
+    for name in [
+        "metadata[payment_session_id]",
+        "payment_intent_data[metadata][payment_session_id]",
+    ] {
+        expect(
+            field(name).is_none_or(|v| Some(v) == session),
+            &format!("{name} must equal client_reference_id"),
+        );
+    }
+    let attempt = field("metadata[retry_attempt]");
+    expect(
+        attempt.is_none_or(|v| {
+            canonical_integer(v).is_some_and(|n| (0..=i64::from(u32::MAX)).contains(&n))
+        }),
+        "metadata[retry_attempt] must be a whole number",
+    );
+    expect(
+        field("payment_intent_data[metadata][retry_attempt]").is_none_or(|v| Some(v) == attempt),
+        "payment_intent_data[metadata][retry_attempt] must equal metadata[retry_attempt]",
+    );
+    expect(
+        field("expires_at").is_none_or(|v| {
+            canonical_integer(v).is_some_and(|t| {
+                (now + MIN_EXPIRES_IN_SECS..=now + MAX_EXPIRES_IN_SECS).contains(&t)
+            })
+        }),
+        "expires_at must be unix seconds 30 minutes to 24 hours ahead",
+    );
+
+    match (key, session, attempt) {
+        (None, _, _) => problems.push("Idempotency-Key header missing".to_owned()),
+        (Some(key), Some(session), Some(attempt)) => {
+            let expected = format!("payretry-{session}-attempt-{attempt}");
+            if key != expected {
+                problems.push(format!("Idempotency-Key is {key:?}, expected {expected:?}"));
+            }
+        }
+        _ => {}
+    }
+    problems
+}
+
+/// A decimal integer written the one way (`"7"`, not `"07"`, `"+7"` or `"7.0"`).
+fn canonical_integer(text: &str) -> Option<i64> {
+    let n = text.parse::<i64>().ok()?;
+    (n.to_string() == text).then_some(n)
+}
+
+/// `2024-06-20`, optionally with a release name (`2024-09-30.acacia`).
+fn is_stripe_version(value: &str) -> bool {
+    let date = value.split_once('.').map_or(value, |(date, _)| date);
+    let bytes = date.as_bytes();
+    bytes.len() == 10
+        && bytes.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'-',
+            _ => b.is_ascii_digit(),
+        })
+}
+
+fn expire_if_due(checkout: &mut FakeCheckout, now: i64) {
+    if checkout.status == "open" && now >= checkout.expires_at {
+        checkout.status = "expired".to_owned();
+    }
+}
+
+fn checkout_json(checkout: &FakeCheckout) -> Value {
+    let form = &checkout.form;
+    let amount = form
+        .get("line_items[0][price_data][unit_amount]")
+        .and_then(|v| v.parse::<i64>().ok());
+    json!({
+        "id": checkout.id,
+        "object": "checkout.session",
+        "url": checkout.url,
+        "mode": "payment",
+        "status": checkout.status,
+        "payment_status": checkout.payment_status,
+        "expires_at": checkout.expires_at,
+        "created": checkout.created,
+        "livemode": false,
+        "client_reference_id": checkout.payment_session_id,
+        "currency": form.get("line_items[0][price_data][currency]"),
+        "amount_total": amount,
+        "metadata": {
+            "payment_session_id": checkout.payment_session_id,
+            "retry_attempt": checkout.retry_attempt.to_string(),
+        },
+        "success_url": form.get("success_url"),
+        "cancel_url": form.get("cancel_url"),
+        "payment_intent": null,
+    })
+}
+
+fn injected_failure(status: u16, retry_after: Option<Duration>) -> Response {
+    let status = StatusCode::from_u16(status).expect("a valid HTTP status to inject");
+    let (kind, code) = match status.as_u16() {
+        429 => ("rate_limit_error", Some("rate_limit")),
+        500.. => ("api_error", None),
+        _ => ("invalid_request_error", None),
+    };
+    let mut response = stripe_error(
+        status,
+        kind,
+        code,
+        &format!("Injected failure (HTTP {})", status.as_u16()),
+    );
+    if let Some(after) = retry_after {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
+    }
+    response
+}
+
+fn no_such_checkout(id: &str) -> Response {
+    stripe_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        Some("resource_missing"),
+        &format!("No such checkout.session: '{id}'"),
+    )
+}
+
+fn stripe_error(status: StatusCode, kind: &str, code: Option<&str>, message: &str) -> Response {
+    stripe_json(
+        status,
+        json!({"error": {"type": kind, "code": code, "message": message}}),
+    )
+}
+
+fn stripe_json(status: StatusCode, body: Value) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    let request_id = format!("req_{}", &uuid::Uuid::new_v4().simple().to_string()[..14]);
+    if let Ok(value) = HeaderValue::from_str(&request_id) {
+        response.headers_mut().insert("Request-Id", value);
+    }
+    response
+}
+
+fn header_text(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
