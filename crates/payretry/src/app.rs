@@ -37,6 +37,9 @@ pub struct Tuning {
     pub worker: WorkerSettings,
     /// Longest the sweeper sleeps between sweeps.
     pub sweep_interval: Duration,
+    /// Replaces the Stripe client settings derived from the configuration (timeouts,
+    /// tries), e.g. to run against a local stand-in at test speed.
+    pub stripe: Option<StripeConfig>,
 }
 
 impl Tuning {
@@ -48,6 +51,7 @@ impl Tuning {
                 ..WorkerSettings::default()
             },
             sweep_interval: Duration::from_secs(30),
+            stripe: None,
         }
     }
 }

@@ -106,6 +106,7 @@ impl fmt::Debug for StripeProvider {
 }
 
 impl StripeProvider {
+    /// Checks the config and builds the HTTP client; sends nothing yet.
     pub fn new(config: StripeConfig) -> Result<Self, StripeConfigError> {
         let base = Url::parse(&config.api_base).map_err(|_| StripeConfigError::ApiBase)?;
         if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {

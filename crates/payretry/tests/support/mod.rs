@@ -1,4 +1,5 @@
 //! Test doubles shared by the integration tests. Each test binary uses only some of them.
 #![allow(dead_code)]
 
+pub mod app;
 pub mod fake_stripe;
