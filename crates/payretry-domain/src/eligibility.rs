@@ -113,10 +113,10 @@ pub fn check_retry(
     if snapshot.retry_attempts >= policy.max_attempts {
         return Err(RetryRefusal::RetryLimitReached);
     }
-    if let Some(reason) = &snapshot.failure_reason {
-        if !policy.is_retryable(reason) {
-            return Err(RetryRefusal::FailureNotRetryable);
-        }
+    if let Some(reason) = &snapshot.failure_reason
+        && !policy.is_retryable(reason)
+    {
+        return Err(RetryRefusal::FailureNotRetryable);
     }
     let attempt = AttemptNumber::new(snapshot.retry_attempts + 1);
     let delay = policy.delay_for(attempt);

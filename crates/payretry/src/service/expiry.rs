@@ -58,10 +58,10 @@ impl Payments {
         if abandoned {
             metrics::retry_abandoned(AbandonReason::WindowExpired);
         }
-        if let Some(checkout) = &session.state.provider_session_id {
-            if let Err(error) = self.provider.expire_checkout(checkout).await {
-                tracing::warn!(session_id = %session.id, %error, "could not close the checkout at the window's end");
-            }
+        if let Some(checkout) = &session.state.provider_session_id
+            && let Err(error) = self.provider.expire_checkout(checkout).await
+        {
+            tracing::warn!(session_id = %session.id, %error, "could not close the checkout at the window's end");
         }
         Ok(true)
     }
