@@ -47,6 +47,33 @@ pub enum Command {
     },
     /// Walk through the whole retry story on a throw-away database, narrated.
     Demo,
+    /// Show a payment session's status (through the HTTP API).
+    Status {
+        session: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Ask for a retry of a failed payment (through the HTTP API). One Idempotency-Key is
+    /// made per invocation and reused across network retries.
+    Retry {
+        session: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// How the client commands reach a running payretry.
+#[derive(Debug, clap::Args)]
+pub struct Remote {
+    /// Bearer token (see `payretry token`).
+    #[arg(long, env = "PAYRETRY_TOKEN", hide_env_values = true)]
+    token: String,
+    /// Base URL; default `PAYRETRY_PUBLIC_URL`, else `http://{PAYRETRY_LISTEN}`.
+    #[arg(long)]
+    url: Option<String>,
+    /// Print the contract's JSON instead of a summary.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,7 +150,78 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => crate::demo::run().await,
+        Command::Status { session, remote } => client_status(&config, &session, &remote).await,
+        Command::Retry { session, remote } => client_retry(&config, &session, &remote).await,
     }
+}
+
+fn client(config: &Config, remote: &Remote) -> anyhow::Result<payretry_client::Client> {
+    let base = remote
+        .url
+        .clone()
+        .or_else(|| config.public_url.clone())
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    Ok(payretry_client::Client::new(&base, &remote.token)?)
+}
+
+fn session_id(raw: &str) -> anyhow::Result<payretry_domain::PaymentSessionId> {
+    payretry_domain::PaymentSessionId::parse(raw).map_err(|e| anyhow::anyhow!("{raw}: {e}"))
+}
+
+async fn client_status(config: &Config, session: &str, remote: &Remote) -> anyhow::Result<()> {
+    let status = client(config, remote)?
+        .status(&session_id(session)?)
+        .await?;
+    if remote.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    println!("session   {}", status.session_id);
+    println!("status    {}", status.status);
+    println!(
+        "amount    {} {}",
+        status.amount.minor_units(),
+        status.currency
+    );
+    if let Some(reason) = &status.failure_reason {
+        println!("failure   {reason}");
+    }
+    println!(
+        "retries   {} used, {} left of {}",
+        status.retry_attempts, status.retry_attempts_remaining, status.max_retry_attempts
+    );
+    match (status.retry_available, status.retry_unavailable_reason) {
+        (true, _) => println!("retry     available"),
+        (false, Some(reason)) => println!("retry     unavailable ({})", reason.as_str()),
+        (false, None) => println!("retry     unavailable"),
+    }
+    if let Some(at) = status.next_retry_at {
+        println!("next      {at}");
+    }
+    println!("window    until {}", status.expires_at);
+    if let Some(url) = &status.checkout_url {
+        println!("checkout  {url}");
+    }
+    Ok(())
+}
+
+async fn client_retry(config: &Config, session: &str, remote: &Remote) -> anyhow::Result<()> {
+    let use_case =
+        payretry_client::schedule_payment_retry::SchedulePaymentRetry::new(client(config, remote)?);
+    let outcome = use_case.press(&session_id(session)?).await;
+    let accepted = outcome.result?;
+    if remote.json {
+        println!("{}", serde_json::to_string_pretty(&accepted)?);
+    } else {
+        println!(
+            "retry #{} scheduled for {} (in {} s); {} retries left",
+            accepted.attempt_number,
+            accepted.scheduled_for,
+            accepted.delay_seconds,
+            accepted.retry_attempts_remaining
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
