@@ -133,7 +133,7 @@ impl App {
             payments,
             jwt: Arc::new(JwtKeys::new(&jwt)),
             webhook_secrets: Arc::new(webhook_secrets),
-            prometheus: crate::telemetry::metrics::prometheus(),
+            prometheus: crate::telemetry::metrics::install(config.dogstatsd_addr.as_deref())?,
             limiter: Arc::new(RateLimiter::new(config.rate_limit_per_minute)),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))

@@ -54,6 +54,8 @@ pub struct Config {
     /// `None`: generated once and kept in the database.
     pub jwt_secret: Option<Secret>,
     pub log_format: LogFormat,
+    /// Where DogStatsD datagrams go (`host:port`); `None`: off.
+    pub dogstatsd_addr: Option<String>,
     /// Retry jobs processed at once by one worker.
     pub worker_concurrency: usize,
     /// Requests per minute per principal on checkout and retry.
@@ -76,6 +78,7 @@ impl Default for Config {
             stripe_api_base: "https://api.stripe.com".to_owned(),
             jwt_secret: None,
             log_format: LogFormat::Text,
+            dogstatsd_addr: None,
             worker_concurrency: 16,
             rate_limit_per_minute: 120,
         }
@@ -264,6 +267,19 @@ impl Config {
                 "json" => LogFormat::Json,
                 _ => return Err(bad("PAYRETRY_LOG_FORMAT", "expected `text` or `json`", &v)),
             };
+        }
+        if let Some(v) = lookup("PAYRETRY_DOGSTATSD_ADDR") {
+            let valid = v
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+            if !valid {
+                return Err(bad(
+                    "PAYRETRY_DOGSTATSD_ADDR",
+                    "expected host:port, e.g. 127.0.0.1:8125",
+                    &v,
+                ));
+            }
+            c.dogstatsd_addr = Some(v);
         }
         if let Some(v) = lookup("PAYRETRY_WORKER_CONCURRENCY") {
             c.worker_concurrency = v

@@ -66,18 +66,40 @@ pub fn schedule_lag(seconds: f64) {
     metrics::histogram!(SCHEDULE_LAG_SECONDS).record(seconds.max(0.0));
 }
 
-/// Installs the process-wide Prometheus recorder once and returns its handle.
-pub fn prometheus() -> metrics_exporter_prometheus::PrometheusHandle {
+/// Installs the process-wide recorder once: Prometheus always (for `/metrics`), fanned out
+/// to DogStatsD over UDP when `dogstatsd` is set. Returns the Prometheus handle. The first
+/// call in a process decides; later calls reuse it.
+///
+/// DogStatsD has distributions and histograms; the `metrics` facade has one histogram kind,
+/// sent as Datadog distributions (`|d`), so `success_rate` averages correctly across hosts.
+pub fn install(
+    dogstatsd: Option<&str>,
+) -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
         std::sync::OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-            let handle = recorder.handle();
-            if metrics::set_global_recorder(recorder).is_err() {
-                tracing::warn!("a metrics recorder was already installed");
-            }
-            handle
-        })
-        .clone()
+    if let Some(handle) = HANDLE.get() {
+        return Ok(handle.clone());
+    }
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = prometheus.handle();
+    let installed = match dogstatsd {
+        Some(addr) => {
+            let statsd = metrics_exporter_dogstatsd::DogStatsDBuilder::default()
+                .with_remote_address(addr)?
+                .with_telemetry(false)
+                .send_histograms_as_distributions(true)
+                .with_flush_interval(std::time::Duration::from_secs(1))
+                .build()?;
+            let fanout = metrics_util::layers::FanoutBuilder::default()
+                .add_recorder(prometheus)
+                .add_recorder(statsd)
+                .build();
+            metrics::set_global_recorder(fanout).is_ok()
+        }
+        None => metrics::set_global_recorder(prometheus).is_ok(),
+    };
+    if !installed {
+        tracing::warn!("a metrics recorder was already installed");
+    }
+    Ok(HANDLE.get_or_init(|| handle).clone())
 }
