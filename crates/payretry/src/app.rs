@@ -14,6 +14,7 @@ use crate::shutdown::Shutdown;
 use crate::storage::Storage;
 use crate::storage::sqlite::SqliteStorage;
 use crate::sweeper::Sweeper;
+use crate::telemetry::analytics::SegmentRelay;
 use crate::worker::{Worker, WorkerSettings};
 use anyhow::Context;
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct Tuning {
     /// Replaces the Stripe client settings derived from the configuration (timeouts,
     /// tries), e.g. to run against a local stand-in at test speed.
     pub stripe: Option<StripeConfig>,
+    /// First delay after a failed Segment delivery.
+    pub analytics_backoff: Duration,
 }
 
 impl Tuning {
@@ -52,6 +55,7 @@ impl Tuning {
             },
             sweep_interval: Duration::from_secs(30),
             stripe: None,
+            analytics_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -59,6 +63,8 @@ impl Tuning {
 /// A built payretry, ready to serve.
 pub struct App {
     pub state: AppState,
+    /// Set when Segment analytics are on.
+    pub segment: Option<SegmentRelay>,
     pub queue: Arc<dyn JobQueue>,
     pub tuning: Tuning,
 }
@@ -128,6 +134,7 @@ impl App {
             provider,
             policy: config.policy.clone(),
             public_url,
+            analytics: config.segment_write_key.is_some(),
         });
         let state = AppState {
             payments,
@@ -139,8 +146,19 @@ impl App {
                 .timeout(Duration::from_secs(10))
                 .build()?,
         };
+        let segment = config
+            .segment_write_key
+            .clone()
+            .map(|write_key| SegmentRelay {
+                storage: storage.clone(),
+                endpoint: config.segment_endpoint.clone(),
+                write_key,
+                http: state.http.clone(),
+                backoff: tuning.analytics_backoff,
+            });
         Ok(Self {
             state,
+            segment,
             queue: storage,
             tuning,
         })
@@ -166,6 +184,11 @@ impl App {
                 interval: self.tuning.sweep_interval,
             };
             background.spawn(sweeper.run(shutdown.clone()));
+        }
+        if role != ServeRole::Worker
+            && let Some(relay) = self.segment
+        {
+            background.spawn(relay.run(shutdown.clone()));
         }
         let router = match role {
             ServeRole::Worker => http::operations_router(self.state),

@@ -54,6 +54,10 @@ pub struct Config {
     /// `None`: generated once and kept in the database.
     pub jwt_secret: Option<Secret>,
     pub log_format: LogFormat,
+    /// Segment write key; `None`: analytics off.
+    pub segment_write_key: Option<Secret>,
+    /// Segment's API base (`{endpoint}/v1/batch`).
+    pub segment_endpoint: String,
     /// Where DogStatsD datagrams go (`host:port`); `None`: off.
     pub dogstatsd_addr: Option<String>,
     /// Retry jobs processed at once by one worker.
@@ -79,6 +83,8 @@ impl Default for Config {
             jwt_secret: None,
             log_format: LogFormat::Text,
             dogstatsd_addr: None,
+            segment_write_key: None,
+            segment_endpoint: "https://api.segment.io".to_owned(),
             worker_concurrency: 16,
             rate_limit_per_minute: 120,
         }
@@ -267,6 +273,17 @@ impl Config {
                 "json" => LogFormat::Json,
                 _ => return Err(bad("PAYRETRY_LOG_FORMAT", "expected `text` or `json`", &v)),
             };
+        }
+        c.segment_write_key = lookup("PAYRETRY_SEGMENT_WRITE_KEY").map(Secret::new);
+        if let Some(v) = lookup("PAYRETRY_SEGMENT_ENDPOINT") {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(bad(
+                    "PAYRETRY_SEGMENT_ENDPOINT",
+                    "expected an http:// or https:// URL",
+                    &v,
+                ));
+            }
+            c.segment_endpoint = v.trim_end_matches('/').to_owned();
         }
         if let Some(v) = lookup("PAYRETRY_DOGSTATSD_ADDR") {
             let valid = v

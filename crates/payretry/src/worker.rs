@@ -14,6 +14,7 @@ use crate::storage::{
     AttemptChange, AttemptStatus, NewAuditEntry, NewDeadLetter, SessionState, StorageError,
     Transition,
 };
+use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
 use crate::telemetry::metrics;
 use chrono::{DateTime, Utc};
 use payretry_domain::{Actor, AuditAction, FailureReason, SessionStatus};
@@ -144,7 +145,7 @@ impl Worker {
         let attempt = job.attempt_number;
         let committed = self
             .payments
-            .transition(&session.id, |s, _now| {
+            .transition(&session.id, |s, now| {
                 if s.state.status != SessionStatus::RetryScheduled
                     || s.state.retry_attempts != attempt.get()
                 {
@@ -179,6 +180,17 @@ impl Worker {
                         "receiveCount": delivery.receive_count,
                     }),
                 });
+                t.analytics.push(AnalyticsEvent::track(
+                    TrackEvent::Initiated,
+                    &s.buyer,
+                    &s.id,
+                    attempt,
+                    json!({
+                        "failureReason": s.state.retry_reason.as_ref().map(ToString::to_string),
+                        "delayMinutes": job.delay_minutes,
+                    }),
+                    now,
+                ));
                 Ok(Some((t, s.state.clone())))
             })
             .await?;

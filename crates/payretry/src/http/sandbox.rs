@@ -3,11 +3,12 @@
 //! to the status page, exactly as a real provider would.
 
 use super::AppState;
+use super::pay_page::{STYLE, nonce, page_headers};
 use crate::provider::sandbox::{deliver, events};
 use crate::storage::SandboxCheckout;
 use axum::Form;
 use axum::extract::{Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use payretry_domain::ProviderSessionId;
 use serde::Deserialize;
@@ -36,34 +37,53 @@ async fn load(state: &AppState, id: &str) -> Result<SandboxCheckout, Response> {
         Ok(Some(checkout)) => Ok(checkout),
         Ok(None) => Err((
             StatusCode::NOT_FOUND,
-            Html(page(
+            page(
                 "Checkout not found",
-                "<p>This checkout does not exist.</p>",
-            )),
+                r#"<h1>Checkout not found</h1><div class="card"><p>This checkout does not exist.</p></div>"#,
+            ),
         )
             .into_response()),
         Err(_) => Err((
             StatusCode::SERVICE_UNAVAILABLE,
-            Html(page("Unavailable", "<p>Try again in a moment.</p>")),
+            page(
+                "Unavailable",
+                r#"<h1>Unavailable</h1><div class="card"><p>Try again in a moment.</p></div>"#,
+            ),
         )
             .into_response()),
     }
 }
 
-fn page(title: &str, body: &str) -> String {
-    format!(
+/// A sandbox page in the buyer page's look (`pay_page::STYLE`), with its security headers.
+fn page(title: &str, body: &str) -> (HeaderArray, Html<String>) {
+    let nonce = nonce();
+    let html = format!(
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="no-referrer">
 <title>{title}</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:28rem;margin:2rem auto;padding:0 1rem;color:#1a1a1a}}
-.card{{border:1px solid #ccc;border-radius:.5rem;padding:1.25rem}}
-button{{font-size:1rem;padding:.7rem 1.2rem;border-radius:.4rem;border:0;cursor:pointer;margin:.4rem 0;width:100%}}
-.pay{{background:#0a6b2d;color:#fff}} .decline{{background:#8b1a1a;color:#fff}}
-label{{display:block;margin:.8rem 0 .3rem}} select{{font-size:1rem;width:100%;padding:.4rem}}
-.note{{color:#555;font-size:.9rem}}
-</style></head><body><main>{body}</main></body></html>"#
-    )
+<style nonce="{nonce}">{STYLE}</style></head><body><main>
+<p class="banner"><strong>Test mode.</strong> This is the sandbox provider: no real card is charged.</p>
+{body}</main></body></html>"#,
+        title = escape(title),
+    );
+    (page_headers(&nonce, false), Html(html))
+}
+
+type HeaderArray = [(HeaderName, HeaderValue); 5];
+
+/// `12.34 USD`; zero-decimal currencies (Stripe's list) have no minor unit.
+fn format_amount(minor: i64, currency: &str) -> String {
+    const ZERO_DECIMAL: [&str; 16] = [
+        "bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga", "pyg", "rwf", "ugx", "vnd", "vuv",
+        "xaf", "xof", "xpf",
+    ];
+    let code = escape(&currency.to_uppercase());
+    if ZERO_DECIMAL.contains(&currency.to_ascii_lowercase().as_str()) {
+        format!("{minor} {code}")
+    } else {
+        format!("{}.{:02} {code}", minor / 100, (minor % 100).abs())
+    }
 }
 
 /// `GET /sandbox/checkout/{id}`.
@@ -72,39 +92,46 @@ pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Resp
         Ok(c) => c,
         Err(response) => return response,
     };
-    let amount = format!(
-        "{}.{:02} {}",
-        checkout.amount / 100,
-        checkout.amount % 100,
-        checkout.currency.to_uppercase()
-    );
+    let amount = format_amount(checkout.amount, &checkout.currency);
     let id = escape(checkout.id.as_str());
+    let attempt = if checkout.attempt == 0 {
+        "First checkout".to_owned()
+    } else {
+        format!("Retry {}", checkout.attempt)
+    };
     let body = if checkout.status == "open" {
         let options: String = DECLINE_REASONS
             .iter()
             .map(|(code, label)| format!(r#"<option value="{code}">{label}</option>"#))
             .collect();
         format!(
-            r#"<h1>Sandbox checkout</h1><div class="card">
-<p><strong>{description}</strong></p><p>Amount: <strong>{amount}</strong></p>
-<p class="note">Attempt {attempt}. No real card is charged.</p>
-<form method="post" action="/sandbox/checkout/{id}/pay"><button class="pay" type="submit">Pay {amount}</button></form>
+            r#"<h1>Sandbox checkout</h1>
+<div class="card">
+<p class="status">{description}</p>
+<p class="amount">Amount: <strong>{amount}</strong></p>
+<p class="muted">{attempt} for this payment.</p>
+<form method="post" action="/sandbox/checkout/{id}/pay">
+<button class="primary" type="submit">Pay {amount}</button>
+</form>
 <form method="post" action="/sandbox/checkout/{id}/decline">
+<fieldset><legend>Simulate a declined card</legend>
 <label for="reason">Decline reason</label>
 <select id="reason" name="reason">{options}</select>
-<button class="decline" type="submit">Decline</button></form></div>"#,
+<button class="danger" type="submit">Decline</button>
+</fieldset>
+</form>
+</div>"#,
             description = escape(&checkout.description),
-            attempt = checkout.attempt,
         )
     } else {
         format!(
-            r#"<h1>Sandbox checkout</h1><div class="card"><p>This checkout is {status}.</p>
-<p><a href="{back}">Back to the payment</a></p></div>"#,
+            r#"<h1>Sandbox checkout</h1><div class="card"><p class="status">This checkout is {status}.</p>
+<a class="button primary" href="{back}">Back to your payment</a></div>"#,
             status = escape(&checkout.status),
             back = escape(&checkout.cancel_url),
         )
     };
-    Html(page("Sandbox checkout", &body)).into_response()
+    page("Sandbox checkout", &body).into_response()
 }
 
 #[derive(Deserialize)]
@@ -121,7 +148,10 @@ pub async fn pay(State(state): State<AppState>, Path(id): Path<String>) -> Respo
     if checkout.status != "open" {
         return (
             StatusCode::CONFLICT,
-            Html(page("Closed", "<p>This checkout is closed.</p>")),
+            page(
+                "Closed",
+                r#"<h1>Checkout closed</h1><div class="card"><p>This checkout is closed.</p></div>"#,
+            ),
         )
             .into_response();
     }
@@ -151,7 +181,10 @@ pub async fn decline(
     if checkout.status != "open" {
         return (
             StatusCode::CONFLICT,
-            Html(page("Closed", "<p>This checkout is closed.</p>")),
+            page(
+                "Closed",
+                r#"<h1>Checkout closed</h1><div class="card"><p>This checkout is closed.</p></div>"#,
+            ),
         )
             .into_response();
     }

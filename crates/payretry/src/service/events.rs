@@ -10,6 +10,7 @@ use super::{Payments, ServiceResult};
 use crate::storage::{
     AttemptChange, AttemptStatus, NewAuditEntry, SessionRecord, SessionState, Transition,
 };
+use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
 use crate::telemetry::metrics::{self, AbandonReason};
 use crate::webhook::event::{EventKind, ProviderEvent};
 use chrono::{DateTime, Utc};
@@ -46,9 +47,13 @@ impl Payments {
             .transition(&event.session_id, |session, now| {
                 let decided = match &event.kind {
                     EventKind::Paid => decide_paid(session, event.attempt, now, &Actor::System),
-                    EventKind::Failed(reason) => {
-                        decide_failed(session, event.attempt, reason, self.policy.max_attempts)
-                    }
+                    EventKind::Failed(reason) => decide_failed(
+                        session,
+                        event.attempt,
+                        reason,
+                        self.policy.max_attempts,
+                        now,
+                    ),
                     EventKind::CheckoutExpired => {
                         decide_checkout_expired(session, event.attempt, now)
                     }
@@ -156,6 +161,14 @@ fn decide_paid(
         }),
     });
     let followup = if attempt.is_retry() {
+        t.analytics.push(AnalyticsEvent::track(
+            TrackEvent::Completed,
+            &session.buyer,
+            &session.id,
+            attempt,
+            json!({"success": true, "failureReason": state.retry_reason.as_ref().map(ToString::to_string)}),
+            now,
+        ));
         Followup::RetryFinished(attempt, None, false)
     } else {
         Followup::None
@@ -168,6 +181,7 @@ fn decide_failed(
     attempt: Option<AttemptNumber>,
     reason: &FailureReason,
     max_attempts: u32,
+    now: DateTime<Utc>,
 ) -> Decision {
     let state = &session.state;
     let attempt = attempt?;
@@ -204,6 +218,28 @@ fn decide_failed(
                     actor: Actor::System.to_string(),
                     details: json!({"reason": AbandonReason::AttemptsExhausted.as_str()}),
                 });
+            }
+            if attempt.is_retry() {
+                let track = |event, properties| {
+                    AnalyticsEvent::track(
+                        event,
+                        &session.buyer,
+                        &session.id,
+                        attempt,
+                        properties,
+                        now,
+                    )
+                };
+                t.analytics.push(track(
+                    TrackEvent::Completed,
+                    json!({"success": false, "failureReason": reason.as_str()}),
+                ));
+                if exhausted {
+                    t.analytics.push(track(
+                        TrackEvent::Abandoned,
+                        json!({"reason": AbandonReason::AttemptsExhausted.as_str(), "failureReason": reason.as_str()}),
+                    ));
+                }
             }
             let followup = if attempt.is_retry() {
                 Followup::RetryFinished(attempt, Some(reason.clone()), exhausted)

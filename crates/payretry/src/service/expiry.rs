@@ -4,8 +4,9 @@
 
 use super::{Payments, ServiceResult};
 use crate::storage::{AttemptChange, AttemptStatus, NewAuditEntry, SessionState, Transition};
+use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
 use crate::telemetry::metrics::{self, AbandonReason};
-use payretry_domain::{Actor, AuditAction, PaymentSessionId, SessionStatus};
+use payretry_domain::{Actor, AttemptNumber, AuditAction, PaymentSessionId, SessionStatus};
 use serde_json::json;
 
 impl Payments {
@@ -30,7 +31,7 @@ impl Payments {
                 let abandoned = state.status == SessionStatus::RetryScheduled;
                 if abandoned {
                     t.attempt = Some(AttemptChange {
-                        attempt: payretry_domain::AttemptNumber::new(state.retry_attempts),
+                        attempt: AttemptNumber::new(state.retry_attempts),
                         status: AttemptStatus::Abandoned,
                         provider_session_id: None,
                         failure_reason: None,
@@ -38,10 +39,21 @@ impl Payments {
                     });
                     t.audit.push(NewAuditEntry {
                         action: AuditAction::RetryAbandoned,
-                        attempt: Some(payretry_domain::AttemptNumber::new(state.retry_attempts)),
+                        attempt: Some(AttemptNumber::new(state.retry_attempts)),
                         actor: Actor::System.to_string(),
                         details: json!({"reason": AbandonReason::WindowExpired.as_str()}),
                     });
+                    t.analytics.push(AnalyticsEvent::track(
+                        TrackEvent::Abandoned,
+                        &session.buyer,
+                        &session.id,
+                        AttemptNumber::new(state.retry_attempts),
+                        json!({
+                            "reason": AbandonReason::WindowExpired.as_str(),
+                            "failureReason": state.retry_reason.as_ref().map(ToString::to_string),
+                        }),
+                        now,
+                    ));
                 }
                 t.audit.push(NewAuditEntry {
                     action: AuditAction::SessionExpired,

@@ -55,6 +55,9 @@ pub struct Payments {
     pub policy: RetryPolicy,
     /// Base for the links handed to the provider (`/pay/{id}`).
     pub public_url: String,
+    /// Whether Segment events are recorded (a write key is configured). When off, no
+    /// analytics rows are written at all, so none pile up.
+    pub analytics: bool,
 }
 
 impl Payments {
@@ -91,9 +94,12 @@ impl Payments {
     ) -> ServiceResult<Option<(SessionRecord, T)>> {
         for _ in 0..MAX_CONFLICT_ROUNDS {
             let session = self.load(id).await?;
-            let Some((transition, value)) = decide(&session, Utc::now())? else {
+            let Some((mut transition, value)) = decide(&session, Utc::now())? else {
                 return Ok(None);
             };
+            if !self.analytics {
+                transition.analytics.clear();
+            }
             match self.storage.commit(transition).await? {
                 Committed::Applied => return Ok(Some((session, value))),
                 Committed::DuplicateEvent => return Ok(None),

@@ -9,6 +9,7 @@ use crate::storage::{
     AttemptChange, AttemptStatus, IdempotencyScope, NewAuditEntry, SessionState, StoredResponse,
     Transition,
 };
+use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
 use payretry_domain::{
     AuditAction, PaymentSessionId, Principal, RetryJob, SessionStatus, check_retry,
 };
@@ -65,6 +66,17 @@ impl Payments {
                     now,
                 ));
                 t.idempotency = completion(Some(idempotency), &response);
+                t.analytics.push(AnalyticsEvent::track(
+                    TrackEvent::Scheduled,
+                    &session.buyer,
+                    &session.id,
+                    plan.attempt,
+                    json!({
+                        "failureReason": reason.as_ref().map(ToString::to_string),
+                        "delayMinutes": plan.delay.as_secs_f64() / 60.0,
+                    }),
+                    now,
+                ));
                 Ok(Some((t, response)))
             })
             .await?;

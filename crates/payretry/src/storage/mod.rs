@@ -6,6 +6,7 @@
 //! entries, queued jobs, the idempotent response). Transitions are compare-and-set on the
 //! session's `version`, so of two concurrent writers exactly one wins and the other re-reads.
 
+pub mod postgres;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -15,6 +16,16 @@ use payretry_domain::{
     RetryJob, SessionStatus, UserId, eligibility::SessionSnapshot,
 };
 use serde_json::Value;
+
+pub use crate::telemetry::analytics::AnalyticsEvent;
+
+/// An analytics outbox row awaiting delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyticsRow {
+    pub id: i64,
+    /// The Segment track object.
+    pub payload: Value,
+}
 
 /// Storage failures. Details are logged, never shown to API callers.
 #[derive(Debug, thiserror::Error)]
@@ -202,6 +213,8 @@ pub struct Transition {
     /// The provider event that caused this, recorded so a redelivery is ignored.
     pub webhook_event_id: Option<String>,
     pub idempotency: Option<IdempotencyCompletion>,
+    /// Segment events describing this change (analytics outbox).
+    pub analytics: Vec<AnalyticsEvent>,
 }
 
 impl Transition {
@@ -218,6 +231,7 @@ impl Transition {
             redrive: None,
             webhook_event_id: None,
             idempotency: None,
+            analytics: Vec::new(),
         }
     }
 }
@@ -321,6 +335,18 @@ pub trait Storage: Send + Sync + 'static {
         name: &str,
         generate: &(dyn Fn() -> String + Sync),
     ) -> StorageResult<String>;
+
+    /// The oldest undelivered analytics events that are due, at most `limit`.
+    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>>;
+
+    /// Segment accepted these events: delete them.
+    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()>;
+
+    /// Segment refused these events for good: keep them for review, out of the relay's way.
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()>;
+
+    /// Resolves when this process committed analytics events (so the relay need not poll).
+    async fn analytics_enqueued(&self);
 
     async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> StorageResult<()>;
 

@@ -26,6 +26,8 @@ pub struct SqliteStorage {
     reader: SqlitePool,
     /// Wakes this process's worker when a job is enqueued.
     enqueued: Notify,
+    /// Wakes this process's analytics relay when events are committed.
+    analytics_enqueued: Notify,
 }
 
 impl SqliteStorage {
@@ -50,6 +52,7 @@ impl SqliteStorage {
             writer,
             reader,
             enqueued: Notify::new(),
+            analytics_enqueued: Notify::new(),
         })
     }
 
@@ -338,9 +341,24 @@ impl Storage for SqliteStorage {
         if let Some(completion) = &t.idempotency {
             store_response(&mut tx, completion).await?;
         }
+        for event in &t.analytics {
+            sqlx::query(
+                "INSERT INTO analytics_events (message_id, payload, created_at, next_attempt_at)
+                 VALUES (?, ?, ?, ?) ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(&event.message_id)
+            .bind(event.payload.to_string())
+            .bind(now)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         if t.enqueue.is_some() {
             self.enqueued.notify_one();
+        }
+        if !t.analytics.is_empty() {
+            self.analytics_enqueued.notify_one();
         }
         Ok(Committed::Applied)
     }
@@ -517,6 +535,59 @@ impl Storage for SqliteStorage {
                 .fetch_one(&self.writer)
                 .await?,
         )
+    }
+
+    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM analytics_events
+             WHERE next_attempt_at <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(to_millis(Utc::now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(AnalyticsRow {
+                    id: row.try_get("id")?,
+                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM analytics_events WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query(
+                "UPDATE analytics_events SET next_attempt_at = ?, attempts = attempts + 1,
+                    last_error = ? WHERE id = ?",
+            )
+            .bind(i64::MAX)
+            .bind(error)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_enqueued(&self) {
+        self.analytics_enqueued.notified().await;
     }
 
     async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {

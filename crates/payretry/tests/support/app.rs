@@ -92,6 +92,7 @@ impl TestApp {
         let mut tuning = Tuning::from_config(&config);
         tuning.sweep_interval = options.sweep_interval;
         tuning.worker.backoff = options.backoff;
+        tuning.analytics_backoff = Duration::from_millis(50);
         tuning.stripe = stripe.as_ref().map(FakeStripe::provider_config);
         let app = App::build(&config, base.clone(), tuning)
             .await

@@ -2,4 +2,5 @@
 #![allow(dead_code)]
 
 pub mod app;
+pub mod fake_segment;
 pub mod fake_stripe;
