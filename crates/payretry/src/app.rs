@@ -1,17 +1,20 @@
 //! Wiring: builds storage, queue, provider and service from a [`Config`], then serves the
-//! HTTP API and/or runs the worker and sweeper until shutdown. Takes its listener as an
-//! argument, so tests bind port 0 and run the real server.
+//! HTTP API and/or runs the worker, sweeper and relays until shutdown. Takes its listener
+//! as an argument, so tests bind port 0 and run the real server.
 
-use crate::config::{Config, ProviderKind};
+use crate::config::{Config, ProviderKind, QueueKind};
 use crate::http::{self, AppState, auth::JwtKeys, rate_limit::RateLimiter};
 use crate::provider::PaymentProvider;
 use crate::provider::sandbox::SandboxProvider;
 use crate::provider::stripe::{StripeConfig, StripeProvider};
-use crate::queue::JobQueue;
+use crate::queue::relay::SqsRelay;
+use crate::queue::sqs::{self, SqsQueue};
+use crate::queue::{JobQueue, Outbox};
 use crate::secret::Secret;
 use crate::service::Payments;
 use crate::shutdown::Shutdown;
 use crate::storage::Storage;
+use crate::storage::postgres::PostgresStorage;
 use crate::storage::sqlite::SqliteStorage;
 use crate::sweeper::Sweeper;
 use crate::telemetry::analytics::SegmentRelay;
@@ -24,9 +27,9 @@ use tokio::net::TcpListener;
 /// Which parts of payretry this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ServeRole {
-    /// HTTP API, worker and sweeper in one process.
+    /// HTTP API, outbox relays, worker and sweeper in one process.
     All,
-    /// HTTP API only.
+    /// HTTP API and the outbox relays (SQS, Segment).
     Api,
     /// Queue consumer and window sweeper (plus health and metrics routes).
     Worker,
@@ -43,6 +46,8 @@ pub struct Tuning {
     pub stripe: Option<StripeConfig>,
     /// First delay after a failed Segment delivery.
     pub analytics_backoff: Duration,
+    /// PostgreSQL pool size (throughput on 2 cores falls beyond ~16 connections).
+    pub postgres_connections: u32,
 }
 
 impl Tuning {
@@ -56,17 +61,51 @@ impl Tuning {
             sweep_interval: Duration::from_secs(30),
             stripe: None,
             analytics_backoff: Duration::from_secs(1),
+            postgres_connections: 16,
         }
     }
 }
 
-/// A built payretry, ready to serve.
-pub struct App {
-    pub state: AppState,
-    /// Set when Segment analytics are on.
-    pub segment: Option<SegmentRelay>,
-    pub queue: Arc<dyn JobQueue>,
-    pub tuning: Tuning,
+/// The database, seen through each of its roles.
+#[derive(Clone)]
+pub struct Backend {
+    pub storage: Arc<dyn Storage>,
+    /// The embedded queue (the outbox table itself).
+    pub embedded_queue: Arc<dyn JobQueue>,
+    pub outbox: Arc<dyn Outbox>,
+}
+
+/// Opens the database named by `PAYRETRY_DATABASE_URL` and applies migrations.
+pub async fn open_backend(config: &Config, postgres_connections: u32) -> anyhow::Result<Backend> {
+    let url = &config.database_url;
+    if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        let pg = PostgresStorage::connect(url, postgres_connections)
+            .await
+            .context("PAYRETRY_DATABASE_URL: cannot connect to PostgreSQL")?;
+        pg.migrate().await.context("applying migrations")?;
+        let pg = Arc::new(pg);
+        Ok(Backend {
+            storage: pg.clone(),
+            embedded_queue: pg.clone(),
+            outbox: pg,
+        })
+    } else {
+        let lite = SqliteStorage::connect(url)
+            .await
+            .with_context(|| format!("PAYRETRY_DATABASE_URL: cannot open {url}"))?;
+        lite.migrate().await.context("applying migrations")?;
+        let lite = Arc::new(lite);
+        Ok(Backend {
+            storage: lite.clone(),
+            embedded_queue: lite.clone(),
+            outbox: lite,
+        })
+    }
+}
+
+/// Opens the database (for commands that need only storage).
+pub async fn open_storage(config: &Config) -> anyhow::Result<Arc<dyn Storage>> {
+    Ok(open_backend(config, 4).await?.storage)
 }
 
 fn random_secret(prefix: &str) -> String {
@@ -75,15 +114,6 @@ fn random_secret(prefix: &str) -> String {
         rand::random::<u128>(),
         rand::random::<u128>()
     )
-}
-
-/// Opens the database and applies migrations.
-pub async fn open_storage(config: &Config) -> anyhow::Result<Arc<SqliteStorage>> {
-    let storage = SqliteStorage::connect(&config.database_url)
-        .await
-        .with_context(|| format!("opening {}", config.database_url))?;
-    storage.migrate().await.context("applying migrations")?;
-    Ok(Arc::new(storage))
 }
 
 /// The HS256 key: configured, or generated once and kept in the database.
@@ -98,13 +128,26 @@ pub async fn jwt_secret(config: &Config, storage: &dyn Storage) -> anyhow::Resul
     }
 }
 
+/// A built payretry, ready to serve.
+pub struct App {
+    pub state: AppState,
+    /// Set when Segment analytics are on.
+    pub segment: Option<SegmentRelay>,
+    /// What the worker consumes: the embedded queue or SQS.
+    pub queue: Arc<dyn JobQueue>,
+    /// With SQS: the queue (for its dead-letter queue) and the outbox its relay drains.
+    pub sqs: Option<(Arc<SqsQueue>, Arc<dyn Outbox>)>,
+    pub tuning: Tuning,
+}
+
 impl App {
     pub async fn build(
         config: &Config,
         public_url: String,
         tuning: Tuning,
     ) -> anyhow::Result<Self> {
-        let storage = open_storage(config).await?;
+        let backend = open_backend(config, tuning.postgres_connections).await?;
+        let storage = backend.storage.clone();
         let jwt = jwt_secret(config, storage.as_ref()).await?;
         let webhook_secrets = if config.webhook_secrets.is_empty() {
             let generated = storage
@@ -119,14 +162,32 @@ impl App {
                 Arc::new(SandboxProvider::new(storage.clone(), public_url.clone()))
             }
             ProviderKind::Stripe => {
-                let key = config
-                    .stripe_secret_key
-                    .clone()
-                    .context("STRIPE_SECRET_KEY is required")?;
-                Arc::new(StripeProvider::new(StripeConfig::new(
-                    config.stripe_api_base.clone(),
-                    key,
-                ))?)
+                let stripe = match &tuning.stripe {
+                    Some(stripe) => stripe.clone(),
+                    None => {
+                        let key = config
+                            .stripe_secret_key
+                            .clone()
+                            .context("STRIPE_SECRET_KEY is required")?;
+                        StripeConfig::new(config.stripe_api_base.clone(), key)
+                    }
+                };
+                Arc::new(StripeProvider::new(stripe)?)
+            }
+        };
+        let (queue, sqs): (Arc<dyn JobQueue>, _) = match config.queue {
+            QueueKind::Embedded => (backend.embedded_queue.clone(), None),
+            QueueKind::Sqs => {
+                let client = sqs::client(config.sqs_endpoint.as_deref()).await;
+                let sqs = Arc::new(
+                    SqsQueue::connect(client, &config.env)
+                        .await
+                        .context("PAYRETRY_QUEUE=sqs")?,
+                );
+                (
+                    sqs.clone() as Arc<dyn JobQueue>,
+                    Some((sqs, backend.outbox.clone())),
+                )
             }
         };
         let payments = Arc::new(Payments {
@@ -138,6 +199,7 @@ impl App {
         });
         let state = AppState {
             payments,
+            queue: queue.clone(),
             jwt: Arc::new(JwtKeys::new(&jwt)),
             webhook_secrets: Arc::new(webhook_secrets),
             prometheus: crate::telemetry::metrics::install(config.dogstatsd_addr.as_deref())?,
@@ -159,7 +221,8 @@ impl App {
         Ok(Self {
             state,
             segment,
-            queue: storage,
+            queue,
+            sqs,
             tuning,
         })
     }
@@ -178,6 +241,13 @@ impl App {
                 self.queue.clone(),
                 self.tuning.worker.clone(),
             ));
+            if let Some((sqs, _)) = &self.sqs {
+                background.spawn(
+                    worker
+                        .clone()
+                        .drain_sqs_dead_letters(sqs.clone(), shutdown.clone()),
+                );
+            }
             background.spawn(worker.run(shutdown.clone()));
             let sweeper = Sweeper {
                 payments: self.state.payments.clone(),
@@ -185,10 +255,17 @@ impl App {
             };
             background.spawn(sweeper.run(shutdown.clone()));
         }
-        if role != ServeRole::Worker
-            && let Some(relay) = self.segment
-        {
-            background.spawn(relay.run(shutdown.clone()));
+        if role != ServeRole::Worker {
+            if let Some(relay) = self.segment {
+                background.spawn(relay.run(shutdown.clone()));
+            }
+            if let Some((sqs, outbox)) = &self.sqs {
+                let relay = SqsRelay {
+                    outbox: outbox.clone(),
+                    sqs: sqs.clone(),
+                };
+                background.spawn(relay.run(shutdown.clone()));
+            }
         }
         let router = match role {
             ServeRole::Worker => http::operations_router(self.state),

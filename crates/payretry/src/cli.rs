@@ -47,6 +47,11 @@ pub enum Command {
     },
     /// Walk through the whole retry story on a throw-away database, narrated.
     Demo,
+    /// Amazon SQS administration.
+    Sqs {
+        #[command(subcommand)]
+        action: SqsAction,
+    },
     /// Show a payment session's status (through the HTTP API).
     Status {
         session: String,
@@ -74,6 +79,13 @@ pub struct Remote {
     /// Print the contract's JSON instead of a summary.
     #[arg(long)]
     json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SqsAction {
+    /// Create `payments-retry-{PAYRETRY_ENV}` and its dead-letter queue with the redrive
+    /// policy (`maxReceiveCount` = PAYRETRY_MAX_RECEIVES). Safe to run again.
+    Setup,
 }
 
 #[derive(Debug, Subcommand)]
@@ -150,6 +162,19 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => crate::demo::run().await,
+        Command::Sqs {
+            action: SqsAction::Setup,
+        } => {
+            let client = crate::queue::sqs::client(config.sqs_endpoint.as_deref()).await;
+            let (main, dlq) =
+                crate::queue::sqs::setup(&client, &config.env, config.max_receives).await?;
+            println!("queue             {main}");
+            println!(
+                "dead-letter queue {dlq} (after {} receives)",
+                config.max_receives
+            );
+            Ok(())
+        }
         Command::Status { session, remote } => client_status(&config, &session, &remote).await,
         Command::Retry { session, remote } => client_retry(&config, &session, &remote).await,
     }

@@ -17,7 +17,10 @@ pub struct ConfigError {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueKind {
+    /// The outbox table is the queue.
     Embedded,
+    /// Amazon SQS, fed by the outbox relay.
+    Sqs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,6 +46,8 @@ pub struct Config {
     /// Suffix of the queue names.
     pub env: String,
     pub queue: QueueKind,
+    /// A local SQS-compatible endpoint; `None`: AWS's.
+    pub sqs_endpoint: Option<String>,
     pub policy: RetryPolicy,
     /// Deliveries of one job before it is dead-lettered.
     pub max_receives: u32,
@@ -74,6 +79,7 @@ impl Default for Config {
             database_url: "sqlite://payretry.db".to_owned(),
             env: "dev".to_owned(),
             queue: QueueKind::Embedded,
+            sqs_endpoint: None,
             policy: RetryPolicy::default(),
             max_receives: 5,
             provider: ProviderKind::Sandbox,
@@ -128,8 +134,13 @@ impl Config {
             c.public_url = Some(v.trim_end_matches('/').to_owned());
         }
         if let Some(v) = lookup("PAYRETRY_DATABASE_URL") {
-            if !v.starts_with("sqlite:") {
-                return Err(bad("PAYRETRY_DATABASE_URL", "expected sqlite://PATH", &v));
+            let known = ["sqlite:", "postgres:", "postgresql:"];
+            if !known.iter().any(|scheme| v.starts_with(scheme)) {
+                return Err(bad(
+                    "PAYRETRY_DATABASE_URL",
+                    "expected sqlite://PATH or postgres://…",
+                    "[redacted]",
+                ));
             }
             c.database_url = v;
         }
@@ -149,8 +160,19 @@ impl Config {
         if let Some(v) = lookup("PAYRETRY_QUEUE") {
             c.queue = match v.as_str() {
                 "embedded" => QueueKind::Embedded,
-                _ => return Err(bad("PAYRETRY_QUEUE", "expected `embedded`", &v)),
+                "sqs" => QueueKind::Sqs,
+                _ => return Err(bad("PAYRETRY_QUEUE", "expected `embedded` or `sqs`", &v)),
             };
+        }
+        if let Some(v) = lookup("PAYRETRY_SQS_ENDPOINT") {
+            if !(v.starts_with("http://") || v.starts_with("https://")) {
+                return Err(bad(
+                    "PAYRETRY_SQS_ENDPOINT",
+                    "expected an http:// or https:// URL",
+                    &v,
+                ));
+            }
+            c.sqs_endpoint = Some(v);
         }
         let delays = match lookup("PAYRETRY_RETRY_DELAYS") {
             Some(v) => {
@@ -358,6 +380,7 @@ mod tests {
             ("PAYRETRY_PAYMENT_WINDOW", "0s"),
             ("PAYRETRY_PROVIDER", "paypal"),
             ("PAYRETRY_QUEUE", "kafka"),
+            ("PAYRETRY_SQS_ENDPOINT", "localhost:4566"),
             ("PAYRETRY_MAX_RECEIVES", "-1"),
             ("PAYRETRY_DATABASE_URL", "mysql://x"),
         ];

@@ -16,7 +16,7 @@ async fn main() -> ExitCode {
     match cli::run(cli, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("payretry: {error:#}");
+            eprintln!("error: {error:#}");
             ExitCode::FAILURE
         }
     }

@@ -43,6 +43,8 @@ pub enum Outcome {
     RetryLater(String),
     /// The provider refused for good: no redelivery will help.
     Permanent(String),
+    /// Delivered before its due time (an SQS delay is at most 15 minutes): queued again.
+    NotDue,
 }
 
 /// Tuning of the worker loop.
@@ -100,6 +102,9 @@ impl Worker {
     async fn try_process(&self, delivery: &Delivery) -> Result<Outcome, ServiceError> {
         let job = &delivery.job;
         let now = Utc::now();
+        if job.scheduled_for - now > chrono::TimeDelta::seconds(1) {
+            return Ok(Outcome::NotDue);
+        }
         metrics::schedule_lag((now - job.scheduled_for).num_milliseconds() as f64 / 1000.0);
         let Some(session) = self
             .payments
@@ -195,8 +200,15 @@ impl Worker {
             })
             .await?;
         let Some((_, before)) = committed else {
-            // Paid or expired while the checkout was being made: close the unused one.
-            self.close_checkout(&checkout.id).await;
+            // Another delivery of this same job may have won with this very checkout (the
+            // idempotency key makes the provider return it again): it is live, keep it.
+            // Otherwise the session was paid or expired meanwhile: close the unused one.
+            let current = self.payments.storage.session(&session.id).await?;
+            let still_live =
+                current.is_some_and(|s| s.state.provider_session_id.as_ref() == Some(&checkout.id));
+            if !still_live {
+                self.close_checkout(&checkout.id).await;
+            }
             return Ok(Outcome::Dropped(
                 "session moved on during checkout creation",
             ));
@@ -222,9 +234,10 @@ impl Worker {
             // Earlier deliveries ended without settling (the process died): give up on it.
             Outcome::RetryLater("the worker stopped while processing this job".to_owned())
         } else {
-            self.process(&delivery).await
+            self.process_with_heartbeat(&delivery).await
         };
         match &outcome {
+            Outcome::NotDue => self.queue.defer(&delivery).await?,
             Outcome::RetryLater(error) if delivery.receive_count < self.settings.max_receives => {
                 let delay = self.backoff(delivery.receive_count);
                 tracing::warn!(%error, receive_count = delivery.receive_count, "retry job failed; will redeliver");
@@ -237,6 +250,24 @@ impl Worker {
             _ => self.queue.ack(&delivery).await?,
         }
         Ok(outcome)
+    }
+
+    /// Processes while keeping the delivery hidden from other workers, extending its lease
+    /// every half lease for as long as the provider takes.
+    async fn process_with_heartbeat(&self, delivery: &Delivery) -> Outcome {
+        let lease = self.settings.lease;
+        let heartbeat = async {
+            loop {
+                tokio::time::sleep(lease / 2).await;
+                if let Err(error) = self.queue.extend(delivery, lease).await {
+                    tracing::warn!(%error, "could not extend a job's lease");
+                }
+            }
+        };
+        tokio::select! {
+            outcome = self.process(delivery) => outcome,
+            () = heartbeat => unreachable!("the heartbeat never ends"),
+        }
     }
 
     fn backoff(&self, receive_count: u32) -> Duration {
@@ -252,7 +283,11 @@ impl Worker {
 
     /// Moves a job aside and hands the session back to the buyer: the attempt stays spent,
     /// the session is `failed` with `retry_processing_failed`, never stuck scheduled.
-    async fn dead_letter(&self, delivery: &Delivery, error: &str) -> Result<(), StorageError> {
+    pub(crate) async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        error: &str,
+    ) -> Result<(), StorageError> {
         let job = &delivery.job;
         let result = self
             .payments
@@ -359,5 +394,45 @@ impl Worker {
         let next: Option<DateTime<Utc>> = self.queue.next_due().await.unwrap_or(None);
         next.map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
             .map_or(IDLE_POLL, |d| d.min(IDLE_POLL))
+    }
+}
+
+impl Worker {
+    /// Drains SQS's dead-letter queue into payretry's dead letters: a message lands there when
+    /// deliveries never settled (workers kept dying), and the session must not stay
+    /// `retry_scheduled`. Each message is recorded, then deleted from the queue.
+    pub async fn drain_sqs_dead_letters(
+        self: Arc<Self>,
+        sqs: Arc<crate::queue::sqs::SqsQueue>,
+        mut shutdown: Shutdown,
+    ) {
+        while !shutdown.is_triggered() {
+            match sqs.receive_dead(10).await {
+                Ok(dead) => {
+                    for delivery in &dead {
+                        let error = format!(
+                            "moved to the dead-letter queue after {} receives",
+                            delivery.receive_count
+                        );
+                        match self.dead_letter(delivery, &error).await {
+                            Ok(()) => {
+                                if let Err(e) = sqs.delete_dead(delivery).await {
+                                    tracing::warn!(error = %e, "could not delete a drained dead letter");
+                                }
+                            }
+                            Err(e) => tracing::error!(error = %e, "could not record a dead letter"),
+                        }
+                    }
+                    if !dead.is_empty() {
+                        continue;
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "could not read the dead-letter queue"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                _ = shutdown.wait() => {}
+            }
+        }
     }
 }

@@ -40,6 +40,9 @@ pub enum ApiError {
     /// 404 `not_found`: no such route.
     #[error("no such route")]
     RouteNotFound,
+    /// 405 `method_not_allowed`: the route exists, the method does not.
+    #[error("this route does not accept that method")]
+    MethodNotAllowed,
     /// 409 / 410: the retry refusals of DESIGN.md §2.
     #[error("{0}")]
     Refused(RetryRefusal),
@@ -90,6 +93,7 @@ impl ApiError {
             Self::Refused(refusal) => {
                 StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::CONFLICT)
             }
+            Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -110,6 +114,7 @@ impl ApiError {
             Self::SessionNotFound => "session_not_found",
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::RouteNotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
             Self::Refused(refusal) => refusal.code(),
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::PayloadTooLarge => "payload_too_large",
@@ -126,6 +131,7 @@ impl ApiError {
             StatusCode::UNAUTHORIZED => "Unauthenticated",
             StatusCode::FORBIDDEN => "Forbidden",
             StatusCode::NOT_FOUND => "Not found",
+            StatusCode::METHOD_NOT_ALLOWED => "Method not allowed",
             StatusCode::CONFLICT => "Conflict",
             StatusCode::GONE => "Payment window expired",
             StatusCode::PAYLOAD_TOO_LARGE => "Payload too large",

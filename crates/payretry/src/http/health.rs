@@ -16,7 +16,11 @@ pub async fn healthz() -> Json<Value> {
 /// The process can reach its database and queue.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200), (status = 503)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    match state.payments.storage.ping().await {
+    let reachable = match state.payments.storage.ping().await {
+        Ok(()) => state.queue.ping().await,
+        Err(error) => Err(error),
+    };
+    match reachable {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
         Err(error) => {
             tracing::warn!(%error, "not ready");

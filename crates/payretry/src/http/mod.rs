@@ -36,6 +36,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct AppState {
     pub payments: Arc<Payments>,
+    /// The queue the worker consumes, checked by `/readyz`.
+    pub queue: Arc<dyn crate::queue::JobQueue>,
     pub jwt: Arc<auth::JwtKeys>,
     /// The first signs sandbox events; any verifies incoming ones.
     pub webhook_secrets: Arc<Vec<Secret>>,
@@ -111,6 +113,10 @@ async fn not_found() -> ApiError {
     ApiError::RouteNotFound
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
 async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
     use utoipa::OpenApi;
     Json(openapi::ApiDoc::openapi())
@@ -147,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sandbox/checkout/{id}/decline", post(sandbox::decline))
         .merge(operations())
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(limit_declared_length))
         .route_layer(middleware::from_fn(trace_request))

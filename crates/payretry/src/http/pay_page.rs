@@ -36,10 +36,11 @@ p{margin:.5rem 0;overflow-wrap:anywhere}
 .banner{background:#fff4cc;border:1px solid #8a6d00;color:#4d3c00;border-radius:.5rem;padding:.5rem .75rem;font-size:.95rem;margin:0 0 1rem}
 .button,button{display:block;width:100%;min-height:2.75rem;margin:.75rem 0;padding:.7rem 1rem;border-radius:.5rem;border:2px solid transparent;font:inherit;font-weight:600;text-align:center;text-decoration:none;cursor:pointer}
 .primary{background:#1746a2;color:#fff}
-.primary:hover{background:#123a86}
+.primary:not([aria-disabled="true"]):hover{background:#123a86}
 .danger{background:#fff;color:#8b1a1a;border-color:#8b1a1a}
 .danger:hover{background:#fdf1f1}
 button[aria-disabled="true"],button:disabled{background:#e5e7eb;color:#404040;border:2px dashed #6b6b6b;cursor:not-allowed}
+.sr-only{position:absolute!important;width:1px;height:1px;margin:-1px;padding:0;overflow:hidden;clip:rect(0 0 0 0);white-space:nowrap;border:0}
 a:focus-visible,button:focus-visible,select:focus-visible{outline:3px solid #0b3d91;outline-offset:3px}
 a{color:#1746a2}
 label{display:block;font-weight:600;margin:.75rem 0 .3rem}

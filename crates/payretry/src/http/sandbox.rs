@@ -61,6 +61,7 @@ fn page(title: &str, body: &str) -> (HeaderArray, Html<String>) {
         r#"<!doctype html><html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
+<link rel="icon" href="data:,">
 <title>{title}</title>
 <style nonce="{nonce}">{STYLE}</style></head><body><main>
 <p class="banner"><strong>Test mode.</strong> This is the sandbox provider: no real card is charged.</p>
@@ -94,7 +95,7 @@ pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Resp
     };
     let amount = format_amount(checkout.amount, &checkout.currency);
     let id = escape(checkout.id.as_str());
-    let attempt = if checkout.attempt == 0 {
+    let attempt = if !checkout.attempt.is_retry() {
         "First checkout".to_owned()
     } else {
         format!("Retry {}", checkout.attempt)

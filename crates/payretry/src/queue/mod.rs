@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::storage::StorageError;
 
+pub mod relay;
+pub mod sqs;
+
 /// One delivery of a job to a worker.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
@@ -36,9 +39,33 @@ pub trait JobQueue: Send + Sync + 'static {
         delay: Duration,
     ) -> Result<(), StorageError>;
 
+    /// The job runs long: keep it hidden from other workers for another `lease`.
+    async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<(), StorageError>;
+
+    /// The job arrived before its due time (SQS delays are capped at 15 minutes): queue it
+    /// again for the rest of its delay, without counting this as a failed delivery.
+    async fn defer(&self, delivery: &Delivery) -> Result<(), StorageError>;
+
+    /// Answers when the queue is reachable (for `/readyz`).
+    async fn ping(&self) -> Result<(), StorageError>;
+
     /// When the worker should look again if nothing wakes it: the next due job, if any.
     async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StorageError>;
 
     /// Resolves when a job was enqueued by this process (so the worker need not poll).
     async fn enqueued(&self);
+}
+
+/// The transactional outbox, seen from a relay that forwards its rows to an external queue.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// Claims up to `max` rows whatever their due time, hiding them from other relays for
+    /// `lease` (a relay that dies mid-send leaves them to be claimed again).
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> Result<Vec<Delivery>, StorageError>;
+
+    /// The external queue accepted the row: delete it.
+    async fn delete_outbox(&self, delivery: &Delivery) -> Result<(), StorageError>;
+
+    /// Resolves when this process wrote to the outbox.
+    async fn outbox_written(&self);
 }

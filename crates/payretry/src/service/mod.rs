@@ -94,7 +94,7 @@ impl Payments {
     ) -> ServiceResult<Option<(SessionRecord, T)>> {
         for _ in 0..MAX_CONFLICT_ROUNDS {
             let session = self.load(id).await?;
-            let Some((mut transition, value)) = decide(&session, Utc::now())? else {
+            let Some((mut transition, value)) = decide(&session, now_millis())? else {
                 return Ok(None);
             };
             if !self.analytics {
@@ -108,6 +108,13 @@ impl Payments {
         }
         Err(ServiceError::Contended)
     }
+}
+
+/// Now, at the millisecond precision timestamps are stored with, so a time in a response
+/// (e.g. `scheduledFor`) equals the same time read back later (`nextRetryAt`).
+pub fn now_millis() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
 }
 
 /// Serialises a response body once, so the bytes stored for idempotent replay are exactly

@@ -36,6 +36,8 @@ pub enum StorageError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    #[error("queue error: {0}")]
+    Queue(String),
 }
 
 pub type StorageResult<T> = Result<T, StorageError>;

@@ -20,7 +20,7 @@
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
 
 use super::*;
-use crate::queue::{Delivery, JobQueue};
+use crate::queue::{Delivery, JobQueue, Outbox};
 use payretry_domain::{Amount, Currency};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -48,6 +48,8 @@ pub struct PostgresStorage {
     /// Wakes this process's worker when this process enqueued a job. Jobs enqueued by other
     /// processes are found by the worker's idle poll of [`JobQueue::next_due`].
     enqueued: Notify,
+    /// Wakes this process's analytics relay when this process committed events.
+    analytics_enqueued: Notify,
 }
 
 impl PostgresStorage {
@@ -71,6 +73,7 @@ impl PostgresStorage {
         Ok(Self {
             pool,
             enqueued: Notify::new(),
+            analytics_enqueued: Notify::new(),
         })
     }
 }
@@ -398,9 +401,23 @@ impl Storage for PostgresStorage {
         if let Some(completion) = &t.idempotency {
             store_response(&mut tx, completion).await?;
         }
+        for event in &t.analytics {
+            sqlx::query(
+                "INSERT INTO analytics_events (message_id, payload, created_at, next_attempt_at)
+                 VALUES ($1, $2, $3, $3) ON CONFLICT (message_id) DO NOTHING",
+            )
+            .bind(&event.message_id)
+            .bind(event.payload.to_string())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         if t.enqueue.is_some() {
             self.enqueued.notify_one();
+        }
+        if !t.analytics.is_empty() {
+            self.analytics_enqueued.notify_one();
         }
         Ok(Committed::Applied)
     }
@@ -600,6 +617,52 @@ impl Storage for PostgresStorage {
         )
     }
 
+    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM analytics_events
+             WHERE next_attempt_at <= $1 ORDER BY id LIMIT $2",
+        )
+        .bind(to_millis(Utc::now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(AnalyticsRow {
+                    id: row.try_get("id")?,
+                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()> {
+        sqlx::query("DELETE FROM analytics_events WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()> {
+        // Due "never" (i64::MAX), as with SQLite: kept for review, skipped by the relay.
+        sqlx::query(
+            "UPDATE analytics_events SET next_attempt_at = $1, attempts = attempts + 1,
+                last_error = $2 WHERE id = ANY($3)",
+        )
+        .bind(i64::MAX)
+        .bind(error)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn analytics_enqueued(&self) {
+        self.analytics_enqueued.notified().await;
+    }
+
     async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
         sqlx::query(
             "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
@@ -651,40 +714,7 @@ impl Storage for PostgresStorage {
 #[async_trait]
 impl JobQueue for PostgresStorage {
     async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        let now = to_millis(Utc::now());
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let locked_until = now + lease_ms;
-        // One statement, so a claim is atomic without an explicit transaction. `SKIP LOCKED`
-        // passes over rows another receiver is claiming right now instead of waiting for
-        // it. The claim is a CTE rather than `WHERE id IN (SELECT … LIMIT)`: a CTE with a
-        // locking clause is evaluated exactly once, whereas a subquery may be re-scanned by
-        // the plan, and with SKIP LOCKED each scan can lock different rows (more than `max`).
-        let rows = sqlx::query(
-            "WITH due AS (
-                SELECT id FROM retry_jobs
-                WHERE run_at <= $2 AND (locked_until IS NULL OR locked_until <= $2)
-                ORDER BY run_at LIMIT $3
-                FOR UPDATE SKIP LOCKED)
-             UPDATE retry_jobs SET locked_until = $1, receive_count = receive_count + 1
-             FROM due WHERE retry_jobs.id = due.id
-             RETURNING retry_jobs.id, retry_jobs.payload, retry_jobs.receive_count",
-        )
-        .bind(locked_until)
-        .bind(now)
-        .bind(i64::from(max))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let id: i64 = row.try_get("id")?;
-                let payload: String = row.try_get("payload")?;
-                Ok(Delivery {
-                    job: serde_json::from_str(&payload).map_err(corrupt)?,
-                    receipt: format!("{id}:{locked_until}"),
-                    receive_count: count(row.try_get("receive_count")?)?,
-                })
-            })
-            .collect()
+        self.claim(max, lease, true).await
     }
 
     async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
@@ -720,6 +750,24 @@ impl JobQueue for PostgresStorage {
         Ok(())
     }
 
+    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> StorageResult<()> {
+        // As with SQLite: the lease token is the lease's end, so it cannot move without
+        // invalidating the receipt; the embedded lease is sized above the provider's worst
+        // case instead.
+        Ok(())
+    }
+
+    async fn defer(&self, delivery: &Delivery) -> StorageResult<()> {
+        let remaining = (delivery.job.scheduled_for - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        self.release(delivery, "not due yet", remaining).await
+    }
+
+    async fn ping(&self) -> StorageResult<()> {
+        Storage::ping(self).await
+    }
+
     async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
         // A leased job is next due when its lease runs out. GREATEST ignores NULLs, so an
         // unleased job counts at its run_at (SQLite spells this COALESCE(MAX(..), run_at)).
@@ -732,6 +780,70 @@ impl JobQueue for PostgresStorage {
 
     async fn enqueued(&self) {
         self.enqueued.notified().await;
+    }
+}
+
+impl PostgresStorage {
+    /// Leases up to `max` jobs: only due ones for the embedded queue's consumers, any for
+    /// an outbox relay (which hands the remaining delay to the external queue).
+    async fn claim(
+        &self,
+        max: u32,
+        lease: Duration,
+        due_only: bool,
+    ) -> StorageResult<Vec<Delivery>> {
+        let now = to_millis(Utc::now());
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let locked_until = now + lease_ms;
+        let due_before = if due_only { now } else { i64::MAX };
+        // One statement, so a claim is atomic without an explicit transaction. `SKIP LOCKED`
+        // passes over rows another receiver is claiming right now instead of waiting for
+        // it. The claim is a CTE rather than `WHERE id IN (SELECT … LIMIT)`: a CTE with a
+        // locking clause is evaluated exactly once, whereas a subquery may be re-scanned by
+        // the plan, and with SKIP LOCKED each scan can lock different rows (more than `max`).
+        let rows = sqlx::query(
+            "WITH claimed AS (
+                SELECT id FROM retry_jobs
+                WHERE run_at <= $2 AND (locked_until IS NULL OR locked_until <= $3)
+                ORDER BY run_at LIMIT $4
+                FOR UPDATE SKIP LOCKED)
+             UPDATE retry_jobs SET locked_until = $1, receive_count = receive_count + 1
+             FROM claimed WHERE retry_jobs.id = claimed.id
+             RETURNING retry_jobs.id, retry_jobs.payload, retry_jobs.receive_count",
+        )
+        .bind(locked_until)
+        .bind(due_before)
+        .bind(now)
+        .bind(i64::from(max))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let payload: String = row.try_get("payload")?;
+                Ok(Delivery {
+                    job: serde_json::from_str(&payload).map_err(corrupt)?,
+                    receipt: format!("{id}:{locked_until}"),
+                    receive_count: count(row.try_get("receive_count")?)?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// The outbox seen from a relay to an external queue (SQS): the same table and leases.
+#[async_trait]
+impl Outbox for PostgresStorage {
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
+        self.claim(max, lease, false).await
+    }
+
+    async fn delete_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
+        self.ack(delivery).await
+    }
+
+    async fn outbox_written(&self) {
+        self.enqueued().await
     }
 }
 

@@ -4,7 +4,7 @@
 //! in-process avoids `SQLITE_BUSY` reaching a caller. Reads use a separate pool.
 
 use super::*;
-use crate::queue::{Delivery, JobQueue};
+use crate::queue::{Delivery, JobQueue, Outbox};
 use payretry_domain::{Amount, Currency};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -654,37 +654,7 @@ impl Storage for SqliteStorage {
 #[async_trait]
 impl JobQueue for SqliteStorage {
     async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        let now = to_millis(Utc::now());
-        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-        let locked_until = now + lease_ms;
-        let mut tx = self.begin_write().await?;
-        let rows = sqlx::query(
-            "UPDATE retry_jobs SET locked_until = ?, receive_count = receive_count + 1
-             WHERE id IN (
-                SELECT id FROM retry_jobs
-                WHERE run_at <= ? AND (locked_until IS NULL OR locked_until <= ?)
-                ORDER BY run_at LIMIT ?)
-             RETURNING id, payload, receive_count",
-        )
-        .bind(locked_until)
-        .bind(now)
-        .bind(now)
-        .bind(i64::from(max))
-        .fetch_all(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        rows.iter()
-            .map(|row| {
-                let id: i64 = row.try_get("id")?;
-                let payload: String = row.try_get("payload")?;
-                Ok(Delivery {
-                    job: serde_json::from_str(&payload).map_err(corrupt)?,
-                    receipt: format!("{id}:{locked_until}"),
-                    receive_count: u32::try_from(row.try_get::<i64, _>("receive_count")?)
-                        .map_err(corrupt)?,
-                })
-            })
-            .collect()
+        self.claim(max, lease, true).await
     }
 
     async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
@@ -722,6 +692,24 @@ impl JobQueue for SqliteStorage {
         Ok(())
     }
 
+    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> StorageResult<()> {
+        // The lease token is the lease's end, so it cannot move without invalidating the
+        // receipt. The embedded lease (see `WorkerSettings::lease`) is sized above the
+        // provider's worst case instead.
+        Ok(())
+    }
+
+    async fn defer(&self, delivery: &Delivery) -> StorageResult<()> {
+        let remaining = (delivery.job.scheduled_for - Utc::now())
+            .to_std()
+            .unwrap_or_default();
+        self.release(delivery, "not due yet", remaining).await
+    }
+
+    async fn ping(&self) -> StorageResult<()> {
+        Storage::ping(self).await
+    }
+
     async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
         let next: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(COALESCE(MAX(run_at, locked_until), run_at)) FROM retry_jobs",
@@ -733,6 +721,65 @@ impl JobQueue for SqliteStorage {
 
     async fn enqueued(&self) {
         self.enqueued.notified().await;
+    }
+}
+
+impl SqliteStorage {
+    /// Leases up to `max` jobs: only due ones for the embedded queue's consumers, any for
+    /// an outbox relay (which hands the remaining delay to the external queue).
+    async fn claim(
+        &self,
+        max: u32,
+        lease: Duration,
+        due_only: bool,
+    ) -> StorageResult<Vec<Delivery>> {
+        let now = to_millis(Utc::now());
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let locked_until = now + lease_ms;
+        let due_before = if due_only { now } else { i64::MAX };
+        let mut tx = self.begin_write().await?;
+        let rows = sqlx::query(
+            "UPDATE retry_jobs SET locked_until = ?, receive_count = receive_count + 1
+             WHERE id IN (
+                SELECT id FROM retry_jobs
+                WHERE run_at <= ? AND (locked_until IS NULL OR locked_until <= ?)
+                ORDER BY run_at LIMIT ?)
+             RETURNING id, payload, receive_count",
+        )
+        .bind(locked_until)
+        .bind(due_before)
+        .bind(now)
+        .bind(i64::from(max))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id")?;
+                let payload: String = row.try_get("payload")?;
+                Ok(Delivery {
+                    job: serde_json::from_str(&payload).map_err(corrupt)?,
+                    receipt: format!("{id}:{locked_until}"),
+                    receive_count: u32::try_from(row.try_get::<i64, _>("receive_count")?)
+                        .map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Outbox for SqliteStorage {
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
+        self.claim(max, lease, false).await
+    }
+
+    async fn delete_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
+        self.ack(delivery).await
+    }
+
+    async fn outbox_written(&self) {
+        self.enqueued().await
     }
 }
 

@@ -1,0 +1,334 @@
+//! Amazon SQS as the retry queue (DESIGN.md §5, `PAYRETRY_QUEUE=sqs`).
+//!
+//! - Producers never talk to SQS: jobs are written to the outbox in the state change's
+//!   transaction, and the [`relay`](super::relay) moves them here with `DelaySeconds`.
+//! - Workers long-poll, delete on success, and leave failures to the visibility timeout
+//!   (`release` shortens it to the backoff). A job whose due time is beyond SQS's 15-minute
+//!   delay arrives early and is re-sent with the rest of its delay ([`JobQueue::defer`]).
+//! - After `maxReceiveCount` receives the redrive policy moves a message to the dead-letter
+//!   queue; the worker drains that queue into payretry's dead letters so the session is
+//!   handed back to the buyer (never stuck in `retry_scheduled`).
+
+use super::{Delivery, JobQueue};
+use crate::storage::StorageError;
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use chrono::{DateTime, Utc};
+use payretry_domain::RetryJob;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// SQS's longest per-message delay.
+pub const MAX_DELAY_SECONDS: i64 = 900;
+/// Long-poll wait: bounded so a shutdown is noticed within this time.
+const WAIT_TIME_SECONDS: i32 = 5;
+
+/// `payments-retry-{env}` and `payments-retry-{env}-dlq`.
+pub fn queue_names(env: &str) -> (String, String) {
+    let main = format!("payments-retry-{env}");
+    let dlq = format!("{main}-dlq");
+    (main, dlq)
+}
+
+fn sqs_error(context: &str, error: impl std::fmt::Display) -> StorageError {
+    StorageError::Queue(format!("SQS {context}: {error}"))
+}
+
+/// Builds an SQS client from the standard AWS chain, optionally at a local endpoint.
+pub async fn client(endpoint: Option<&str>) -> Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(endpoint) = endpoint {
+        loader = loader.endpoint_url(endpoint);
+    }
+    let shared = loader.load().await;
+    let mut config = aws_sdk_sqs::config::Builder::from(&shared);
+    if shared.region().is_none() {
+        config = config.region(aws_sdk_sqs::config::Region::new("us-east-1"));
+    }
+    Client::from_conf(config.build())
+}
+
+/// Creates both queues and the redrive policy; safe to run again.
+pub async fn setup(
+    client: &Client,
+    env: &str,
+    max_receives: u32,
+) -> Result<(String, String), StorageError> {
+    let (main, dlq) = queue_names(env);
+    let dlq_url = client
+        .create_queue()
+        .queue_name(&dlq)
+        .attributes(QueueAttributeName::MessageRetentionPeriod, "1209600")
+        .send()
+        .await
+        .map_err(|e| {
+            sqs_error(
+                "create dead-letter queue",
+                aws_sdk_sqs::error::DisplayErrorContext(e),
+            )
+        })?
+        .queue_url
+        .unwrap_or_default();
+    let dlq_arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .map_err(|e| {
+            sqs_error(
+                "read dead-letter queue ARN",
+                aws_sdk_sqs::error::DisplayErrorContext(e),
+            )
+        })?
+        .attributes
+        .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
+        .ok_or_else(|| StorageError::Queue("SQS returned no dead-letter queue ARN".into()))?;
+    let redrive = serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receives.to_string()});
+    let main_url = client
+        .create_queue()
+        .queue_name(&main)
+        .send()
+        .await
+        .map_err(|e| sqs_error("create queue", aws_sdk_sqs::error::DisplayErrorContext(e)))?
+        .queue_url
+        .unwrap_or_default();
+    client
+        .set_queue_attributes()
+        .queue_url(&main_url)
+        .attributes(QueueAttributeName::RedrivePolicy, redrive.to_string())
+        .attributes(QueueAttributeName::VisibilityTimeout, "60")
+        .send()
+        .await
+        .map_err(|e| {
+            sqs_error(
+                "set redrive policy",
+                aws_sdk_sqs::error::DisplayErrorContext(e),
+            )
+        })?;
+    Ok((main_url, dlq_url))
+}
+
+/// The retry queue on SQS.
+pub struct SqsQueue {
+    client: Client,
+    queue_url: String,
+    dlq_url: String,
+}
+
+impl SqsQueue {
+    /// Finds both queues by name; fails with a hint if `payretry sqs setup` was not run.
+    pub async fn connect(client: Client, env: &str) -> Result<Self, StorageError> {
+        let (main, dlq) = queue_names(env);
+        let url = |name: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .get_queue_url()
+                    .queue_name(&name)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        sqs_error(
+                            &format!("queue {name} not found (run `payretry sqs setup`)"),
+                            aws_sdk_sqs::error::DisplayErrorContext(e),
+                        )
+                    })?
+                    .queue_url
+                    .ok_or_else(|| StorageError::Queue(format!("SQS returned no URL for {name}")))
+            }
+        };
+        let queue_url = url(main).await?;
+        let dlq_url = url(dlq).await?;
+        Ok(Self {
+            client,
+            queue_url,
+            dlq_url,
+        })
+    }
+
+    /// Sends jobs with their remaining delay (capped at 15 minutes), in batches of 10.
+    /// Returns which of `jobs` (by index) SQS accepted.
+    pub async fn send(&self, jobs: &[RetryJob]) -> Result<Vec<usize>, StorageError> {
+        let mut accepted = Vec::with_capacity(jobs.len());
+        for (chunk_index, chunk) in jobs.chunks(10).enumerate() {
+            let now = Utc::now();
+            let entries = chunk
+                .iter()
+                .enumerate()
+                .map(|(i, job)| {
+                    let delay = (job.scheduled_for - now)
+                        .num_seconds()
+                        .clamp(0, MAX_DELAY_SECONDS);
+                    SendMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .message_body(serde_json::to_string(job).expect("jobs serialise"))
+                        .delay_seconds(delay as i32)
+                        .build()
+                        .map_err(|e| sqs_error("build batch entry", e))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let output = self
+                .client
+                .send_message_batch()
+                .queue_url(&self.queue_url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+                .map_err(|e| sqs_error("send", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+            for entry in output.successful() {
+                if let Ok(i) = entry.id().parse::<usize>() {
+                    accepted.push(chunk_index * 10 + i);
+                }
+            }
+            for failed in output.failed() {
+                tracing::warn!(
+                    code = failed.code(),
+                    message = failed.message(),
+                    "SQS refused a job; it stays in the outbox"
+                );
+            }
+        }
+        Ok(accepted)
+    }
+
+    /// Messages the redrive policy moved to the dead-letter queue (crash loops).
+    pub async fn receive_dead(&self, max: u32) -> Result<Vec<Delivery>, StorageError> {
+        receive(&self.client, &self.dlq_url, max, Duration::from_secs(60), 0).await
+    }
+
+    /// Deletes a message from the dead-letter queue once it was recorded.
+    pub async fn delete_dead(&self, delivery: &Delivery) -> Result<(), StorageError> {
+        self.client
+            .delete_message()
+            .queue_url(&self.dlq_url)
+            .receipt_handle(&delivery.receipt)
+            .send()
+            .await
+            .map_err(|e| {
+                sqs_error(
+                    "delete dead letter",
+                    aws_sdk_sqs::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(())
+    }
+}
+
+async fn receive(
+    client: &Client,
+    url: &str,
+    max: u32,
+    lease: Duration,
+    wait: i32,
+) -> Result<Vec<Delivery>, StorageError> {
+    let output = client
+        .receive_message()
+        .queue_url(url)
+        .max_number_of_messages(max.clamp(1, 10) as i32)
+        .visibility_timeout(lease.as_secs().clamp(1, 43_200) as i32)
+        .wait_time_seconds(wait)
+        .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .send()
+        .await
+        .map_err(|e| sqs_error("receive", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+    let mut deliveries = Vec::new();
+    for message in output.messages() {
+        let (Some(body), Some(receipt)) = (message.body(), message.receipt_handle()) else {
+            continue;
+        };
+        let receive_count = message
+            .attributes()
+            .and_then(|a: &HashMap<MessageSystemAttributeName, String>| {
+                a.get(&MessageSystemAttributeName::ApproximateReceiveCount)
+            })
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(1);
+        match serde_json::from_str::<RetryJob>(body) {
+            Ok(job) => deliveries.push(Delivery {
+                job,
+                receipt: receipt.to_owned(),
+                receive_count,
+            }),
+            Err(error) => {
+                // Not ours or corrupt: it can never succeed; let the redrive policy take it.
+                tracing::error!(%error, message_id = message.message_id(), "undecodable SQS message");
+            }
+        }
+    }
+    Ok(deliveries)
+}
+
+#[async_trait]
+impl JobQueue for SqsQueue {
+    async fn receive(&self, max: u32, lease: Duration) -> Result<Vec<Delivery>, StorageError> {
+        receive(&self.client, &self.queue_url, max, lease, WAIT_TIME_SECONDS).await
+    }
+
+    async fn ack(&self, delivery: &Delivery) -> Result<(), StorageError> {
+        self.client
+            .delete_message()
+            .queue_url(&self.queue_url)
+            .receipt_handle(&delivery.receipt)
+            .send()
+            .await
+            .map_err(|e| sqs_error("delete", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+        Ok(())
+    }
+
+    async fn release(
+        &self,
+        delivery: &Delivery,
+        _error: &str,
+        delay: Duration,
+    ) -> Result<(), StorageError> {
+        self.client
+            .change_message_visibility()
+            .queue_url(&self.queue_url)
+            .receipt_handle(&delivery.receipt)
+            .visibility_timeout(delay.as_secs().clamp(0, 43_200) as i32)
+            .send()
+            .await
+            .map_err(|e| {
+                sqs_error(
+                    "change visibility",
+                    aws_sdk_sqs::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(())
+    }
+
+    async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<(), StorageError> {
+        self.release(delivery, "", lease).await
+    }
+
+    async fn defer(&self, delivery: &Delivery) -> Result<(), StorageError> {
+        // Re-send with the rest of the delay, then drop this copy: a redelivery of the old
+        // one after a crash is harmless (the worker's attempt check drops duplicates).
+        self.send(std::slice::from_ref(&delivery.job)).await?;
+        self.ack(delivery).await
+    }
+
+    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StorageError> {
+        // Receive long-polls; there is nothing to sleep until.
+        Ok(Some(Utc::now()))
+    }
+
+    async fn enqueued(&self) {
+        std::future::pending::<()>().await
+    }
+
+    async fn ping(&self) -> Result<(), StorageError> {
+        self.client
+            .get_queue_attributes()
+            .queue_url(&self.queue_url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .send()
+            .await
+            .map_err(|e| sqs_error("ping", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,716 @@
+//! The retry worker, the window sweeper and dead letters through the real server, against
+//! the fake Stripe API (DESIGN.md §1, §2, §4, §5): the attempt cap, the window, success on an
+//! older checkout, duplicate deliveries, reconciliation, provider outages and redrive, and the
+//! provider contract of every checkout created.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+use sqlx::Connection;
+use support::app::{Options, TestApp, assert_problem};
+use support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
+
+/// How long the polling helpers wait before failing the test.
+const POLL_LIMIT: Duration = Duration::from_secs(10);
+const POLL_EVERY: Duration = Duration::from_millis(50);
+
+/// Calls through the Stripe client per failed delivery: `max_tries` of the default config.
+const STRIPE_TRIES_PER_CALL: usize = 3;
+
+async fn stripe_app(vars: Vec<(&'static str, String)>) -> TestApp {
+    TestApp::spawn_with(Options {
+        vars,
+        stripe: true,
+        ..Options::default()
+    })
+    .await
+}
+
+fn delays(value: &str) -> (&'static str, String) {
+    ("PAYRETRY_RETRY_DELAYS", value.to_owned())
+}
+
+fn fake(app: &TestApp) -> &FakeStripe {
+    app.stripe
+        .as_ref()
+        .expect("started with the fake Stripe API")
+}
+
+fn text(value: &Value, field: &str) -> String {
+    value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
+        .to_owned()
+}
+
+/// A new 25.00 USD session whose original checkout (attempt 0) was declined.
+async fn declined_session(app: &TestApp) -> (String, String) {
+    let created = app.create_checkout(&app.buyer()).await;
+    let id = text(&created, "sessionId");
+    let checkout = text(&created, "providerSessionId");
+    app.decline(&id, 0, "insufficient_funds").await;
+    (id, checkout)
+}
+
+async fn audit_entries(app: &TestApp, id: &str) -> Vec<Value> {
+    let response = app
+        .request(
+            Method::GET,
+            &format!("/payments/checkout/{id}/audit"),
+            Some(&app.admin()),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["entries"].as_array().unwrap().clone()
+}
+
+fn entries_with<'a>(entries: &'a [Value], action: &str) -> Vec<&'a Value> {
+    entries.iter().filter(|e| e["action"] == action).collect()
+}
+
+/// Polls the audit log until it holds `action`; returns the whole log.
+async fn wait_for_audit(app: &TestApp, id: &str, action: &str) -> Vec<Value> {
+    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
+    loop {
+        let entries = audit_entries(app, id).await;
+        if !entries_with(&entries, action).is_empty() {
+            return entries;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no {action} in the audit log of {id}: {entries:?}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls a `SELECT COUNT(*)` until it reads `wanted`.
+async fn wait_for_count(app: &TestApp, sql: &'static str, wanted: i64) {
+    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
+    loop {
+        let count = app.count(sql).await;
+        if count == wanted {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{sql} stayed {count}, expected {wanted}"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+/// Polls the fake until `done` holds.
+async fn wait_for_fake(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
+    while !done() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
+async fn db(app: &TestApp) -> sqlx::SqliteConnection {
+    sqlx::SqliteConnection::connect(&format!("sqlite://{}", app.db_path.display()))
+        .await
+        .unwrap()
+}
+
+/// The queue message body of the session's pending retry job.
+async fn queued_payload(app: &TestApp, id: &str) -> String {
+    sqlx::query_scalar("SELECT payload FROM retry_jobs WHERE session_id = ?")
+        .bind(id)
+        .fetch_one(&mut db(app).await)
+        .await
+        .unwrap()
+}
+
+/// Puts a copy of a queue message back on the embedded queue, due now (a redelivery).
+async fn enqueue_copy(app: &TestApp, id: &str, attempt: u32, payload: &str) {
+    let now = chrono::Utc::now().timestamp_millis();
+    sqlx::query(
+        "INSERT INTO retry_jobs (session_id, attempt_number, payload, run_at, created_at)
+         VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(id)
+    .bind(i64::from(attempt))
+    .bind(payload)
+    .bind(now)
+    .bind(now)
+    .execute(&mut db(app).await)
+    .await
+    .unwrap();
+}
+
+async fn dead_letters(app: &TestApp) -> Vec<Value> {
+    let response = app
+        .request(
+            Method::GET,
+            "/admin/dead-letters",
+            Some(&app.admin()),
+            None,
+            None,
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let body: Value = response.json().await.unwrap();
+    body["deadLetters"].as_array().unwrap().clone()
+}
+
+async fn redrive(app: &TestApp, dead_letter_id: &str) -> reqwest::Response {
+    app.request(
+        Method::POST,
+        &format!("/admin/dead-letters/{dead_letter_id}/redrive"),
+        Some(&app.admin()),
+        None,
+        None,
+    )
+    .await
+}
+
+/// Declines attempt 0, makes every delivery of retry 1 fail at the provider, and waits until
+/// the job is dead-lettered (`PAYRETRY_MAX_RECEIVES=2`). Returns the session, its first
+/// checkout and the dead letter's id. The injected failures are used up on return.
+async fn dead_lettered_session(app: &TestApp) -> (String, String, String) {
+    let (id, checkout) = declined_session(app).await;
+    // Each delivery asks the provider for the current checkout first and gives up after
+    // `STRIPE_TRIES_PER_CALL` transient answers; two deliveries use exactly this many.
+    fake(app).fail_next(2 * STRIPE_TRIES_PER_CALL, FailureMode::Status(500));
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
+    app.wait_for_status(&id, "failed").await;
+    let dead = dead_letters(app).await;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    (id, checkout, text(&dead[0], "id"))
+}
+
+fn dead_letter_app_vars() -> Vec<(&'static str, String)> {
+    vec![delays("1s"), ("PAYRETRY_MAX_RECEIVES", "2".to_owned())]
+}
+
+/// What every checkout created at the fake must satisfy (DESIGN.md §4), and no contract
+/// violation seen by the fake.
+fn assert_provider_contract(fake: &FakeStripe) {
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    for checkout in fake.checkouts() {
+        let attempt = checkout.retry_attempt.to_string();
+        let session = &checkout.payment_session_id;
+        assert_eq!(checkout.form["metadata[retry_attempt]"], attempt);
+        assert_eq!(
+            checkout.form["payment_intent_data[metadata][retry_attempt]"],
+            attempt
+        );
+        assert_eq!(checkout.form["metadata[payment_session_id]"], *session);
+        assert_eq!(checkout.form["client_reference_id"], *session);
+        assert_eq!(
+            checkout.idempotency_key,
+            format!("payretry-{session}-attempt-{attempt}")
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_fourth_retry_is_refused_and_the_last_decline_abandons_the_retry() {
+    // Arrange
+    let app = stripe_app(vec![delays("1s")]).await;
+    let buyer = app.buyer();
+    let (id, first_checkout) = declined_session(&app).await;
+    let mut checkouts = vec![first_checkout];
+
+    // Act: three retries, each declined.
+    for attempt in 1..=3u32 {
+        let accepted = app.retry(&buyer, &id, &format!("key-{attempt}")).await;
+        assert_eq!(accepted.status(), 202);
+        let accepted: Value = accepted.json().await.unwrap();
+        assert_eq!(accepted["attemptNumber"], attempt);
+        assert_eq!(accepted["retryAttemptsRemaining"], 3 - attempt);
+        let open = app.wait_for_status(&id, "open").await;
+        let checkout = text(&open, "providerSessionId");
+        assert!(
+            !checkouts.contains(&checkout),
+            "attempt {attempt} reused a checkout"
+        );
+        checkouts.push(checkout);
+        app.decline(&id, attempt, "insufficient_funds").await;
+    }
+    let refused = app.retry(&buyer, &id, "key-4").await;
+
+    // Assert
+    assert_problem(refused, 409, "retry_limit_reached").await;
+    let status = app.status(&buyer, &id).await;
+    assert_eq!(status["status"], "failed");
+    assert_eq!(status["retryAttempts"], 3);
+    assert_eq!(status["retryAttemptsRemaining"], 0);
+    assert_eq!(status["retryAvailable"], false);
+    assert_eq!(status["retryUnavailableReason"], "limit_reached");
+    let entries = audit_entries(&app, &id).await;
+    assert_eq!(entries_with(&entries, "retry_initiated").len(), 3);
+    assert_eq!(entries_with(&entries, "payment_failed").len(), 4);
+    let abandoned = entries_with(&entries, "retry_abandoned");
+    assert_eq!(abandoned.len(), 1, "{entries:?}");
+    assert_eq!(abandoned[0]["attemptNumber"], 3);
+    assert_eq!(abandoned[0]["details"]["reason"], "attempts_exhausted");
+    assert_eq!(
+        entries.last().unwrap()["action"],
+        "retry_abandoned",
+        "abandoned with the last decline"
+    );
+    let fake = fake(&app);
+    for attempt in 0..=3u32 {
+        assert_eq!(fake.create_count(&id, attempt), 1, "attempt {attempt}");
+    }
+    // Each superseded checkout is closed; the last one is not superseded.
+    wait_for_fake("three superseded checkouts expired", || {
+        fake.expired_ids().len() == 3
+    })
+    .await;
+    assert_eq!(
+        fake.expired_ids().into_iter().collect::<BTreeSet<_>>(),
+        checkouts[..3].iter().cloned().collect::<BTreeSet<_>>()
+    );
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
+    // Arrange: a 3 s window, a 2 s delay, and a sweeper that, having found no session at
+    // start-up, sleeps its full 60 s: only the worker can notice the window closing.
+    let app = TestApp::spawn_with(Options {
+        vars: vec![("PAYRETRY_PAYMENT_WINDOW", "3s".to_owned()), delays("2s")],
+        stripe: true,
+        sweep_interval: Duration::from_secs(60),
+        backoff: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (id, first_checkout) = declined_session(&app).await;
+    let fake = fake(&app);
+    // The first delivery (inside the window) finds the provider down and is redelivered
+    // about 2 s later, after the window.
+    fake.fail_next(STRIPE_TRIES_PER_CALL, FailureMode::Status(500));
+
+    // Act
+    let accepted = app.retry(&app.buyer(), &id, "key-1").await;
+    assert_eq!(accepted.status(), 202);
+    let entries = wait_for_audit(&app, &id, "session_expired").await;
+
+    // Assert
+    let status = app.status(&app.buyer(), &id).await;
+    assert_eq!(status["status"], "expired");
+    assert_eq!(status["retryAttempts"], 1);
+    assert_eq!(status["retryUnavailableReason"], "window_expired");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payment_sessions WHERE status = 'expired'")
+            .await,
+        1,
+        "the stored status, not only the reported one"
+    );
+    let abandoned = entries_with(&entries, "retry_abandoned");
+    assert_eq!(abandoned.len(), 1, "{entries:?}");
+    assert_eq!(abandoned[0]["attemptNumber"], 1);
+    assert_eq!(abandoned[0]["details"]["reason"], "window_expired");
+    let expired = entries_with(&entries, "session_expired");
+    assert_eq!(expired.len(), 1, "{entries:?}");
+    assert_eq!(expired[0]["details"]["previousStatus"], "retry_scheduled");
+    // The sweeper would have closed the session right at the window's end; the redelivery
+    // comes at least 1.6 s after the first delivery, which itself came 1 s before the end.
+    let at = |entry: &Value| chrono::DateTime::parse_from_rfc3339(&text(entry, "at")).unwrap();
+    let window_end = chrono::DateTime::parse_from_rfc3339(&text(&status, "expiresAt")).unwrap();
+    assert!(
+        at(expired[0]) - window_end >= chrono::TimeDelta::milliseconds(500),
+        "expired at {} by the sweeper, not the worker (window end {window_end})",
+        at(expired[0])
+    );
+    assert!(entries_with(&entries, "retry_initiated").is_empty());
+    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    assert_eq!(
+        fake.create_count(&id, 1),
+        0,
+        "no retry checkout after the window"
+    );
+    wait_for_fake("the live checkout closed", || {
+        fake.expired_ids().contains(&first_checkout)
+    })
+    .await;
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn the_sweeper_expires_a_session_whose_window_closed_and_closes_its_checkout() {
+    // Arrange
+    let app = stripe_app(vec![("PAYRETRY_PAYMENT_WINDOW", "2s".to_owned())]).await;
+    let created = app.create_checkout(&app.buyer()).await;
+    let id = text(&created, "sessionId");
+    let checkout = text(&created, "providerSessionId");
+
+    // Act
+    let entries = wait_for_audit(&app, &id, "session_expired").await;
+
+    // Assert
+    let status = app.status(&app.buyer(), &id).await;
+    assert_eq!(status["status"], "expired");
+    assert_eq!(status["checkoutUrl"], Value::Null);
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["checkout_created", "session_expired"]);
+    assert_eq!(entries[1]["details"]["previousStatus"], "open");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM payment_sessions WHERE status = 'expired'")
+            .await,
+        1
+    );
+    let fake = fake(&app);
+    wait_for_fake("the checkout closed at the window's end", || {
+        fake.expired_ids().contains(&checkout)
+    })
+    .await;
+    assert_eq!(fake.checkout(&checkout).unwrap().status, "expired");
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
+    // Arrange
+    let app = stripe_app(vec![delays("2s")]).await;
+    let (id, first_checkout) = declined_session(&app).await;
+    let accepted = app.retry(&app.buyer(), &id, "key-1").await;
+    assert_eq!(accepted.status(), 202);
+
+    // Act: the buyer pays the original checkout before the retry is due.
+    app.pay(&id, 0, &first_checkout).await;
+    let paid = app.status(&app.buyer(), &id).await;
+    // The worker receives the job when it comes due, and drops it.
+    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+
+    // Assert
+    assert_eq!(paid["status"], "succeeded");
+    let status = app.status(&app.buyer(), &id).await;
+    assert_eq!(status["status"], "succeeded");
+    assert_eq!(status["providerSessionId"], first_checkout.as_str());
+    let fake = fake(&app);
+    assert_eq!(fake.create_count(&id, 1), 0);
+    assert_eq!(
+        fake.requests().len(),
+        1,
+        "only the original create reached Stripe"
+    );
+    let entries = audit_entries(&app, &id).await;
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "checkout_created",
+            "payment_failed",
+            "retry_requested",
+            "payment_succeeded"
+        ]
+    );
+    assert_eq!(entries[3]["attemptNumber"], 0);
+    assert_eq!(entries[3]["details"]["droppedScheduledRetry"], 1);
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn a_redelivered_job_after_processing_creates_no_second_checkout() {
+    // Arrange
+    let app = stripe_app(vec![delays("1s")]).await;
+    let (id, _) = declined_session(&app).await;
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
+    let payload = queued_payload(&app, &id).await;
+    let open = app.wait_for_status(&id, "open").await;
+    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+
+    // Act: the queue delivers the same message again.
+    enqueue_copy(&app, &id, 1, &payload).await;
+    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+
+    // Assert
+    let fake = fake(&app);
+    assert_eq!(fake.create_count(&id, 1), 1);
+    let entries = audit_entries(&app, &id).await;
+    assert_eq!(entries_with(&entries, "retry_initiated").len(), 1);
+    let status = app.status(&app.buyer(), &id).await;
+    assert_eq!(status["status"], "open");
+    assert_eq!(status["providerSessionId"], open["providerSessionId"]);
+    let current = text(&status, "providerSessionId");
+    assert_eq!(fake.checkout(&current).unwrap().status, "open");
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_live() {
+    // Arrange: the job is queued twice, both due at once, so one receive hands both to the
+    // worker; the provider answers each one's first request slowly, so both pass the
+    // session check before either commits.
+    let app = stripe_app(vec![delays("1s")]).await;
+    let (id, first_checkout) = declined_session(&app).await;
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
+    sqlx::query(
+        "INSERT INTO retry_jobs (session_id, attempt_number, payload, run_at, created_at)
+         SELECT session_id, attempt_number, payload, run_at, created_at FROM retry_jobs",
+    )
+    .execute(&mut db(&app).await)
+    .await
+    .unwrap();
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 2);
+    let fake = fake(&app);
+    fake.fail_next(2, FailureMode::Hang(Duration::from_millis(300)));
+
+    // Act
+    let open = app.wait_for_status(&id, "open").await;
+    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    wait_for_fake("the superseded checkout closed", || {
+        fake.expired_ids().contains(&first_checkout)
+    })
+    .await;
+
+    // Assert
+    let current = text(&open, "providerSessionId");
+    assert_eq!(fake.create_count(&id, 1), 1);
+    let entries = audit_entries(&app, &id).await;
+    assert_eq!(entries_with(&entries, "retry_initiated").len(), 1);
+    assert_eq!(
+        fake.expired_ids(),
+        [first_checkout],
+        "only the superseded checkout is closed"
+    );
+    assert_eq!(
+        fake.checkout(&current).unwrap().status,
+        "open",
+        "the buyer's current checkout stays payable"
+    );
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn a_payment_the_provider_never_reported_is_found_before_retrying() {
+    // Arrange: the original checkout was paid, but no webhook said so.
+    let app = stripe_app(vec![delays("1s")]).await;
+    let (id, first_checkout) = declined_session(&app).await;
+    let fake = fake(&app);
+    fake.mark_paid(&first_checkout);
+
+    // Act
+    let accepted = app.retry(&app.buyer(), &id, "key-1").await;
+    assert_eq!(accepted.status(), 202);
+    let status = app.wait_for_status(&id, "succeeded").await;
+
+    // Assert
+    assert_eq!(status["retryAttempts"], 1);
+    assert_eq!(status["providerSessionId"], first_checkout.as_str());
+    assert_eq!(
+        fake.create_count(&id, 1),
+        0,
+        "no retry checkout for a paid session"
+    );
+    let entries = audit_entries(&app, &id).await;
+    let succeeded = entries_with(&entries, "payment_succeeded");
+    assert_eq!(succeeded.len(), 1, "{entries:?}");
+    assert_eq!(succeeded[0]["attemptNumber"], 0);
+    assert_eq!(succeeded[0]["details"]["reconciled"], true);
+    assert!(entries_with(&entries, "retry_initiated").is_empty());
+    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn a_job_the_provider_keeps_failing_is_dead_lettered_and_can_be_redriven_once() {
+    // Arrange
+    let app = TestApp::spawn_with(Options {
+        vars: dead_letter_app_vars(),
+        stripe: true,
+        ..Options::default()
+    })
+    .await;
+
+    // Act: two failed deliveries.
+    let (id, first_checkout, dead_letter_id) = dead_lettered_session(&app).await;
+
+    // Assert: the buyer is handed the session back, the attempt stays spent.
+    let failed = app.status(&app.buyer(), &id).await;
+    assert_eq!(failed["status"], "failed");
+    assert_eq!(failed["failureReason"], "retry_processing_failed");
+    assert_eq!(failed["retryAttempts"], 1);
+    assert_eq!(failed["retryAttemptsRemaining"], 2);
+    assert_eq!(failed["retryAvailable"], true);
+    assert_eq!(failed["nextRetryAt"], Value::Null);
+    let dead = &dead_letters(&app).await[0];
+    assert_eq!(dead["paymentSessionId"], id.as_str());
+    assert_eq!(dead["attemptNumber"], 1);
+    assert_eq!(dead["receiveCount"], 2);
+    let last_error = text(dead, "lastError");
+    assert!(!last_error.is_empty());
+    assert!(!last_error.contains(TEST_SECRET_KEY), "{last_error}");
+    chrono::DateTime::parse_from_rfc3339(&text(dead, "deadAt")).expect("deadAt is RFC 3339");
+    let entries = audit_entries(&app, &id).await;
+    let dead_lettered = entries_with(&entries, "retry_dead_lettered");
+    assert_eq!(dead_lettered.len(), 1, "{entries:?}");
+    assert_eq!(dead_lettered[0]["attemptNumber"], 1);
+    assert_eq!(dead_lettered[0]["details"]["receiveCount"], 2);
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
+    let fake = fake(&app);
+    assert_eq!(fake.create_count(&id, 1), 0);
+
+    // Act: redrive, with the provider answering slowly enough to see the session scheduled.
+    fake.fail_next(1, FailureMode::Hang(Duration::from_millis(500)));
+    let redriven = redrive(&app, &dead_letter_id).await;
+
+    // Assert
+    assert_eq!(redriven.status(), StatusCode::ACCEPTED);
+    let redriven: Value = redriven.json().await.unwrap();
+    assert_eq!(redriven["id"], dead_letter_id.as_str());
+    assert_eq!(redriven["paymentSessionId"], id.as_str());
+    assert_eq!(redriven["attemptNumber"], 1);
+    let scheduled = app.status(&app.buyer(), &id).await;
+    assert_eq!(scheduled["status"], "retry_scheduled");
+    assert_eq!(scheduled["retryAttempts"], 1, "a redrive spends no attempt");
+    let open = app.wait_for_status(&id, "open").await;
+    assert_ne!(open["providerSessionId"], first_checkout.as_str());
+    assert_eq!(open["retryAttempts"], 1);
+    assert_eq!(fake.create_count(&id, 1), 1);
+    assert!(dead_letters(&app).await.is_empty());
+    let entries = audit_entries(&app, &id).await;
+    let actions: Vec<&str> = entries
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "checkout_created",
+            "payment_failed",
+            "retry_requested",
+            "retry_dead_lettered",
+            "retry_redriven",
+            "retry_initiated"
+        ]
+    );
+
+    // Act + Assert: the dead letter is gone.
+    assert_problem(
+        redrive(&app, &dead_letter_id).await,
+        404,
+        "dead_letter_not_found",
+    )
+    .await;
+    wait_for_fake("the superseded checkout closed", || {
+        fake.expired_ids().contains(&first_checkout)
+    })
+    .await;
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn a_redrive_after_the_session_was_paid_is_refused() {
+    // Arrange
+    let app = TestApp::spawn_with(Options {
+        vars: dead_letter_app_vars(),
+        stripe: true,
+        ..Options::default()
+    })
+    .await;
+    let (id, first_checkout, dead_letter_id) = dead_lettered_session(&app).await;
+    app.pay(&id, 0, &first_checkout).await;
+
+    // Act
+    let refused = redrive(&app, &dead_letter_id).await;
+
+    // Assert
+    assert_problem(refused, 409, "payment_already_succeeded").await;
+    assert_eq!(app.status(&app.buyer(), &id).await["status"], "succeeded");
+    assert_eq!(dead_letters(&app).await.len(), 1, "the dead letter stays");
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
+    assert!(entries_with(&audit_entries(&app, &id).await, "retry_redriven").is_empty());
+    assert_provider_contract(fake(&app));
+}
+
+#[tokio::test]
+async fn a_redrive_after_the_buyer_retried_again_is_refused() {
+    // Arrange
+    let app = TestApp::spawn_with(Options {
+        vars: dead_letter_app_vars(),
+        stripe: true,
+        ..Options::default()
+    })
+    .await;
+    let (id, _, dead_letter_id) = dead_lettered_session(&app).await;
+    let again = app.retry(&app.buyer(), &id, "key-2").await;
+    assert_eq!(again.status(), 202);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["attemptNumber"], 2);
+
+    // Act
+    let refused = redrive(&app, &dead_letter_id).await;
+
+    // Assert
+    assert_problem(refused, 409, "retry_already_scheduled").await;
+    let open = app.wait_for_status(&id, "open").await;
+    assert_eq!(open["retryAttempts"], 2);
+    let fake = fake(&app);
+    assert_eq!(
+        fake.create_count(&id, 1),
+        0,
+        "the dead-lettered attempt never ran"
+    );
+    assert_eq!(fake.create_count(&id, 2), 1);
+    assert!(entries_with(&audit_entries(&app, &id).await, "retry_redriven").is_empty());
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
+async fn the_retry_checkout_is_created_before_the_previous_one_is_closed() {
+    // Arrange
+    let app = stripe_app(vec![delays("1s")]).await;
+    let (id, first_checkout) = declined_session(&app).await;
+
+    // Act
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
+    let open = app.wait_for_status(&id, "open").await;
+    let fake = fake(&app);
+    wait_for_fake("the superseded checkout closed", || {
+        fake.expired_ids().contains(&first_checkout)
+    })
+    .await;
+
+    // Assert
+    let retry_checkout = fake
+        .checkout(&text(&open, "providerSessionId"))
+        .expect("the session points at a checkout the fake created");
+    assert_eq!(retry_checkout.payment_session_id, id);
+    assert_eq!(retry_checkout.retry_attempt, 1);
+    assert_eq!(retry_checkout.status, "open");
+    assert_eq!(
+        retry_checkout.idempotency_key,
+        format!("payretry-{id}-attempt-1")
+    );
+    assert_eq!(fake.checkout(&first_checkout).unwrap().status, "expired");
+    let requests = fake.requests();
+    let position = |method: &str, path: &str| {
+        requests
+            .iter()
+            .position(|r| r.method == method && r.path == path)
+            .unwrap_or_else(|| panic!("no {method} {path} in {requests:?}"))
+    };
+    let retry_create = requests
+        .iter()
+        .rposition(|r| r.method == "POST" && r.path == "/v1/checkout/sessions")
+        .unwrap();
+    let expire = position(
+        "POST",
+        &format!("/v1/checkout/sessions/{first_checkout}/expire"),
+    );
+    assert!(retry_create < expire, "{requests:?}");
+    assert_eq!(fake.expired_ids(), [first_checkout]);
+    assert_provider_contract(fake);
+}
