@@ -2,11 +2,30 @@
 
 mod support;
 
-use support::app::TestApp;
+use support::app::{Database, Options, Queue, TestApp};
 
 #[tokio::test]
 async fn failed_payment_is_retried_on_a_new_checkout_and_then_paid() {
-    let app = TestApp::spawn().await;
+    the_story(Options::default()).await;
+}
+
+#[tokio::test]
+async fn the_story_holds_on_postgresql() {
+    the_story(Options::on(Database::Postgres, Queue::Embedded)).await;
+}
+
+#[tokio::test]
+async fn the_story_holds_on_postgresql_and_sqs() {
+    the_story(Options::on(Database::Postgres, Queue::Sqs)).await;
+}
+
+#[tokio::test]
+async fn the_story_holds_on_sqlite_and_sqs() {
+    the_story(Options::on(Database::Sqlite, Queue::Sqs)).await;
+}
+
+async fn the_story(options: Options) {
+    let app = TestApp::spawn_with(options).await;
     let buyer = app.buyer();
     let created = app.create_checkout(&buyer).await;
     let id = created["sessionId"].as_str().unwrap().to_owned();

@@ -27,6 +27,36 @@ pub struct Options {
     pub sweep_interval: Duration,
     /// First redelivery delay after a failed job.
     pub backoff: Duration,
+    /// Where state lives.
+    pub database: Database,
+    /// Which queue carries retry jobs.
+    pub queue: Queue,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// A temporary SQLite file.
+    Sqlite,
+    /// A fresh PostgreSQL database, dropped afterwards.
+    Postgres,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queue {
+    Embedded,
+    /// moto's SQS server, with queues unique to this app.
+    Sqs,
+}
+
+impl Options {
+    /// The default options on another database and queue.
+    pub fn on(database: Database, queue: Queue) -> Self {
+        Self {
+            database,
+            queue,
+            ..Self::default()
+        }
+    }
 }
 
 impl Default for Options {
@@ -37,6 +67,8 @@ impl Default for Options {
             role: ServeRole::All,
             sweep_interval: Duration::from_millis(200),
             backoff: Duration::from_millis(100),
+            database: Database::Sqlite,
+            queue: Queue::Embedded,
         }
     }
 }
@@ -48,6 +80,8 @@ pub struct TestApp {
     pub payments: Arc<Payments>,
     pub stripe: Option<FakeStripe>,
     pub db_path: std::path::PathBuf,
+    /// Set when running on PostgreSQL (dropped with the app).
+    pub postgres: Option<super::services::TempDatabase>,
     trigger: Option<ShutdownTrigger>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -81,6 +115,24 @@ impl TestApp {
                 super::fake_stripe::TEST_SECRET_KEY.to_owned(),
             );
         }
+        let postgres = match options.database {
+            Database::Sqlite => None,
+            Database::Postgres => Some(super::services::TempDatabase::create().await),
+        };
+        if let Some(db) = &postgres {
+            vars.insert("PAYRETRY_DATABASE_URL", db.url.clone());
+        }
+        if options.queue == Queue::Sqs {
+            let endpoint = super::services::sqs_endpoint();
+            let env = super::services::unique_env();
+            let client = payretry::queue::sqs::client(Some(&endpoint)).await;
+            payretry::queue::sqs::setup(&client, &env, 5)
+                .await
+                .expect("create the test queues");
+            vars.insert("PAYRETRY_QUEUE", "sqs".to_owned());
+            vars.insert("PAYRETRY_SQS_ENDPOINT", endpoint);
+            vars.insert("PAYRETRY_ENV", env);
+        }
         for (k, v) in options.vars {
             vars.insert(k, v);
         }
@@ -111,6 +163,7 @@ impl TestApp {
             payments,
             stripe,
             db_path,
+            postgres,
             trigger: Some(trigger),
             server: Some(server),
             _dir: dir,
@@ -270,9 +323,16 @@ impl TestApp {
             .collect()
     }
 
-    /// Reads one number straight from the database file.
+    /// Reads one number straight from the database (SQLite file or PostgreSQL).
     pub async fn count(&self, sql: &'static str) -> i64 {
         use sqlx::Connection;
+        if let Some(db) = &self.postgres {
+            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
+            return sqlx::query_scalar::<_, i64>(sql)
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        }
         let mut conn =
             sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.db_path.display()))
                 .await

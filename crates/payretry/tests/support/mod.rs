@@ -4,3 +4,4 @@
 pub mod app;
 pub mod fake_segment;
 pub mod fake_stripe;
+pub mod services;
