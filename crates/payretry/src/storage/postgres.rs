@@ -14,7 +14,11 @@
 //! - an idempotency key is claimed by insert-or-lock (`ON CONFLICT DO NOTHING`, then
 //!   `SELECT … FOR UPDATE`), so two concurrent begins of one key cannot both start;
 //! - queue claims lock the rows they take with `FOR UPDATE SKIP LOCKED`, so concurrent
-//!   receivers (in any process) take disjoint jobs without waiting on each other.
+//!   receivers (in any process) take disjoint jobs without waiting on each other; an
+//!   outbox relay ([`Outbox`]) claims with the same statement, minus the due-time bound.
+//!
+//! Like SQLite's, `analytics_batch` reads without claiming, so relays in two processes may
+//! send one event twice; Segment drops the repeat by its stable `messageId`.
 //!
 //! Timestamps are the application's clock (`Utc::now()`), as with SQLite, not the
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
@@ -65,10 +69,15 @@ impl PostgresStorage {
         options: PgConnectOptions,
         max_connections: u32,
     ) -> StorageResult<Self> {
+        // Named in pg_stat_activity, unless the URL names it already.
+        let options = match options.get_application_name() {
+            Some(_) => options,
+            None => options.application_name("payretry"),
+        };
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
-            .connect_with(options.application_name("payretry"))
+            .connect_with(options)
             .await?;
         Ok(Self {
             pool,

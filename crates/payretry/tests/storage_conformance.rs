@@ -1,0 +1,1125 @@
+//! Storage conformance: the same tests against every `Storage` + `JobQueue` backend, so
+//! SQLite and PostgreSQL cannot drift apart.
+//!
+//! Each test is one async fn over a [`Store`]; [`conformance!`] instantiates every one of
+//! them as `sqlite::<name>` (a fresh temporary file) and `postgres::<name>` (a fresh
+//! database `payretry_t_<random>`, dropped afterwards). The PostgreSQL server is
+//! `postgres://postgres@127.0.0.1:5432/postgres`, or `PAYRETRY_TEST_POSTGRES_URL`. When it
+//! cannot be reached the PostgreSQL tests fail, they never skip: a green run must mean both
+//! backends were tested.
+
+use chrono::{DateTime, Duration as TimeDelta, Utc};
+use payretry::queue::{Delivery, JobQueue, Outbox};
+use payretry::storage::postgres::PostgresStorage;
+use payretry::storage::sqlite::SqliteStorage;
+use payretry::storage::{
+    AnalyticsEvent, AttemptChange, AttemptStatus, Committed, IdempotencyBegin,
+    IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter, NewSession,
+    SandboxCheckout, SessionRecord, SessionState, Storage, StoredResponse, Transition,
+};
+use payretry_domain::{
+    Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
+    ProviderSessionId, RetryJob, SessionStatus, UserId,
+};
+use serde_json::json;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, Connection, PgConnection};
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Barrier;
+
+/// Every trait of a backend, behind one pointer.
+trait Backend: Storage + JobQueue + Outbox {}
+impl<T: Storage + JobQueue + Outbox> Backend for T {}
+
+type Store = Arc<dyn Backend>;
+
+const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// Pool size per test database: enough for the concurrency tests, small enough that the
+/// tests cargo runs in parallel stay well under the server's `max_connections`.
+const TEST_POOL_SIZE: u32 = 8;
+
+macro_rules! conformance {
+    ($($test:ident),+ $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    crate::on_sqlite(crate::$test).await;
+                }
+            )+
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $test() {
+                    crate::on_postgres(crate::$test).await;
+                }
+            )+
+        }
+    };
+}
+
+conformance!(
+    session_round_trip,
+    stale_version_conflicts_and_writes_nothing,
+    duplicate_webhook_event_writes_nothing,
+    concurrent_commits_have_one_winner,
+    idempotency_lifecycle,
+    concurrent_idempotent_begins_start_once,
+    enqueued_job_is_received_once_due,
+    lease_hides_job_until_it_expires,
+    stale_ack_keeps_the_released_job,
+    release_moves_run_at_and_clears_the_lease,
+    concurrent_receivers_claim_each_job_once,
+    extend_keeps_the_receipt_valid,
+    defer_requeues_until_scheduled_for,
+    outbox_relay_claims_jobs_before_they_are_due,
+    next_due_follows_run_at_and_leases,
+    dead_letter_and_redrive,
+    window_queries_see_live_sessions_only,
+    service_secret_is_stable,
+    sandbox_checkouts,
+    purge_expired_removes_old_records,
+    analytics_outbox,
+);
+
+// ----- backends --------------------------------------------------------------------------
+
+async fn on_sqlite<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let url = format!("sqlite://{}", dir.path().join("conformance.db").display());
+    let storage = SqliteStorage::connect(&url).await.expect("open SQLite");
+    storage.migrate().await.expect("migrate SQLite");
+    test(Arc::new(storage)).await;
+}
+
+async fn on_postgres<F, Fut>(test: F)
+where
+    F: FnOnce(Store) -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let server = std::env::var("PAYRETRY_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
+    let mut admin = PgConnection::connect(&server)
+        .await
+        .unwrap_or_else(|error| {
+            panic!(
+                "PostgreSQL is not reachable at {server}: {error}\n\
+             The PostgreSQL storage conformance tests need a running server and never skip. \
+             Start PostgreSQL, or set PAYRETRY_TEST_POSTGRES_URL to a server where this user \
+             may CREATE DATABASE."
+            )
+        });
+    let name = format!("payretry_t_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut admin)
+        .await
+        .unwrap_or_else(|error| panic!("CREATE DATABASE {name} on {server}: {error}"));
+    let options = PgConnectOptions::from_str(&server)
+        .expect("PAYRETRY_TEST_POSTGRES_URL is a postgres:// URL")
+        .database(&name);
+    // Run in a task so that a failing test still reaches the DROP below.
+    let outcome = tokio::spawn(async move {
+        let storage = PostgresStorage::connect_with(options, TEST_POOL_SIZE)
+            .await
+            .expect("connect to the test database");
+        storage.migrate().await.expect("migrate PostgreSQL");
+        test(Arc::new(storage)).await;
+    })
+    .await;
+    // FORCE: the test's pool may still hold connections while it is being dropped.
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await
+    .unwrap_or_else(|error| panic!("DROP DATABASE {name}: {error}"));
+    if let Err(error) = outcome {
+        std::panic::resume_unwind(error.into_panic());
+    }
+}
+
+// ----- fixtures --------------------------------------------------------------------------
+
+/// Now, at the millisecond precision the backends store.
+fn now_ms() -> DateTime<Utc> {
+    DateTime::from_timestamp_millis(Utc::now().timestamp_millis()).expect("now")
+}
+
+fn new_session_id() -> PaymentSessionId {
+    PaymentSessionId::from_random(uuid::Uuid::new_v4().as_u128())
+}
+
+fn audit(action: AuditAction, attempt: u32) -> NewAuditEntry {
+    NewAuditEntry {
+        action,
+        attempt: Some(AttemptNumber::new(attempt)),
+        actor: "system".to_owned(),
+        details: json!({"test": true}),
+    }
+}
+
+fn new_session(expires_at: DateTime<Utc>) -> NewSession {
+    let id = new_session_id();
+    NewSession {
+        provider_session_id: ProviderSessionId::new(format!("cs_{}", id.as_str())),
+        checkout_url: format!("https://checkout.example/{}", id.as_str()),
+        id,
+        buyer: UserId::new("buyer-1"),
+        money: Money {
+            amount: Amount::new(2500).expect("amount"),
+            currency: Currency::parse("usd").expect("currency"),
+        },
+        description: "Commande n° 123 — ☕".to_owned(),
+        metadata: json!({"order": "123", "nested": {"list": [1, 2.5, null, "x"]}}),
+        expires_at,
+        created_at: now_ms(),
+        audit: audit(AuditAction::CheckoutCreated, 0),
+        idempotency: None,
+    }
+}
+
+/// A stored open session whose window ends in 24 h.
+async fn open_session(db: &Store) -> SessionRecord {
+    session_expiring(db, now_ms() + TimeDelta::hours(24)).await
+}
+
+async fn session_expiring(db: &Store, expires_at: DateTime<Utc>) -> SessionRecord {
+    let new = new_session(expires_at);
+    let id = new.id.clone();
+    db.insert_session(new).await.expect("insert session");
+    reload(db, &id).await
+}
+
+async fn reload(db: &Store, id: &PaymentSessionId) -> SessionRecord {
+    db.session(id)
+        .await
+        .expect("read session")
+        .expect("session exists")
+}
+
+/// `session`'s state with the status and failure reason changed.
+fn with_status(session: &SessionRecord, status: SessionStatus, reason: &str) -> SessionState {
+    SessionState {
+        status,
+        failure_reason: Some(FailureReason::from_code(reason)),
+        ..session.state.clone()
+    }
+}
+
+fn job(session: &PaymentSessionId, attempt: u32, due: DateTime<Utc>) -> RetryJob {
+    RetryJob::new(
+        session.clone(),
+        AttemptNumber::new(attempt),
+        60,
+        due,
+        now_ms(),
+    )
+}
+
+/// Commits a transition that only enqueues `job`, on top of the session's current version.
+async fn enqueue(db: &Store, job: RetryJob) {
+    let session = reload(db, &job.payment_session_id).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    t.enqueue = Some(job);
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+}
+
+/// A session with one job due now (one second ago).
+async fn due_job(db: &Store) -> RetryJob {
+    let session = open_session(db).await;
+    let job = job(&session.id, 1, now_ms() - TimeDelta::seconds(1));
+    enqueue(db, job.clone()).await;
+    job
+}
+
+async fn receive(db: &Store, max: u32, lease: Duration) -> Vec<Delivery> {
+    db.receive(max, lease).await.expect("receive")
+}
+
+fn scope(caller: &str, key: &str) -> IdempotencyScope {
+    IdempotencyScope {
+        caller: UserId::new(caller),
+        key: key.to_owned(),
+    }
+}
+
+async fn begin(
+    db: &Store,
+    scope: &IdempotencyScope,
+    fp: &str,
+    at: DateTime<Utc>,
+) -> IdempotencyBegin {
+    db.begin_idempotent(scope, fp, at)
+        .await
+        .expect("begin idempotent")
+}
+
+fn assert_between(at: DateTime<Utc>, low: DateTime<Utc>, high: DateTime<Utc>) {
+    assert!(
+        low <= at && at <= high,
+        "{at} is not within {low} ..= {high}"
+    );
+}
+
+// ----- sessions and transitions ---------------------------------------------------------
+
+async fn session_round_trip(db: Store) {
+    db.migrate().await.expect("migrating twice is a no-op");
+    Storage::ping(db.as_ref()).await.expect("ping the database");
+    JobQueue::ping(db.as_ref()).await.expect("ping the queue");
+
+    let new = new_session(now_ms() + TimeDelta::hours(24));
+    db.insert_session(new.clone()).await.expect("insert");
+    let stored = reload(&db, &new.id).await;
+    assert_eq!(stored.id, new.id);
+    assert_eq!(stored.buyer, new.buyer);
+    assert_eq!(stored.money, new.money);
+    assert_eq!(stored.description, new.description);
+    assert_eq!(stored.metadata, new.metadata);
+    assert_eq!(stored.expires_at, new.expires_at);
+    assert_eq!(stored.created_at, new.created_at);
+    assert_eq!(stored.updated_at, new.created_at);
+    assert_eq!(stored.version, 0);
+    assert_eq!(
+        stored.state,
+        SessionState {
+            status: SessionStatus::Open,
+            failure_reason: None,
+            retry_attempts: 0,
+            last_retry_at: None,
+            retry_reason: None,
+            next_retry_at: None,
+            current_attempt: AttemptNumber::ORIGINAL,
+            provider_session_id: Some(new.provider_session_id.clone()),
+            checkout_url: Some(new.checkout_url.clone()),
+            paid_attempt: None,
+        }
+    );
+    let log = db.audit_log(&new.id).await.expect("audit log");
+    assert_eq!(log.len(), 1);
+    assert_eq!(log[0].at, new.created_at);
+    assert_eq!(log[0].action, "checkout_created");
+    assert_eq!(log[0].attempt, Some(AttemptNumber::ORIGINAL));
+    assert_eq!(log[0].actor, "system");
+    assert_eq!(log[0].details, json!({"test": true}));
+    assert!(db.session(&new_session_id()).await.expect("read").is_none());
+
+    // Every state field survives a transition, including the optional ones.
+    let at = now_ms();
+    let state = SessionState {
+        status: SessionStatus::RetryScheduled,
+        failure_reason: Some(FailureReason::from_code("insufficient_funds")),
+        retry_attempts: 2,
+        last_retry_at: Some(at),
+        retry_reason: Some(FailureReason::from_code("card_declined")),
+        next_retry_at: Some(at + TimeDelta::minutes(5)),
+        current_attempt: AttemptNumber::new(2),
+        provider_session_id: None,
+        checkout_url: None,
+        paid_attempt: Some(AttemptNumber::new(1)),
+    };
+    let mut t = Transition::new(&stored, state.clone());
+    t.attempt = Some(AttemptChange {
+        attempt: AttemptNumber::new(2),
+        status: AttemptStatus::Scheduled,
+        provider_session_id: None,
+        failure_reason: None,
+        scheduled_for: Some(at + TimeDelta::minutes(5)),
+    });
+    t.audit = vec![
+        audit(AuditAction::RetryRequested, 2),
+        audit(AuditAction::RetryInitiated, 2),
+    ];
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let after = reload(&db, &new.id).await;
+    assert_eq!(after.state, state);
+    assert_eq!(after.version, 1);
+    assert_eq!(after.created_at, new.created_at);
+    let actions: Vec<String> = db
+        .audit_log(&new.id)
+        .await
+        .expect("audit log")
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    assert_eq!(
+        actions,
+        ["checkout_created", "retry_requested", "retry_initiated"]
+    );
+
+    // The attempt row is an upsert: updating attempt 2 again is not a duplicate key.
+    let mut t = Transition::new(&after, after.state.clone());
+    t.attempt = Some(AttemptChange {
+        attempt: AttemptNumber::new(2),
+        status: AttemptStatus::Open,
+        provider_session_id: Some(ProviderSessionId::new("cs_retry_2")),
+        failure_reason: None,
+        scheduled_for: None,
+    });
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+}
+
+async fn stale_version_conflicts_and_writes_nothing(db: Store) {
+    let session = open_session(&db).await;
+    let mut first = Transition::new(
+        &session,
+        with_status(&session, SessionStatus::Failed, "first"),
+    );
+    first.audit.push(audit(AuditAction::PaymentFailed, 0));
+    assert_eq!(db.commit(first).await.expect("commit"), Committed::Applied);
+
+    // Decided on version 0, which is gone: nothing of it may be written.
+    let mut stale = Transition::new(
+        &session,
+        with_status(&session, SessionStatus::Failed, "stale"),
+    );
+    stale.audit.push(audit(AuditAction::PaymentFailed, 0));
+    stale.enqueue = Some(job(&session.id, 1, now_ms() - TimeDelta::seconds(1)));
+    stale.dead_letter = Some(NewDeadLetter {
+        job: job(&session.id, 1, now_ms()),
+        receive_count: 5,
+        last_error: "stale".to_owned(),
+    });
+    stale.webhook_event_id = Some("evt_stale".to_owned());
+    stale.analytics.push(AnalyticsEvent {
+        message_id: "msg_stale".to_owned(),
+        payload: json!({"event": "stale"}),
+    });
+    assert_eq!(db.commit(stale).await.expect("commit"), Committed::Conflict);
+
+    let now = reload(&db, &session.id).await;
+    assert_eq!(now.version, 1);
+    assert_eq!(
+        now.state.failure_reason,
+        Some(FailureReason::from_code("first"))
+    );
+    assert_eq!(db.audit_log(&session.id).await.expect("audit").len(), 2);
+    assert_eq!(db.next_due().await.expect("next due"), None);
+    assert!(receive(&db, 10, Duration::from_secs(30)).await.is_empty());
+    assert!(db.dead_letters().await.expect("dead letters").is_empty());
+    assert!(db.analytics_batch(10).await.expect("analytics").is_empty());
+    // The event id was rolled back with the rest, so the event can still be applied.
+    let mut retry = Transition::new(&now, now.state.clone());
+    retry.webhook_event_id = Some("evt_stale".to_owned());
+    assert_eq!(db.commit(retry).await.expect("commit"), Committed::Applied);
+}
+
+async fn duplicate_webhook_event_writes_nothing(db: Store) {
+    let session = open_session(&db).await;
+    let mut first = Transition::new(
+        &session,
+        with_status(&session, SessionStatus::Failed, "first"),
+    );
+    first.webhook_event_id = Some("evt_1".to_owned());
+    first.audit.push(audit(AuditAction::PaymentFailed, 0));
+    assert_eq!(db.commit(first).await.expect("commit"), Committed::Applied);
+
+    let current = reload(&db, &session.id).await;
+    let mut again = Transition::new(
+        &current,
+        with_status(&current, SessionStatus::Failed, "again"),
+    );
+    again.webhook_event_id = Some("evt_1".to_owned());
+    again.audit.push(audit(AuditAction::PaymentFailed, 0));
+    again.enqueue = Some(job(&session.id, 1, now_ms() - TimeDelta::seconds(1)));
+    assert_eq!(
+        db.commit(again).await.expect("commit"),
+        Committed::DuplicateEvent
+    );
+
+    let after = reload(&db, &session.id).await;
+    assert_eq!(after.version, 1);
+    assert_eq!(after.state, current.state);
+    assert_eq!(db.audit_log(&session.id).await.expect("audit").len(), 2);
+    assert_eq!(db.next_due().await.expect("next due"), None);
+
+    // Event ids are global: the same id on another session is a duplicate as well.
+    let other = open_session(&db).await;
+    let mut elsewhere = Transition::new(&other, with_status(&other, SessionStatus::Failed, "x"));
+    elsewhere.webhook_event_id = Some("evt_1".to_owned());
+    assert_eq!(
+        db.commit(elsewhere).await.expect("commit"),
+        Committed::DuplicateEvent
+    );
+    assert_eq!(reload(&db, &other.id).await.version, 0);
+}
+
+async fn concurrent_commits_have_one_winner(db: Store) {
+    const WRITERS: usize = 20;
+    let session = open_session(&db).await;
+    let start = Arc::new(Barrier::new(WRITERS));
+    let mut tasks = Vec::new();
+    for i in 0..WRITERS {
+        let (db, session, start) = (db.clone(), session.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let state = with_status(&session, SessionStatus::Failed, &format!("writer_{i}"));
+            let mut t = Transition::new(&session, state);
+            t.audit.push(audit(AuditAction::PaymentFailed, 0));
+            start.wait().await;
+            (i, db.commit(t).await.expect("commit"))
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (i, outcome) = task.await.expect("writer task");
+        match outcome {
+            Committed::Applied => winners.push(i),
+            Committed::Conflict => {}
+            Committed::DuplicateEvent => panic!("no event id was given"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one writer wins: {winners:?}");
+    let after = reload(&db, &session.id).await;
+    assert_eq!(after.version, 1);
+    assert_eq!(
+        after.state.failure_reason,
+        Some(FailureReason::from_code(&format!("writer_{}", winners[0])))
+    );
+    assert_eq!(db.audit_log(&session.id).await.expect("audit").len(), 2);
+}
+
+// ----- idempotency -----------------------------------------------------------------------
+
+async fn idempotency_lifecycle(db: Store) {
+    let now = now_ms();
+    let done = scope("buyer-1", "key-done");
+    assert_eq!(
+        begin(&db, &done, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    // Not valid UTF-8 on purpose: the body is bytes and must come back byte for byte.
+    let response = StoredResponse {
+        status: 202,
+        body: vec![0x7b, 0x00, 0xff, 0xfe, b'"', b'\n', 0x7d],
+    };
+    db.complete_idempotent(&IdempotencyCompletion {
+        scope: done.clone(),
+        response: response.clone(),
+    })
+    .await
+    .expect("complete");
+    assert_eq!(
+        begin(&db, &done, "POST /x {}", now + TimeDelta::minutes(1)).await,
+        IdempotencyBegin::Replay(response.clone())
+    );
+    assert_eq!(
+        begin(&db, &done, "POST /y {}", now + TimeDelta::minutes(1)).await,
+        IdempotencyBegin::Mismatch
+    );
+    // A completed response is never abandoned.
+    db.abandon_idempotent(&done).await.expect("abandon");
+    assert_eq!(
+        begin(&db, &done, "POST /x {}", now + TimeDelta::minutes(2)).await,
+        IdempotencyBegin::Replay(response)
+    );
+    // After 24 h the key is free again, whatever the request.
+    assert_eq!(
+        begin(&db, &done, "POST /y {}", now + TimeDelta::hours(25)).await,
+        IdempotencyBegin::Started
+    );
+
+    // Keys are scoped to the caller.
+    assert_eq!(
+        begin(&db, &scope("buyer-2", "key-done"), "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+
+    let pending = scope("buyer-1", "key-pending");
+    assert_eq!(
+        begin(&db, &pending, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        begin(&db, &pending, "POST /x {}", now + TimeDelta::seconds(1)).await,
+        IdempotencyBegin::InFlight
+    );
+    assert_eq!(
+        begin(&db, &pending, "POST /z {}", now + TimeDelta::seconds(1)).await,
+        IdempotencyBegin::Mismatch
+    );
+    db.abandon_idempotent(&pending).await.expect("abandon");
+    assert_eq!(
+        begin(&db, &pending, "POST /x {}", now + TimeDelta::seconds(2)).await,
+        IdempotencyBegin::Started
+    );
+    // A claim whose process died (no completion, no abandon) is taken over after a while.
+    assert_eq!(
+        begin(&db, &pending, "POST /x {}", now + TimeDelta::minutes(5)).await,
+        IdempotencyBegin::Started
+    );
+
+    // Completed inside a transition (and with a new session): commits with the effect.
+    let new = new_session(now + TimeDelta::hours(24));
+    let created = scope("buyer-1", "key-create");
+    assert_eq!(
+        begin(&db, &created, "POST /c {}", now).await,
+        IdempotencyBegin::Started
+    );
+    let created_response = StoredResponse {
+        status: 201,
+        body: b"{\"created\":true}".to_vec(),
+    };
+    db.insert_session(NewSession {
+        idempotency: Some(IdempotencyCompletion {
+            scope: created.clone(),
+            response: created_response.clone(),
+        }),
+        ..new.clone()
+    })
+    .await
+    .expect("insert");
+    assert_eq!(
+        begin(&db, &created, "POST /c {}", now).await,
+        IdempotencyBegin::Replay(created_response)
+    );
+
+    let retried = scope("buyer-1", "key-retry");
+    assert_eq!(
+        begin(&db, &retried, "POST /r {}", now).await,
+        IdempotencyBegin::Started
+    );
+    let session = reload(&db, &new.id).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    let retried_response = StoredResponse {
+        status: 202,
+        body: b"{\"attemptNumber\":1}".to_vec(),
+    };
+    t.idempotency = Some(IdempotencyCompletion {
+        scope: retried.clone(),
+        response: retried_response.clone(),
+    });
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    assert_eq!(
+        begin(&db, &retried, "POST /r {}", now).await,
+        IdempotencyBegin::Replay(retried_response)
+    );
+}
+
+async fn concurrent_idempotent_begins_start_once(db: Store) {
+    // Several rounds, so the pool has warmed up and the requests really overlap.
+    const ROUNDS: usize = 10;
+    let now = now_ms();
+    for round in 0..ROUNDS {
+        let key = scope("buyer-1", &format!("key-{round}"));
+        assert_eq!(
+            race_begins(&db, &key, now).await,
+            1,
+            "round {round}: exactly one of the first requests may start"
+        );
+        // The claim is presumed dead after a while; again only one request may take it over.
+        assert_eq!(
+            race_begins(&db, &key, now + TimeDelta::minutes(5)).await,
+            1,
+            "round {round}: exactly one request may take over a stale claim"
+        );
+    }
+}
+
+/// Begins `scope` from 8 tasks at once; returns how many got `Started` (the rest must be
+/// `InFlight`).
+async fn race_begins(db: &Store, scope: &IdempotencyScope, at: DateTime<Utc>) -> usize {
+    const CALLERS: usize = 8;
+    let start = Arc::new(Barrier::new(CALLERS));
+    let mut tasks = Vec::new();
+    for _ in 0..CALLERS {
+        let (db, start, scope) = (db.clone(), start.clone(), scope.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            begin(&db, &scope, "POST /x {}", at).await
+        }));
+    }
+    let mut started = 0;
+    for task in tasks {
+        match task.await.expect("begin task") {
+            IdempotencyBegin::Started => started += 1,
+            IdempotencyBegin::InFlight => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    started
+}
+
+// ----- the embedded queue ----------------------------------------------------------------
+
+async fn enqueued_job_is_received_once_due(db: Store) {
+    let session = open_session(&db).await;
+    let due = now_ms() + TimeDelta::milliseconds(700);
+    let job = job(&session.id, 1, due);
+    enqueue(&db, job.clone()).await;
+    // This process's worker is woken by the commit.
+    tokio::time::timeout(Duration::from_secs(5), db.enqueued())
+        .await
+        .expect("enqueued() resolves after a commit that enqueued");
+
+    assert!(receive(&db, 10, Duration::from_secs(30)).await.is_empty());
+    assert_eq!(db.next_due().await.expect("next due"), Some(due));
+
+    let wait = (due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
+    tokio::time::sleep(wait).await;
+    let deliveries = receive(&db, 10, Duration::from_secs(30)).await;
+    assert_eq!(deliveries.len(), 1);
+    assert_eq!(deliveries[0].job, job);
+    assert_eq!(deliveries[0].receive_count, 1);
+}
+
+async fn lease_hides_job_until_it_expires(db: Store) {
+    let job = due_job(&db).await;
+    let first = receive(&db, 10, Duration::from_millis(300)).await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].job, job);
+    assert_eq!(first[0].receive_count, 1);
+    assert!(
+        receive(&db, 10, Duration::from_secs(30)).await.is_empty(),
+        "a leased job is hidden"
+    );
+
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let second = receive(&db, 10, Duration::from_secs(30)).await;
+    assert_eq!(second.len(), 1, "redelivered after the lease expired");
+    assert_eq!(second[0].job, job);
+    assert_eq!(second[0].receive_count, 2);
+    assert_ne!(second[0].receipt, first[0].receipt);
+}
+
+async fn stale_ack_keeps_the_released_job(db: Store) {
+    due_job(&db).await;
+    let first = receive(&db, 10, Duration::from_millis(200)).await;
+    assert_eq!(first.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = receive(&db, 10, Duration::from_secs(60)).await;
+    assert_eq!(second.len(), 1);
+
+    // The first worker finishes late: its receipt no longer matches the lease.
+    db.ack(&first[0]).await.expect("stale ack");
+    assert!(
+        db.next_due().await.expect("next due").is_some(),
+        "job still queued"
+    );
+    db.release(&first[0], "late", Duration::ZERO)
+        .await
+        .expect("stale release");
+    assert!(
+        receive(&db, 10, Duration::from_secs(60)).await.is_empty(),
+        "the current lease is untouched"
+    );
+
+    db.ack(&second[0]).await.expect("ack");
+    assert_eq!(db.next_due().await.expect("next due"), None);
+    assert!(receive(&db, 10, Duration::from_secs(60)).await.is_empty());
+}
+
+async fn release_moves_run_at_and_clears_the_lease(db: Store) {
+    let job = due_job(&db).await;
+    let first = receive(&db, 1, Duration::from_secs(60)).await;
+    assert_eq!(first.len(), 1);
+
+    db.release(&first[0], "provider down", Duration::ZERO)
+        .await
+        .expect("release");
+    let second = receive(&db, 1, Duration::from_secs(60)).await;
+    assert_eq!(second.len(), 1, "released with no delay: due again at once");
+    assert_eq!(second[0].job, job);
+    assert_eq!(second[0].receive_count, 2);
+
+    let before = now_ms();
+    db.release(&second[0], "provider down", Duration::from_secs(3600))
+        .await
+        .expect("release");
+    let after = now_ms();
+    assert!(receive(&db, 1, Duration::from_secs(60)).await.is_empty());
+    let next = db.next_due().await.expect("next due").expect("job queued");
+    assert_between(
+        next,
+        before + TimeDelta::hours(1),
+        after + TimeDelta::hours(1),
+    );
+}
+
+async fn concurrent_receivers_claim_each_job_once(db: Store) {
+    const JOBS: u32 = 200;
+    const RECEIVERS: usize = 4;
+    let session = open_session(&db).await;
+    let due = now_ms() - TimeDelta::seconds(1);
+    for attempt in 1..=JOBS {
+        enqueue(&db, job(&session.id, attempt, due)).await;
+    }
+
+    let start = Arc::new(Barrier::new(RECEIVERS));
+    let mut tasks = Vec::new();
+    for _ in 0..RECEIVERS {
+        let (db, start) = (db.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            let mut claimed = Vec::new();
+            loop {
+                let batch = receive(&db, 7, Duration::from_secs(60)).await;
+                if batch.is_empty() {
+                    return claimed;
+                }
+                claimed.extend(batch);
+            }
+        }));
+    }
+    let mut seen = BTreeSet::new();
+    for task in tasks {
+        for delivery in task.await.expect("receiver task") {
+            assert_eq!(delivery.receive_count, 1);
+            let attempt = delivery.job.attempt_number.get();
+            assert!(seen.insert(attempt), "job {attempt} was claimed twice");
+        }
+    }
+    assert_eq!(seen, (1..=JOBS).collect::<BTreeSet<_>>());
+    assert!(receive(&db, 10, Duration::from_secs(60)).await.is_empty());
+}
+
+async fn extend_keeps_the_receipt_valid(db: Store) {
+    due_job(&db).await;
+    let delivery = receive(&db, 1, Duration::from_secs(60)).await;
+    assert_eq!(delivery.len(), 1);
+    db.extend(&delivery[0], Duration::from_secs(600))
+        .await
+        .expect("extend");
+    assert!(receive(&db, 1, Duration::from_secs(60)).await.is_empty());
+    db.ack(&delivery[0]).await.expect("ack after extend");
+    assert_eq!(db.next_due().await.expect("next due"), None);
+}
+
+async fn defer_requeues_until_scheduled_for(db: Store) {
+    let session = open_session(&db).await;
+    let due = now_ms() + TimeDelta::minutes(10);
+    enqueue(&db, job(&session.id, 1, due)).await;
+    // Only a relay takes a job early (an external queue caps its delay).
+    let early = db
+        .claim_outbox(10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(early.len(), 1);
+    db.defer(&early[0]).await.expect("defer");
+    let next = db.next_due().await.expect("next due").expect("job queued");
+    assert_between(next, due - TimeDelta::seconds(5), due);
+    assert!(receive(&db, 10, Duration::from_secs(60)).await.is_empty());
+}
+
+async fn outbox_relay_claims_jobs_before_they_are_due(db: Store) {
+    let session = open_session(&db).await;
+    let later = job(&session.id, 1, now_ms() + TimeDelta::hours(1));
+    enqueue(&db, later.clone()).await;
+    tokio::time::timeout(Duration::from_secs(5), db.outbox_written())
+        .await
+        .expect("outbox_written() resolves after a commit that enqueued");
+    assert!(receive(&db, 10, Duration::from_secs(60)).await.is_empty());
+
+    let claimed = db
+        .claim_outbox(10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].job, later);
+    assert!(
+        db.claim_outbox(10, Duration::from_secs(60))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "a claimed row is leased to its relay"
+    );
+    db.delete_outbox(&claimed[0]).await.expect("delete");
+    assert_eq!(db.next_due().await.expect("next due"), None);
+}
+
+async fn next_due_follows_run_at_and_leases(db: Store) {
+    assert_eq!(db.next_due().await.expect("next due"), None);
+    let session = open_session(&db).await;
+    let in_1h = now_ms() + TimeDelta::hours(1);
+    enqueue(&db, job(&session.id, 1, now_ms() + TimeDelta::hours(2))).await;
+    enqueue(&db, job(&session.id, 2, in_1h)).await;
+    assert_eq!(db.next_due().await.expect("next due"), Some(in_1h));
+
+    let overdue = now_ms() - TimeDelta::seconds(5);
+    enqueue(&db, job(&session.id, 3, overdue)).await;
+    assert_eq!(db.next_due().await.expect("next due"), Some(overdue));
+
+    // A leased job is next due when its lease runs out, not at its (past) run_at.
+    let before = now_ms();
+    assert_eq!(receive(&db, 10, Duration::from_secs(600)).await.len(), 1);
+    let after = now_ms();
+    let next = db.next_due().await.expect("next due").expect("jobs queued");
+    assert_between(
+        next,
+        before + TimeDelta::minutes(10),
+        after + TimeDelta::minutes(10),
+    );
+}
+
+// ----- dead letters ----------------------------------------------------------------------
+
+async fn dead_letter_and_redrive(db: Store) {
+    let session = open_session(&db).await;
+    let dead_job = job(&session.id, 1, now_ms() - TimeDelta::minutes(5));
+    let mut t = Transition::new(
+        &session,
+        with_status(&session, SessionStatus::Failed, "retry_processing_failed"),
+    );
+    t.dead_letter = Some(NewDeadLetter {
+        job: dead_job.clone(),
+        receive_count: 5,
+        last_error: "provider unavailable".to_owned(),
+    });
+    t.audit.push(audit(AuditAction::RetryDeadLettered, 1));
+    let before = now_ms();
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let after = now_ms();
+
+    let listed = db.dead_letters().await.expect("dead letters");
+    assert_eq!(listed.len(), 1);
+    let dead = &listed[0];
+    assert_eq!(dead.job, dead_job);
+    assert_eq!(dead.receive_count, 5);
+    assert_eq!(dead.last_error, "provider unavailable");
+    assert_between(dead.dead_at, before, after);
+    assert_eq!(
+        db.dead_letter(&dead.id).await.expect("dead letter"),
+        Some(dead.clone())
+    );
+    assert_eq!(
+        db.dead_letter("not-a-number").await.expect("dead letter"),
+        None
+    );
+    assert_eq!(
+        db.dead_letter("987654321").await.expect("dead letter"),
+        None
+    );
+
+    // Redrive: the dead letter goes, the job comes back, in one commit.
+    let current = reload(&db, &session.id).await;
+    let mut t = Transition::new(
+        &current,
+        with_status(
+            &current,
+            SessionStatus::RetryScheduled,
+            "retry_processing_failed",
+        ),
+    );
+    t.redrive = Some(dead.id.clone());
+    t.enqueue = Some(job(&session.id, 1, now_ms() - TimeDelta::seconds(1)));
+    t.audit.push(audit(AuditAction::RetryRedriven, 1));
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    assert!(db.dead_letters().await.expect("dead letters").is_empty());
+    assert_eq!(db.dead_letter(&dead.id).await.expect("dead letter"), None);
+    let redelivered = receive(&db, 10, Duration::from_secs(60)).await;
+    assert_eq!(redelivered.len(), 1);
+    assert_eq!(redelivered[0].job.attempt_number, AttemptNumber::new(1));
+}
+
+// ----- the window sweeper ----------------------------------------------------------------
+
+async fn window_queries_see_live_sessions_only(db: Store) {
+    assert_eq!(db.next_window_end().await.expect("next window end"), None);
+    let now = now_ms();
+    let paid = session_expiring(&db, now - TimeDelta::hours(3)).await;
+    let mut t = Transition::new(&paid, with_status(&paid, SessionStatus::Succeeded, "none"));
+    t.state.paid_attempt = Some(AttemptNumber::ORIGINAL);
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let open = session_expiring(&db, now - TimeDelta::hours(2)).await;
+    let failed = session_expiring(&db, now - TimeDelta::hours(1)).await;
+    let t = Transition::new(
+        &failed,
+        with_status(&failed, SessionStatus::Failed, "card_declined"),
+    );
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let scheduled = session_expiring(&db, now - TimeDelta::minutes(30)).await;
+    let t = Transition::new(
+        &scheduled,
+        with_status(&scheduled, SessionStatus::RetryScheduled, "card_declined"),
+    );
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let future = session_expiring(&db, now + TimeDelta::hours(1)).await;
+
+    let ids = |sessions: Vec<SessionRecord>| sessions.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(db.sessions_past_window(now, 10).await.expect("past window")),
+        [open.id.clone(), failed.id.clone(), scheduled.id.clone()]
+    );
+    assert_eq!(
+        ids(db.sessions_past_window(now, 1).await.expect("past window")),
+        std::slice::from_ref(&open.id)
+    );
+    assert_eq!(
+        db.next_window_end().await.expect("next window end"),
+        Some(open.expires_at)
+    );
+
+    // Once expired, a session no longer counts.
+    let t = Transition::new(&open, with_status(&open, SessionStatus::Expired, "none"));
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    assert_eq!(
+        db.next_window_end().await.expect("next window end"),
+        Some(failed.expires_at)
+    );
+    assert_eq!(
+        ids(db
+            .sessions_past_window(now + TimeDelta::hours(2), 10)
+            .await
+            .expect("past window")),
+        [failed.id, scheduled.id, future.id]
+    );
+}
+
+// ----- service secrets and the sandbox ---------------------------------------------------
+
+async fn service_secret_is_stable(db: Store) {
+    let first = db
+        .service_secret("jwt_hs256", &|| "alpha".to_owned())
+        .await
+        .expect("secret");
+    assert_eq!(first, "alpha");
+    let again = db
+        .service_secret("jwt_hs256", &|| "beta".to_owned())
+        .await
+        .expect("secret");
+    assert_eq!(again, "alpha", "generated once, then kept");
+    let other = db
+        .service_secret("webhook_signing", &|| "beta".to_owned())
+        .await
+        .expect("secret");
+    assert_eq!(other, "beta");
+}
+
+async fn sandbox_checkouts(db: Store) {
+    let checkout = SandboxCheckout {
+        id: ProviderSessionId::new("cs_sandbox_1"),
+        session_id: new_session_id(),
+        attempt: AttemptNumber::new(2),
+        amount: 2500,
+        currency: "usd".to_owned(),
+        description: "Order 123".to_owned(),
+        success_url: "http://127.0.0.1/pay/ps_x?paid=1".to_owned(),
+        cancel_url: "http://127.0.0.1/pay/ps_x".to_owned(),
+        expires_at: now_ms() + TimeDelta::hours(1),
+        status: "open".to_owned(),
+    };
+    db.put_sandbox_checkout(&checkout).await.expect("put");
+    assert_eq!(
+        db.sandbox_checkout(&checkout.id).await.expect("get"),
+        Some(checkout.clone())
+    );
+    // Creating the same checkout again (a retried provider call) keeps the first.
+    db.put_sandbox_checkout(&SandboxCheckout {
+        amount: 9999,
+        ..checkout.clone()
+    })
+    .await
+    .expect("put again");
+    assert_eq!(
+        db.sandbox_checkout(&checkout.id).await.expect("get"),
+        Some(checkout.clone())
+    );
+    db.set_sandbox_checkout_status(&checkout.id, "paid")
+        .await
+        .expect("status");
+    assert_eq!(
+        db.sandbox_checkout(&checkout.id).await.expect("get"),
+        Some(SandboxCheckout {
+            status: "paid".to_owned(),
+            ..checkout
+        })
+    );
+    assert_eq!(
+        db.sandbox_checkout(&ProviderSessionId::new("cs_unknown"))
+            .await
+            .expect("get"),
+        None
+    );
+}
+
+// ----- housekeeping and analytics --------------------------------------------------------
+
+async fn purge_expired_removes_old_records(db: Store) {
+    let now = now_ms();
+    let old = scope("buyer-1", "old");
+    let fresh = scope("buyer-1", "fresh");
+    assert_eq!(
+        begin(&db, &old, "POST /x {}", now - TimeDelta::days(2)).await,
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        begin(&db, &fresh, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    let session = open_session(&db).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    t.webhook_event_id = Some("evt_purge".to_owned());
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+
+    assert_eq!(
+        db.purge_expired(now - TimeDelta::days(1))
+            .await
+            .expect("purge"),
+        1
+    );
+    assert_eq!(
+        begin(&db, &fresh, "POST /x {}", now).await,
+        IdempotencyBegin::InFlight,
+        "a fresh key survives"
+    );
+    assert_eq!(
+        db.purge_expired(now + TimeDelta::minutes(1))
+            .await
+            .expect("purge"),
+        2
+    );
+    assert_eq!(
+        begin(&db, &fresh, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    // The event id is forgotten, so the same event would be applied again.
+    let current = reload(&db, &session.id).await;
+    let mut t = Transition::new(&current, current.state.clone());
+    t.webhook_event_id = Some("evt_purge".to_owned());
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+}
+
+async fn analytics_outbox(db: Store) {
+    let session = open_session(&db).await;
+    let event = |id: &str| AnalyticsEvent {
+        message_id: id.to_owned(),
+        payload: json!({"event": "payments.retry.scheduled", "messageId": id}),
+    };
+    let mut t = Transition::new(&session, session.state.clone());
+    t.analytics = vec![event("msg-1"), event("msg-2")];
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    tokio::time::timeout(Duration::from_secs(5), db.analytics_enqueued())
+        .await
+        .expect("analytics_enqueued() resolves after a commit with events");
+    // The same message id again (a replayed change) is stored once.
+    let current = reload(&db, &session.id).await;
+    let mut t = Transition::new(&current, current.state.clone());
+    t.analytics = vec![event("msg-1")];
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+
+    let batch = db.analytics_batch(10).await.expect("batch");
+    let payloads: Vec<_> = batch.iter().map(|row| row.payload.clone()).collect();
+    assert_eq!(payloads, [event("msg-1").payload, event("msg-2").payload]);
+    assert_eq!(db.analytics_batch(1).await.expect("batch").len(), 1);
+
+    db.analytics_park(&[batch[0].id], "400 bad request")
+        .await
+        .expect("park");
+    let rest = db.analytics_batch(10).await.expect("batch");
+    assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].id, batch[1].id);
+    db.analytics_delivered(&[rest[0].id])
+        .await
+        .expect("delivered");
+    assert!(db.analytics_batch(10).await.expect("batch").is_empty());
+}
