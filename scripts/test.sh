@@ -88,3 +88,7 @@ else
     section "cargo test --workspace"
     cargo test --workspace
 fi
+
+section "browser tests (headless Chromium)"
+# Screenshots of a CI run go beside the build, not over the committed ones in docs/.
+SCREENSHOT_DIR="${SCREENSHOT_DIR:-$CARGO_TARGET_DIR/screenshots}" tests/browser/run.sh
