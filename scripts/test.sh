@@ -89,6 +89,14 @@ else
     cargo test --workspace
 fi
 
+section "crash points (feature failpoints)"
+# The same binary, built with its crash points compiled in, killed at each of them.
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run -p payretry --features failpoints --test failpoints
+else
+    cargo test -p payretry --features failpoints --test failpoints
+fi
+
 section "browser tests (headless Chromium)"
 # Screenshots of a CI run go beside the build, not over the committed ones in docs/.
 SCREENSHOT_DIR="${SCREENSHOT_DIR:-$CARGO_TARGET_DIR/screenshots}" tests/browser/run.sh

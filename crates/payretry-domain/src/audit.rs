@@ -70,6 +70,11 @@ pub enum AuditAction {
     RetryDeadLettered,
     RetryRedriven,
     SessionExpired,
+    /// A second checkout of an already paid session was paid too (the buyer was charged
+    /// twice); the first payment stands.
+    DoublePaymentDetected,
+    /// The duplicate charge was refunded through the provider.
+    DuplicateRefunded,
 }
 
 impl AuditAction {
@@ -84,6 +89,8 @@ impl AuditAction {
             Self::RetryDeadLettered => "retry_dead_lettered",
             Self::RetryRedriven => "retry_redriven",
             Self::SessionExpired => "session_expired",
+            Self::DoublePaymentDetected => "double_payment_detected",
+            Self::DuplicateRefunded => "duplicate_refunded",
         }
     }
 }

@@ -56,6 +56,7 @@ impl Tuning {
             worker: WorkerSettings {
                 max_receives: config.max_receives,
                 concurrency: config.worker_concurrency,
+                lease: config.job_lease,
                 ..WorkerSettings::default()
             },
             sweep_interval: Duration::from_secs(30),
@@ -196,6 +197,7 @@ impl App {
             policy: config.policy.clone(),
             public_url,
             analytics: config.segment_write_key.is_some(),
+            auto_refund_duplicates: config.auto_refund_duplicates,
         });
         let state = AppState {
             payments,
@@ -263,6 +265,7 @@ impl App {
                 let relay = SqsRelay {
                     outbox: outbox.clone(),
                     sqs: sqs.clone(),
+                    lease: self.tuning.worker.lease,
                 };
                 background.spawn(relay.run(shutdown.clone()));
             }

@@ -65,10 +65,17 @@ pub struct Config {
     pub segment_endpoint: String,
     /// Where DogStatsD datagrams go (`host:port`); `None`: off.
     pub dogstatsd_addr: Option<String>,
+    /// How long a delivered job is hidden from other workers before it is redelivered
+    /// (its worker presumed dead).
+    pub job_lease: std::time::Duration,
     /// Retry jobs processed at once by one worker.
     pub worker_concurrency: usize,
     /// Requests per minute per principal on checkout and retry.
     pub rate_limit_per_minute: u32,
+    /// Refund a duplicate payment through the provider as soon as it is detected
+    /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`). Off by default: moving money back is a business
+    /// decision, and support sees every duplicate either way.
+    pub auto_refund_duplicates: bool,
 }
 
 impl Default for Config {
@@ -91,8 +98,10 @@ impl Default for Config {
             dogstatsd_addr: None,
             segment_write_key: None,
             segment_endpoint: "https://api.segment.io".to_owned(),
+            job_lease: std::time::Duration::from_secs(60),
             worker_concurrency: 16,
             rate_limit_per_minute: 120,
+            auto_refund_duplicates: false,
         }
     }
 }
@@ -320,6 +329,18 @@ impl Config {
             }
             c.dogstatsd_addr = Some(v);
         }
+        if let Some(v) = lookup("PAYRETRY_JOB_LEASE") {
+            c.job_lease = parse_duration(&v)
+                .ok()
+                .filter(|d| d.as_secs() >= 1)
+                .ok_or_else(|| {
+                    bad(
+                        "PAYRETRY_JOB_LEASE",
+                        "expected a duration of at least 1s, like `60s`",
+                        &v,
+                    )
+                })?;
+        }
         if let Some(v) = lookup("PAYRETRY_WORKER_CONCURRENCY") {
             c.worker_concurrency = v
                 .parse::<usize>()
@@ -342,6 +363,19 @@ impl Config {
                         &v,
                     )
                 })?;
+        }
+        if let Some(v) = lookup("PAYRETRY_AUTO_REFUND_DUPLICATES") {
+            c.auto_refund_duplicates = match v.as_str() {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(bad(
+                        "PAYRETRY_AUTO_REFUND_DUPLICATES",
+                        "expected `true` or `false`",
+                        &v,
+                    ));
+                }
+            };
         }
         Ok(c)
     }
@@ -383,6 +417,7 @@ mod tests {
             ("PAYRETRY_SQS_ENDPOINT", "localhost:4566"),
             ("PAYRETRY_MAX_RECEIVES", "-1"),
             ("PAYRETRY_DATABASE_URL", "mysql://x"),
+            ("PAYRETRY_AUTO_REFUND_DUPLICATES", "yes"),
         ];
         for (var, value) in cases {
             let err = from(&[(var, value)]).unwrap_err();
@@ -398,6 +433,15 @@ mod tests {
         assert_eq!(err.var, "STRIPE_SECRET_KEY");
         let err = from(&[("PAYRETRY_JWT_SECRET", "short-secret")]).unwrap_err();
         assert!(!err.to_string().contains("short-secret"));
+    }
+
+    #[test]
+    fn duplicates_are_refunded_only_when_asked() {
+        assert!(!from(&[]).unwrap().auto_refund_duplicates);
+        let on = from(&[("PAYRETRY_AUTO_REFUND_DUPLICATES", "true")]).unwrap();
+        assert!(on.auto_refund_duplicates);
+        let off = from(&[("PAYRETRY_AUTO_REFUND_DUPLICATES", "false")]).unwrap();
+        assert!(!off.auto_refund_duplicates);
     }
 
     #[test]

@@ -10,6 +10,16 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod http;
+/// A point where the fault-injection tests kill the process, to prove that a crash there
+/// loses and duplicates nothing. Compiled to nothing unless the `failpoints` feature is on;
+/// armed with `FAILPOINTS=<name>=return`.
+#[macro_export]
+macro_rules! crash_point {
+    ($name:literal) => {
+        fail::fail_point!($name, |_| std::process::abort())
+    };
+}
+
 pub mod provider;
 pub mod queue;
 pub mod secret;

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    #[cfg(feature = "failpoints")]
+    let _crash_points = fail::FailScenario::setup();
     let cli = Cli::parse();
     let config = match Config::from_env() {
         Ok(config) => config,

@@ -1,7 +1,9 @@
 //! The window sweeper: expires sessions whose payment window closed, sleeping until the
-//! next window end, and purges idempotency records and processed event ids past 24 hours.
+//! next window end, purges idempotency records and processed event ids past 24 hours, and
+//! retries duplicate-payment refunds a crash or an outage left owed.
 
 use crate::service::Payments;
+use crate::service::duplicates::REFUND_RETRY_GRACE;
 use crate::shutdown::Shutdown;
 use chrono::{TimeDelta, Utc};
 use std::sync::Arc;
@@ -21,6 +23,15 @@ impl Sweeper {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "expired sessions whose window closed"),
                 Err(error) => tracing::error!(%error, "window sweep failed"),
+            }
+            match self
+                .payments
+                .retry_owed_refunds(Utc::now() - REFUND_RETRY_GRACE)
+                .await
+            {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(settled = n, "settled owed duplicate refunds"),
+                Err(error) => tracing::error!(%error, "retrying duplicate refunds failed"),
             }
             if Utc::now() - last_purge > TimeDelta::hours(1) {
                 let before = Utc::now() - TimeDelta::hours(24);

@@ -144,9 +144,10 @@ impl Worker {
                 description: session.description.clone(),
                 success_url: format!("{}?result=success", self.payments.pay_url(&session.id)),
                 cancel_url: self.payments.pay_url(&session.id),
-                expires_at: checkout_expires_at(session.expires_at, now),
+                expires_at: checkout_expires_at(session.expires_at, job.scheduled_for),
             })
             .await?;
+        crate::crash_point!("worker-after-checkout-created");
         let attempt = job.attempt_number;
         let committed = self
             .payments

@@ -1,9 +1,9 @@
-//! Dead-letter review for admins.
+//! Dead-letter review for admins, and double payments for support.
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use crate::storage::DeadLetter;
+use crate::storage::{DeadLetter, DuplicatePayment};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -76,4 +76,64 @@ pub async fn redrive(
     let admin = caller.require(&[Role::Admin])?;
     let dead = state.payments.redrive(&id, admin).await?;
     Ok((StatusCode::ACCEPTED, Json(DeadLetterView::from(&dead))))
+}
+
+/// A session paid through two checkouts: who was charged twice and where the refund stands.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DuplicatePaymentView {
+    pub id: String,
+    pub payment_session_id: String,
+    /// The attempt whose payment stands.
+    pub paid_attempt: u32,
+    /// The attempt whose checkout was paid as well.
+    pub duplicate_attempt: u32,
+    /// The duplicate charge's payment intent (`pi_…`), for finding it at the provider.
+    pub payment_intent: Option<String>,
+    /// `detected`, `refund_requested`, `refunded` or `refund_failed`.
+    pub status: String,
+    pub detected_at: chrono::DateTime<chrono::Utc>,
+    /// The provider's refund id, once refunded.
+    pub refund_id: Option<String>,
+    /// Why the refund failed, when it did.
+    pub last_error: Option<String>,
+}
+
+impl From<&DuplicatePayment> for DuplicatePaymentView {
+    fn from(d: &DuplicatePayment) -> Self {
+        Self {
+            id: d.id.clone(),
+            payment_session_id: d.session_id.to_string(),
+            paid_attempt: d.paid_attempt.get(),
+            duplicate_attempt: d.duplicate_attempt.get(),
+            payment_intent: d.payment_intent.clone(),
+            status: d.status.as_str().to_owned(),
+            detected_at: d.detected_at,
+            refund_id: d.refund_id.clone(),
+            last_error: d.last_error.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DuplicatePaymentsView {
+    pub duplicate_payments: Vec<DuplicatePaymentView>,
+}
+
+/// Buyers charged twice (a late payment of an older checkout), oldest first.
+#[utoipa::path(get, path = "/admin/duplicate-payments", tag = "admin",
+    responses((status = 200, body = DuplicatePaymentsView),
+        (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, body = super::error::Problem, content_type = "application/problem+json")),
+    security(("bearer" = [])))]
+pub async fn duplicate_payments(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Json<DuplicatePaymentsView>, ApiError> {
+    caller.require(&[Role::Support, Role::Admin])?;
+    let duplicates = state.payments.duplicate_payments().await?;
+    Ok(Json(DuplicatePaymentsView {
+        duplicate_payments: duplicates.iter().map(DuplicatePaymentView::from).collect(),
+    }))
 }

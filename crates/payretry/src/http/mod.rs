@@ -147,6 +147,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/stripe", post(webhooks::stripe))
         .route("/admin/dead-letters", get(admin::list))
         .route("/admin/dead-letters/{id}/redrive", post(admin::redrive))
+        .route("/admin/duplicate-payments", get(admin::duplicate_payments))
         .route("/pay/{session_id}", get(pay_page::show))
         .route("/sandbox/checkout/{id}", get(sandbox::show))
         .route("/sandbox/checkout/{id}/pay", post(sandbox::pay))

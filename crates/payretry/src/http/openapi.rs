@@ -14,6 +14,7 @@ use utoipa::{Modify, OpenApi};
         super::webhooks::stripe,
         super::admin::list,
         super::admin::redrive,
+        super::admin::duplicate_payments,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,
@@ -26,6 +27,8 @@ use utoipa::{Modify, OpenApi};
         super::payments::AuditEntryView,
         super::admin::DeadLettersView,
         super::admin::DeadLetterView,
+        super::admin::DuplicatePaymentsView,
+        super::admin::DuplicatePaymentView,
         super::error::Problem,
     )),
     modifiers(&BearerAuth)

@@ -41,7 +41,9 @@ pub async fn stripe(
     let Some(event) = parsed else {
         return Ok(Json(json!({"received": true, "effect": "ignored"})));
     };
+    crate::crash_point!("webhook-before-apply");
     let effect = state.payments.apply_event(&event).await?;
+    crate::crash_point!("webhook-after-apply");
     tracing::info!(event_id = %event.id, session_id = %event.session_id, ?effect, "webhook applied");
     Ok(Json(
         json!({"received": true, "effect": format!("{effect:?}")}),

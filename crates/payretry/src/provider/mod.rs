@@ -56,6 +56,21 @@ pub enum CheckoutState {
     Expired,
 }
 
+/// A refund the provider accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refund {
+    /// The provider's refund id (`re_…`); `None` when the provider reports the charge as
+    /// refunded already (an earlier try got through but its answer was lost).
+    pub id: Option<String>,
+}
+
+/// `payretry-{sessionId}-refund-attempt-{N}`: the refund of attempt N's duplicate charge.
+/// Derived from what was recorded, never random, so a re-attempt after a crash or a lost
+/// answer is the same request to the provider and cannot refund twice.
+pub fn duplicate_refund_key(session_id: &PaymentSessionId, attempt: AttemptNumber) -> String {
+    format!("payretry-{session_id}-refund-attempt-{attempt}")
+}
+
 /// Provider failures, split by what the caller should do about them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
@@ -91,14 +106,27 @@ pub trait PaymentProvider: Send + Sync + 'static {
 
     /// Closes a checkout so it can no longer be paid. Closing a closed one is not an error.
     async fn expire_checkout(&self, id: &ProviderSessionId) -> Result<(), ProviderError>;
+
+    /// Refunds the whole charge of `payment_intent` (a duplicate payment). Idempotent per
+    /// `idempotency_key` (see [`duplicate_refund_key`]): repeating the call refunds once.
+    async fn refund(
+        &self,
+        payment_intent: &str,
+        idempotency_key: &str,
+    ) -> Result<Refund, ProviderError>;
 }
 
-/// Stripe accepts `expires_at` from 30 minutes to 24 hours ahead. A checkout for a retry late
-/// in the window gets `max(window end, now + 31 min)`; payretry closes it itself at the
-/// window's end.
-pub fn checkout_expires_at(window_end: DateTime<Utc>, now: DateTime<Utc>) -> DateTime<Utc> {
-    let earliest = now + chrono::TimeDelta::minutes(31);
-    let latest = now + chrono::TimeDelta::hours(24) - chrono::TimeDelta::minutes(1);
+/// When a checkout should close: the window's end, within Stripe's bounds (30 minutes to
+/// 24 hours after the request). A checkout for a retry late in the window gets
+/// `max(window end, reference + 45 min)`; payretry closes it itself at the window's end.
+///
+/// `reference` must be fixed per attempt (the job's `scheduledFor`, not the clock): a
+/// redelivered job re-sends the create under the same Idempotency-Key, and Stripe refuses a
+/// key reused with different parameters. The 45 minutes leave a job 15 minutes of lateness
+/// before Stripe's 30-minute minimum is reached.
+pub fn checkout_expires_at(window_end: DateTime<Utc>, reference: DateTime<Utc>) -> DateTime<Utc> {
+    let earliest = reference + chrono::TimeDelta::minutes(45);
+    let latest = reference + chrono::TimeDelta::hours(24) - chrono::TimeDelta::minutes(1);
     window_end.max(earliest).min(latest)
 }
 
@@ -116,7 +144,7 @@ mod tests {
         );
         assert_eq!(
             checkout_expires_at(now + TimeDelta::minutes(5), now),
-            now + TimeDelta::minutes(31)
+            now + TimeDelta::minutes(45)
         );
         assert_eq!(
             checkout_expires_at(now + TimeDelta::hours(30), now),

@@ -4,7 +4,9 @@
 //! `/webhooks/stripe`, exercising exactly the path a real provider's webhook takes.
 //! Checkouts live in the database, so every process on it (api, worker) sees them.
 
-use super::{CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError};
+use super::{
+    CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError, Refund,
+};
 use crate::secret::Secret;
 use crate::storage::{SandboxCheckout, Storage};
 use async_trait::async_trait;
@@ -41,7 +43,7 @@ impl PaymentProvider for SandboxProvider {
         // The id is derived from the idempotency key, so a repeated request for the same
         // attempt finds the same checkout, as Stripe's Idempotency-Key guarantees.
         let digest = Sha256::digest(request.idempotency_key().as_bytes());
-        let id = ProviderSessionId::new(format!("cs_sandbox_{}", &hex::encode(digest)[..24]));
+        let id = ProviderSessionId::new(format!("{CHECKOUT_PREFIX}{}", &hex::encode(digest)[..24]));
         let checkout = SandboxCheckout {
             id: id.clone(),
             session_id: request.session_id.clone(),
@@ -81,7 +83,8 @@ impl PaymentProvider for SandboxProvider {
             .await
             .map_err(unavailable)?;
         match checkout.as_ref().map(|c| c.status.as_str()) {
-            Some("paid") => Ok(CheckoutState::Paid),
+            // A refunded checkout was paid: the money moved, and moved back.
+            Some("paid" | "refunded") => Ok(CheckoutState::Paid),
             Some("expired") => Ok(CheckoutState::Expired),
             Some(_)
                 if checkout
@@ -109,7 +112,48 @@ impl PaymentProvider for SandboxProvider {
         }
         Ok(())
     }
+
+    async fn refund(
+        &self,
+        payment_intent: &str,
+        _idempotency_key: &str,
+    ) -> Result<Refund, ProviderError> {
+        // A sandbox payment intent is named after its checkout (see `events::payment_intent`),
+        // and a checkout is paid at most once, so the checkout's status is the idempotency.
+        let no_such = || ProviderError::Permanent(format!("no such payment: {payment_intent}"));
+        let suffix = payment_intent
+            .strip_prefix(PAYMENT_INTENT_PREFIX)
+            .ok_or_else(no_such)?;
+        let id = ProviderSessionId::new(format!("{CHECKOUT_PREFIX}{suffix}"));
+        let checkout = self
+            .storage
+            .sandbox_checkout(&id)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(no_such)?;
+        match checkout.status.as_str() {
+            "paid" => self
+                .storage
+                .set_sandbox_checkout_status(&id, "refunded")
+                .await
+                .map_err(unavailable)?,
+            "refunded" => {}
+            other => {
+                return Err(ProviderError::Permanent(format!(
+                    "checkout {id} is {other}, not paid: nothing to refund"
+                )));
+            }
+        }
+        Ok(Refund {
+            id: Some(format!("re_sandbox_{suffix}")),
+        })
+    }
 }
+
+/// Sandbox checkout ids: this prefix and 24 hex digits.
+const CHECKOUT_PREFIX: &str = "cs_sandbox_";
+/// Sandbox payment intent ids: this prefix and the same digits as their checkout.
+const PAYMENT_INTENT_PREFIX: &str = "pi_sandbox_";
 
 /// The Stripe-format events the sandbox page sends.
 pub mod events {
@@ -130,7 +174,17 @@ pub mod events {
         })
     }
 
-    /// `checkout.session.completed` with `payment_status: paid`.
+    /// The checkout's payment intent, named after it so a refund can find the checkout.
+    pub fn payment_intent(c: &SandboxCheckout) -> String {
+        let suffix =
+            c.id.as_str()
+                .strip_prefix(CHECKOUT_PREFIX)
+                .unwrap_or(c.id.as_str());
+        format!("{PAYMENT_INTENT_PREFIX}{suffix}")
+    }
+
+    /// `checkout.session.completed` with `payment_status: paid` and the `payment_intent`
+    /// a refund of this payment needs.
     pub fn paid(c: &SandboxCheckout) -> Value {
         envelope(
             "checkout.session.completed",
@@ -138,6 +192,7 @@ pub mod events {
                 "id": c.id.as_str(), "object": "checkout.session", "status": "complete",
                 "payment_status": "paid", "amount_total": c.amount, "currency": c.currency,
                 "client_reference_id": c.session_id.as_str(), "metadata": metadata(c),
+                "payment_intent": payment_intent(c),
             }),
         )
     }
@@ -147,7 +202,7 @@ pub mod events {
         envelope(
             "payment_intent.payment_failed",
             json!({
-                "id": format!("pi_sandbox_{}", &c.id.as_str()[11..]), "object": "payment_intent",
+                "id": payment_intent(c), "object": "payment_intent",
                 "amount": c.amount, "currency": c.currency, "metadata": metadata(c),
                 "last_payment_error": {"type": "card_error", "code": "card_declined", "decline_code": decline_code},
             }),

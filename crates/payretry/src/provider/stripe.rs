@@ -4,7 +4,8 @@
 //! Rules held here:
 //! - Every create carries `Idempotency-Key: payretry-{sessionId}-attempt-{N}`, and every retry
 //!   of that request reuses it, so neither a redelivered queue message nor a retried timeout
-//!   can create a second checkout for one attempt.
+//!   can create a second checkout for one attempt. Refunds of a duplicate payment carry
+//!   `payretry-{sessionId}-refund-attempt-{N}` for the same reason: one refund per charge.
 //! - Transient failures (timeouts, connection errors, 429, 5xx, and anything Stripe marks
 //!   `Stripe-Should-Retry: true`) are retried up to `max_tries` with exponential backoff and
 //!   jitter, honouring `Retry-After` up to [`MAX_RETRY_WAIT`]. Other 4xx are permanent at once.
@@ -24,7 +25,9 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, Method, StatusCode, Url};
 use serde::Deserialize;
 
-use super::{CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError};
+use super::{
+    CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError, Refund,
+};
 use crate::secret::Secret;
 
 /// The Stripe API version payretry is written against. Pinned on every request so a change of
@@ -154,6 +157,16 @@ impl StripeProvider {
             .pop_if_empty()
             .extend(["v1", "checkout", "sessions"])
             .extend(rest);
+        Ok(url)
+    }
+
+    /// `{base}/v1/refunds`.
+    fn refunds_url(&self) -> Result<Url, ProviderError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| ProviderError::Permanent("Stripe API base cannot take a path".into()))?
+            .pop_if_empty()
+            .extend(["v1", "refunds"]);
         Ok(url)
     }
 
@@ -354,6 +367,76 @@ impl PaymentProvider for StripeProvider {
             Err(other) => Err(other.into()),
         }
     }
+
+    async fn refund(
+        &self,
+        payment_intent: &str,
+        idempotency_key: &str,
+    ) -> Result<Refund, ProviderError> {
+        self.refund_payment(payment_intent, idempotency_key).await
+    }
+}
+
+impl StripeProvider {
+    async fn refund_payment(
+        &self,
+        payment_intent: &str,
+        idempotency_key: &str,
+    ) -> Result<Refund, ProviderError> {
+        const OPERATION: &str = "refund payment";
+        let valid = payment_intent.starts_with("pi_")
+            && payment_intent.len() <= 255
+            && payment_intent
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        if !valid {
+            return Err(ProviderError::Permanent(format!(
+                "{OPERATION}: {payment_intent:?} is not a Stripe payment intent id"
+            )));
+        }
+        let form = refund_form(payment_intent);
+        let call = Call {
+            operation: OPERATION,
+            method: Method::POST,
+            url: self.refunds_url()?,
+            form: Some(&form),
+            idempotency_key: Some(idempotency_key),
+        };
+        let body = match self.call(&call).await {
+            Ok(body) => body,
+            // 409: another request with this key is still in flight (a periodic retry met the
+            // webhook's own try). Its outcome is not known yet: ask again later.
+            Err(CallError::Refused {
+                status: StatusCode::CONFLICT,
+                message,
+            }) => return Err(ProviderError::Transient(message)),
+            // The charge is refunded already: an earlier try got through after its key
+            // expired at Stripe (24 h). The money is back; that is the outcome wanted.
+            Err(CallError::Refused {
+                status: StatusCode::BAD_REQUEST,
+                message,
+            }) if message.contains("charge_already_refunded") => {
+                return Ok(Refund { id: None });
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let refund: RefundBody = serde_json::from_slice(&body).map_err(|e| {
+            ProviderError::Permanent(
+                self.redact(format!("{OPERATION}: unexpected response from Stripe: {e}")),
+            )
+        })?;
+        match refund.status.as_deref() {
+            Some("failed" | "canceled") => Err(ProviderError::Permanent(format!(
+                "{OPERATION}: Stripe refund {} is {}",
+                refund.id,
+                refund.status.as_deref().unwrap_or_default()
+            ))),
+            // `succeeded`, or `pending` / `requires_action` (accepted, settling later).
+            _ => Ok(Refund {
+                id: Some(refund.id),
+            }),
+        }
+    }
 }
 
 /// One logical Stripe request, sent once per try.
@@ -404,6 +487,13 @@ struct SessionBody {
     payment_status: Option<String>,
 }
 
+/// The fields of a Refund payretry reads.
+#[derive(Debug, Deserialize)]
+struct RefundBody {
+    id: String,
+    status: Option<String>,
+}
+
 /// Stripe's error envelope: `{"error": {"type", "code", "message", …}}`.
 #[derive(Debug, Deserialize)]
 struct ErrorEnvelope {
@@ -445,6 +535,14 @@ fn checkout_form(request: &CheckoutRequest) -> Vec<(&'static str, String)> {
         ("payment_intent_data[metadata][payment_session_id]", session),
         ("payment_intent_data[metadata][retry_attempt]", attempt),
         ("expires_at", request.expires_at.timestamp().to_string()),
+    ]
+}
+
+/// A full refund of the payment intent's charge, marked as a duplicate in Stripe's records.
+fn refund_form(payment_intent: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("payment_intent", payment_intent.to_owned()),
+        ("reason", "duplicate".to_owned()),
     ]
 }
 

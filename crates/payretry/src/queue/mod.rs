@@ -66,6 +66,9 @@ pub trait Outbox: Send + Sync + 'static {
     /// The external queue accepted the row: delete it.
     async fn delete_outbox(&self, delivery: &Delivery) -> Result<(), StorageError>;
 
+    /// The external queue did not take the row: make it claimable again at once.
+    async fn release_outbox(&self, delivery: &Delivery) -> Result<(), StorageError>;
+
     /// Resolves when this process wrote to the outbox.
     async fn outbox_written(&self);
 }

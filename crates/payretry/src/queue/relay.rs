@@ -13,29 +13,40 @@ use std::time::Duration;
 
 /// Rows claimed per round (sent in batches of 10).
 const BATCH: u32 = 100;
-/// How long claimed rows are hidden from other relays while being sent.
-const LEASE: Duration = Duration::from_secs(30);
 /// Longest sleep when nothing wakes the relay (rows written by other processes).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
 pub struct SqsRelay {
     pub outbox: Arc<dyn Outbox>,
     pub sqs: Arc<SqsQueue>,
+    /// How long claimed rows are hidden from other relays while being sent; after a
+    /// relay dies mid-send, its rows are claimed again once this has passed.
+    pub lease: Duration,
 }
 
 impl SqsRelay {
-    /// Relays one round; returns how many rows SQS accepted.
+    /// Relays one round; returns how many rows SQS accepted. Rows it did not accept are
+    /// released at once, so they go as soon as SQS is back rather than after their lease.
     pub async fn relay_once(&self) -> Result<usize, crate::storage::StorageError> {
-        let rows = self.outbox.claim_outbox(BATCH, LEASE).await?;
+        let rows = self.outbox.claim_outbox(BATCH, self.lease).await?;
         if rows.is_empty() {
             return Ok(0);
         }
+        crate::crash_point!("relay-before-send");
         let jobs: Vec<_> = rows.iter().map(|d| d.job.clone()).collect();
-        let accepted = self.sqs.send(&jobs).await?;
-        for index in &accepted {
-            self.outbox.delete_outbox(&rows[*index]).await?;
+        let (accepted, failure) = self.sqs.send(&jobs).await;
+        let accepted: std::collections::HashSet<usize> = accepted.into_iter().collect();
+        for (index, row) in rows.iter().enumerate() {
+            if accepted.contains(&index) {
+                self.outbox.delete_outbox(row).await?;
+            } else {
+                self.outbox.release_outbox(row).await?;
+            }
         }
-        Ok(accepted.len())
+        match failure {
+            Some(error) if accepted.is_empty() => Err(error),
+            _ => Ok(accepted.len()),
+        }
     }
 
     pub async fn run(self, mut shutdown: Shutdown) {

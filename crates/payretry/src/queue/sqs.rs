@@ -150,49 +150,58 @@ impl SqsQueue {
         })
     }
 
-    /// Sends jobs with their remaining delay (capped at 15 minutes), in batches of 10.
-    /// Returns which of `jobs` (by index) SQS accepted.
-    pub async fn send(&self, jobs: &[RetryJob]) -> Result<Vec<usize>, StorageError> {
+    /// Sends jobs with their remaining delay (rounded up to whole seconds, capped at 15
+    /// minutes), in batches of 10. Returns the indexes (into `jobs`) SQS accepted, and the
+    /// error that stopped any batch: one failed batch does not hide the ones that went.
+    pub async fn send(&self, jobs: &[RetryJob]) -> (Vec<usize>, Option<StorageError>) {
         let mut accepted = Vec::with_capacity(jobs.len());
+        let mut failure = None;
         for (chunk_index, chunk) in jobs.chunks(10).enumerate() {
-            let now = Utc::now();
-            let entries = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, job)| {
-                    let delay = (job.scheduled_for - now)
-                        .num_seconds()
-                        .clamp(0, MAX_DELAY_SECONDS);
-                    SendMessageBatchRequestEntry::builder()
-                        .id(i.to_string())
-                        .message_body(serde_json::to_string(job).expect("jobs serialise"))
-                        .delay_seconds(delay as i32)
-                        .build()
-                        .map_err(|e| sqs_error("build batch entry", e))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            let output = self
-                .client
-                .send_message_batch()
-                .queue_url(&self.queue_url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-                .map_err(|e| sqs_error("send", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
-            for entry in output.successful() {
-                if let Ok(i) = entry.id().parse::<usize>() {
-                    accepted.push(chunk_index * 10 + i);
-                }
-            }
-            for failed in output.failed() {
-                tracing::warn!(
-                    code = failed.code(),
-                    message = failed.message(),
-                    "SQS refused a job; it stays in the outbox"
-                );
+            match self.send_batch(chunk).await {
+                Ok(ids) => accepted.extend(ids.into_iter().map(|i| chunk_index * 10 + i)),
+                Err(error) => failure = Some(error),
             }
         }
-        Ok(accepted)
+        (accepted, failure)
+    }
+
+    async fn send_batch(&self, chunk: &[RetryJob]) -> Result<Vec<usize>, StorageError> {
+        let now = Utc::now();
+        let entries = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, job)| {
+                // Rounded up: a job must never arrive before it is due.
+                let millis = (job.scheduled_for - now).num_milliseconds();
+                let delay = ((millis + 999) / 1000).clamp(0, MAX_DELAY_SECONDS);
+                SendMessageBatchRequestEntry::builder()
+                    .id(i.to_string())
+                    .message_body(serde_json::to_string(job).expect("jobs serialise"))
+                    .delay_seconds(delay as i32)
+                    .build()
+                    .map_err(|e| sqs_error("build batch entry", e))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let output = self
+            .client
+            .send_message_batch()
+            .queue_url(&self.queue_url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+            .map_err(|e| sqs_error("send", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
+        for failed in output.failed() {
+            tracing::warn!(
+                code = failed.code(),
+                message = failed.message(),
+                "SQS refused a job; it stays in the outbox"
+            );
+        }
+        Ok(output
+            .successful()
+            .iter()
+            .filter_map(|entry| entry.id().parse::<usize>().ok())
+            .collect())
     }
 
     /// Messages the redrive policy moved to the dead-letter queue (crash loops).
@@ -308,7 +317,12 @@ impl JobQueue for SqsQueue {
     async fn defer(&self, delivery: &Delivery) -> Result<(), StorageError> {
         // Re-send with the rest of the delay, then drop this copy: a redelivery of the old
         // one after a crash is harmless (the worker's attempt check drops duplicates).
-        self.send(std::slice::from_ref(&delivery.job)).await?;
+        let (accepted, error) = self.send(std::slice::from_ref(&delivery.job)).await;
+        if accepted.is_empty() {
+            return Err(
+                error.unwrap_or_else(|| StorageError::Queue("SQS refused the deferred job".into()))
+            );
+        }
         self.ack(delivery).await
     }
 

@@ -2,19 +2,26 @@
 //!
 //! - A payment from ANY attempt's checkout wins: the session succeeds and a pending retry is
 //!   dropped (the worker sees the session moved on and does nothing).
+//! - A payment from another attempt's checkout of a session already paid is a double payment
+//!   (an old checkout completing late): the first payment stands, and the second is audited
+//!   (`double_payment_detected`), counted, recorded for support in the same transaction, and,
+//!   with `PAYRETRY_AUTO_REFUND_DUPLICATES`, refunded after the commit (see `duplicates`).
 //! - A failure counts only for the attempt whose checkout is current; an older attempt's
 //!   failure is ignored. A later failure of the current attempt updates the reason.
 //! - Each event id is applied once, recorded in the same transaction as its effect.
 
 use super::{Payments, ServiceResult};
 use crate::storage::{
-    AttemptChange, AttemptStatus, NewAuditEntry, SessionRecord, SessionState, Transition,
+    AttemptChange, AttemptStatus, DuplicatePaymentStatus, NewAuditEntry, NewDuplicatePayment,
+    SessionRecord, SessionState, Transition,
 };
 use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
 use crate::telemetry::metrics::{self, AbandonReason};
 use crate::webhook::event::{EventKind, ProviderEvent};
 use chrono::{DateTime, Utc};
-use payretry_domain::{Actor, AttemptNumber, AuditAction, FailureReason, SessionStatus};
+use payretry_domain::{
+    Actor, AttemptNumber, AuditAction, FailureReason, ProviderSessionId, SessionStatus,
+};
 use serde_json::json;
 
 /// What an event did, for logs and tests.
@@ -35,6 +42,16 @@ pub enum EventEffect {
 enum Followup {
     None,
     RetryFinished(AttemptNumber, Option<FailureReason>, bool),
+    /// A double payment through this attempt's checkout; `true`: a refund is owed.
+    DoublePayment(AttemptNumber, bool),
+}
+
+/// The payment an event (or reconciliation) reports.
+struct PaidBy<'a> {
+    /// `None`: the provider did not echo the attempt; the current one is assumed.
+    attempt: Option<AttemptNumber>,
+    provider_session_id: Option<&'a ProviderSessionId>,
+    payment_intent: Option<&'a str>,
 }
 
 impl Payments {
@@ -46,7 +63,17 @@ impl Payments {
         let outcome = self
             .transition(&event.session_id, |session, now| {
                 let decided = match &event.kind {
-                    EventKind::Paid => decide_paid(session, event.attempt, now, &Actor::System),
+                    EventKind::Paid => decide_paid(
+                        session,
+                        &PaidBy {
+                            attempt: event.attempt,
+                            provider_session_id: event.provider_session_id.as_ref(),
+                            payment_intent: event.payment_intent.as_deref(),
+                        },
+                        now,
+                        &Actor::System,
+                        self.auto_refund_duplicates,
+                    ),
                     EventKind::Failed(reason) => decide_failed(
                         session,
                         event.attempt,
@@ -70,6 +97,12 @@ impl Payments {
         let Some((_, (effect, followup))) = outcome else {
             return Ok(EventEffect::Ignored);
         };
+        if let Followup::DoublePayment(attempt, true) = followup {
+            // After the commit, never inside it: a provider call must not hold the database
+            // transaction, and the committed `refund_requested` row is what makes a crash
+            // right here safe (the periodic retry finds it).
+            self.refund_owed_duplicate(&event.session_id, attempt).await;
+        }
         emit(followup);
         Ok(effect)
     }
@@ -82,8 +115,13 @@ impl Payments {
         let attempt = Some(session.state.current_attempt);
         let outcome = self
             .transition(&session.id, |s, now| {
+                let paid = PaidBy {
+                    attempt,
+                    provider_session_id: s.state.provider_session_id.as_ref(),
+                    payment_intent: None,
+                };
                 Ok(
-                    decide_paid(s, attempt, now, &Actor::System).map(|(mut t, effect, f)| {
+                    decide_paid(s, &paid, now, &Actor::System, false).map(|(mut t, effect, f)| {
                         for entry in &mut t.audit {
                             entry.details["reconciled"] = json!(true);
                         }
@@ -103,11 +141,15 @@ impl Payments {
 }
 
 fn emit(followup: Followup) {
-    if let Followup::RetryFinished(attempt, failure, exhausted) = followup {
-        metrics::retry_finished(attempt, failure.as_ref());
-        if exhausted {
-            metrics::retry_abandoned(AbandonReason::AttemptsExhausted);
+    match followup {
+        Followup::None => {}
+        Followup::RetryFinished(attempt, failure, exhausted) => {
+            metrics::retry_finished(attempt, failure.as_ref());
+            if exhausted {
+                metrics::retry_abandoned(AbandonReason::AttemptsExhausted);
+            }
         }
+        Followup::DoublePayment(attempt, _) => metrics::double_payment_detected(attempt),
     }
 }
 
@@ -115,25 +157,15 @@ type Decision = Option<(Transition, EventEffect, Followup)>;
 
 fn decide_paid(
     session: &SessionRecord,
-    attempt: Option<AttemptNumber>,
+    paid: &PaidBy<'_>,
     now: DateTime<Utc>,
     actor: &Actor,
+    auto_refund: bool,
 ) -> Decision {
-    let attempt = attempt.unwrap_or(session.state.current_attempt);
+    let attempt = paid.attempt.unwrap_or(session.state.current_attempt);
     let state = &session.state;
     if state.status == SessionStatus::Succeeded {
-        if state.paid_attempt == Some(attempt) {
-            return None;
-        }
-        // Money moved twice: keep the first success, make the second visible to support.
-        let mut t = Transition::new(session, state.clone());
-        t.audit.push(NewAuditEntry {
-            action: AuditAction::PaymentSucceeded,
-            attempt: Some(attempt),
-            actor: actor.to_string(),
-            details: json!({"duplicatePayment": true, "paidAttempt": state.paid_attempt.map(AttemptNumber::get)}),
-        });
-        return Some((t, EventEffect::DuplicatePayment, Followup::None));
+        return decide_double_payment(session, attempt, paid, actor, auto_refund);
     }
     let after_window = now >= session.expires_at;
     let new_state = SessionState {
@@ -174,6 +206,62 @@ fn decide_paid(
         Followup::None
     };
     Some((t, EventEffect::Succeeded, followup))
+}
+
+/// Money moved twice: the first success stands, the second is made visible to support and,
+/// when asked, refunded. The refund is only decided here (`refund_requested`, in the same
+/// commit as the detection); it is made after the commit.
+fn decide_double_payment(
+    session: &SessionRecord,
+    attempt: AttemptNumber,
+    paid: &PaidBy<'_>,
+    actor: &Actor,
+    auto_refund: bool,
+) -> Decision {
+    let state = &session.state;
+    let paid_attempt = state.paid_attempt.unwrap_or(state.current_attempt);
+    if paid_attempt == attempt {
+        // The payment already recorded, reported again.
+        return None;
+    }
+    // Without the payment intent there is nothing to refund by: support must find the charge.
+    let refund = auto_refund && paid.payment_intent.is_some();
+    if auto_refund && !refund {
+        tracing::warn!(
+            session_id = %session.id,
+            duplicate_attempt = attempt.get(),
+            "double payment without a payment intent: recorded, not refunded"
+        );
+    }
+    let mut t = Transition::new(session, state.clone());
+    t.audit.push(NewAuditEntry {
+        action: AuditAction::DoublePaymentDetected,
+        attempt: Some(attempt),
+        actor: actor.to_string(),
+        details: json!({
+            "paidAttempt": paid_attempt.get(),
+            "duplicateAttempt": attempt.get(),
+            "providerSessionId": paid.provider_session_id.map(ProviderSessionId::as_str),
+            "paymentIntent": paid.payment_intent,
+            "refundRequested": refund,
+        }),
+    });
+    t.duplicate_payment = Some(NewDuplicatePayment {
+        paid_attempt,
+        duplicate_attempt: attempt,
+        provider_session_id: paid.provider_session_id.cloned(),
+        payment_intent: paid.payment_intent.map(str::to_owned),
+        status: if refund {
+            DuplicatePaymentStatus::RefundRequested
+        } else {
+            DuplicatePaymentStatus::Detected
+        },
+    });
+    Some((
+        t,
+        EventEffect::DuplicatePayment,
+        Followup::DoublePayment(attempt, refund),
+    ))
 }
 
 fn decide_failed(

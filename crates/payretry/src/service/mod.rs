@@ -7,10 +7,12 @@
 //! - [`events`]: provider events (paid, failed, expired) applied to sessions.
 //! - [`expiry`]: closing sessions whose window passed.
 //! - [`dead_letters`]: listing and redriving jobs that kept failing.
+//! - [`duplicates`]: double payments for support, and refunding them.
 //! - [`views`]: the status and retry objects of the HTTP contract.
 
 pub mod checkout;
 pub mod dead_letters;
+pub mod duplicates;
 pub mod events;
 pub mod expiry;
 pub mod retry;
@@ -58,6 +60,9 @@ pub struct Payments {
     /// Whether Segment events are recorded (a write key is configured). When off, no
     /// analytics rows are written at all, so none pile up.
     pub analytics: bool,
+    /// Whether a detected double payment is refunded through the provider
+    /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`); otherwise it is only recorded for support.
+    pub auto_refund_duplicates: bool,
 }
 
 impl Payments {

@@ -1,5 +1,5 @@
 //! Durable state: payment sessions, attempts, the audit log, idempotency records, processed
-//! webhook events, the retry-job outbox and dead letters.
+//! webhook events, the retry-job outbox, dead letters and detected double payments.
 //!
 //! The rule this module enforces: every state change is one [`Transition`], committed in one
 //! database transaction together with everything that must happen because of it (audit
@@ -197,6 +197,87 @@ pub struct NewDeadLetter {
     pub last_error: String,
 }
 
+/// Where a detected double payment stands. Only `RefundRequested` moves on, and only once:
+/// to `Refunded` or `RefundFailed` ([`Storage::settle_duplicate_refund`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DuplicatePaymentStatus {
+    /// Recorded for support; automatic refunds are off (or the charge cannot be identified).
+    Detected,
+    /// An automatic refund was decided in the detecting transaction and is owed until settled.
+    RefundRequested,
+    /// The provider accepted the refund.
+    Refunded,
+    /// The provider refused the refund for good: support must act.
+    RefundFailed,
+}
+
+impl DuplicatePaymentStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Detected => "detected",
+            Self::RefundRequested => "refund_requested",
+            Self::Refunded => "refunded",
+            Self::RefundFailed => "refund_failed",
+        }
+    }
+}
+
+impl std::str::FromStr for DuplicatePaymentStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "detected" => Ok(Self::Detected),
+            "refund_requested" => Ok(Self::RefundRequested),
+            "refunded" => Ok(Self::Refunded),
+            "refund_failed" => Ok(Self::RefundFailed),
+            other => Err(format!("unknown duplicate payment status `{other}`")),
+        }
+    }
+}
+
+/// A double payment to record with the transition that detected it. At most one is kept per
+/// session and duplicate attempt: a second record for the same checkout (the provider sent
+/// another event about the same payment) makes the whole commit a no-op
+/// ([`Committed::DuplicateEvent`]), so the audit entry, the metric and the refund happen once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewDuplicatePayment {
+    /// The attempt whose payment stands.
+    pub paid_attempt: AttemptNumber,
+    /// The attempt whose checkout was paid as well.
+    pub duplicate_attempt: AttemptNumber,
+    pub provider_session_id: Option<ProviderSessionId>,
+    /// The provider's id of the duplicate charge (`pi_…`), what a refund needs.
+    pub payment_intent: Option<String>,
+    /// `Detected` or `RefundRequested`.
+    pub status: DuplicatePaymentStatus,
+}
+
+/// A double payment as stored, for support and for the refund.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicatePayment {
+    pub id: String,
+    pub session_id: PaymentSessionId,
+    pub paid_attempt: AttemptNumber,
+    pub duplicate_attempt: AttemptNumber,
+    pub provider_session_id: Option<ProviderSessionId>,
+    pub payment_intent: Option<String>,
+    pub status: DuplicatePaymentStatus,
+    /// The provider's refund id once refunded.
+    pub refund_id: Option<String>,
+    /// Why the refund failed, when it did.
+    pub last_error: Option<String>,
+    pub detected_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// How an owed refund ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundSettlement {
+    Refunded { refund_id: Option<String> },
+    Failed { error: String },
+}
+
 /// One atomic state change of a session and everything that goes with it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
@@ -217,6 +298,8 @@ pub struct Transition {
     pub idempotency: Option<IdempotencyCompletion>,
     /// Segment events describing this change (analytics outbox).
     pub analytics: Vec<AnalyticsEvent>,
+    /// A double payment this change detected, recorded for support (and a refund).
+    pub duplicate_payment: Option<NewDuplicatePayment>,
 }
 
 impl Transition {
@@ -234,6 +317,7 @@ impl Transition {
             webhook_event_id: None,
             idempotency: None,
             analytics: Vec::new(),
+            duplicate_payment: None,
         }
     }
 }
@@ -244,7 +328,8 @@ pub enum Committed {
     Applied,
     /// The session changed since it was read; nothing was written.
     Conflict,
-    /// The webhook event was processed before; nothing was written.
+    /// The webhook event was processed before, or the double payment it reports was recorded
+    /// before (another event about the same payment); nothing was written.
     DuplicateEvent,
 }
 
@@ -276,7 +361,7 @@ pub struct SandboxCheckout {
     pub success_url: String,
     pub cancel_url: String,
     pub expires_at: DateTime<Utc>,
-    /// `open`, `paid` or `expired`.
+    /// `open`, `paid`, `expired` or `refunded`.
     pub status: String,
 }
 
@@ -350,6 +435,35 @@ pub trait Storage: Send + Sync + 'static {
     /// Resolves when this process committed analytics events (so the relay need not poll).
     async fn analytics_enqueued(&self);
 
+    /// Every recorded double payment, oldest first.
+    async fn duplicate_payments(&self) -> StorageResult<Vec<DuplicatePayment>>;
+
+    /// The double payment recorded for this session's `attempt`, if any.
+    async fn duplicate_payment(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+    ) -> StorageResult<Option<DuplicatePayment>>;
+
+    /// Refunds still owed (`refund_requested`) that were last touched before `before`, at most
+    /// `limit`, oldest first: what a crash between commit and refund left behind.
+    async fn duplicate_refunds_owed(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<DuplicatePayment>>;
+
+    /// Records how an owed refund ended, with `audit` appended to the session's log in the
+    /// same transaction. Only a `refund_requested` row changes, so of two settlers (the
+    /// webhook's and a periodic retry's) one records the outcome; returns whether this one did.
+    async fn settle_duplicate_refund(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+        settlement: &RefundSettlement,
+        audit: Option<&NewAuditEntry>,
+    ) -> StorageResult<bool>;
+
     async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> StorageResult<()>;
 
     async fn sandbox_checkout(
@@ -362,6 +476,20 @@ pub trait Storage: Send + Sync + 'static {
         id: &ProviderSessionId,
         status: &str,
     ) -> StorageResult<()>;
+}
+
+/// The `status`, `refund_id` and `last_error` columns a settlement writes.
+pub(crate) fn settlement_columns(
+    settlement: &RefundSettlement,
+) -> (DuplicatePaymentStatus, Option<&str>, Option<&str>) {
+    match settlement {
+        RefundSettlement::Refunded { refund_id } => {
+            (DuplicatePaymentStatus::Refunded, refund_id.as_deref(), None)
+        }
+        RefundSettlement::Failed { error } => {
+            (DuplicatePaymentStatus::RefundFailed, None, Some(error))
+        }
+    }
 }
 
 /// Milliseconds since the epoch: how every timestamp is stored.

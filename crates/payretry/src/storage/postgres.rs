@@ -169,6 +169,26 @@ fn sandbox_checkout_from_row(row: &PgRow) -> StorageResult<SandboxCheckout> {
     })
 }
 
+fn duplicate_payment_from_row(row: &PgRow) -> StorageResult<DuplicatePayment> {
+    let session_id: String = row.try_get("session_id")?;
+    let status: String = row.try_get("status")?;
+    Ok(DuplicatePayment {
+        id: row.try_get::<i64, _>("id")?.to_string(),
+        session_id: PaymentSessionId::parse(&session_id).map_err(corrupt)?,
+        paid_attempt: attempt(row.try_get("paid_attempt")?),
+        duplicate_attempt: attempt(row.try_get("duplicate_attempt")?),
+        provider_session_id: row
+            .try_get::<Option<String>, _>("provider_session_id")?
+            .map(ProviderSessionId::new),
+        payment_intent: row.try_get("payment_intent")?,
+        status: status.parse().map_err(corrupt)?,
+        refund_id: row.try_get("refund_id")?,
+        last_error: row.try_get("last_error")?,
+        detected_at: from_millis(row.try_get("detected_at")?)?,
+        updated_at: from_millis(row.try_get("updated_at")?)?,
+    })
+}
+
 async fn append_audit(
     tx: &mut Transaction<'static, Postgres>,
     session_id: &PaymentSessionId,
@@ -355,6 +375,29 @@ impl Storage for PostgresStorage {
         .await?;
         if updated.rows_affected() == 0 {
             return Ok(Committed::Conflict);
+        }
+        if let Some(d) = &t.duplicate_payment {
+            // One row per session and duplicate attempt, as with SQLite. The session row is
+            // locked by the update above, so a concurrent record of the same payment waits
+            // here and then finds the row.
+            let inserted = sqlx::query(
+                "INSERT INTO duplicate_payments (session_id, paid_attempt, duplicate_attempt,
+                    provider_session_id, payment_intent, status, detected_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+                 ON CONFLICT (session_id, duplicate_attempt) DO NOTHING",
+            )
+            .bind(t.session_id.as_str())
+            .bind(i64::from(d.paid_attempt.get()))
+            .bind(i64::from(d.duplicate_attempt.get()))
+            .bind(d.provider_session_id.as_ref().map(|p| p.as_str()))
+            .bind(d.payment_intent.as_deref())
+            .bind(d.status.as_str())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                return Ok(Committed::DuplicateEvent);
+            }
         }
         if let Some(a) = &t.attempt {
             // Unlike SQLite, PostgreSQL needs the target columns qualified: an unqualified
@@ -672,6 +715,80 @@ impl Storage for PostgresStorage {
         self.analytics_enqueued.notified().await;
     }
 
+    async fn duplicate_payments(&self) -> StorageResult<Vec<DuplicatePayment>> {
+        let rows = sqlx::query("SELECT * FROM duplicate_payments ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(duplicate_payment_from_row).collect()
+    }
+
+    async fn duplicate_payment(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+    ) -> StorageResult<Option<DuplicatePayment>> {
+        let row = sqlx::query(
+            "SELECT * FROM duplicate_payments WHERE session_id = $1 AND duplicate_attempt = $2",
+        )
+        .bind(session_id.as_str())
+        .bind(i64::from(attempt.get()))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(duplicate_payment_from_row).transpose()
+    }
+
+    async fn duplicate_refunds_owed(
+        &self,
+        before: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<DuplicatePayment>> {
+        let rows = sqlx::query(
+            "SELECT * FROM duplicate_payments
+             WHERE status = 'refund_requested' AND updated_at <= $1
+             ORDER BY updated_at, id LIMIT $2",
+        )
+        .bind(to_millis(before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(duplicate_payment_from_row).collect()
+    }
+
+    async fn settle_duplicate_refund(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+        settlement: &RefundSettlement,
+        audit: Option<&NewAuditEntry>,
+    ) -> StorageResult<bool> {
+        let now = to_millis(Utc::now());
+        let (status, refund_id, error) = settlement_columns(settlement);
+        let mut tx = self.pool.begin().await?;
+        // The status condition is re-checked after a concurrent settler's commit (READ
+        // COMMITTED), so only one of two settlers updates the row and appends the audit entry.
+        let updated = sqlx::query(
+            "UPDATE duplicate_payments SET status = $1, refund_id = $2, last_error = $3,
+                updated_at = $4
+             WHERE session_id = $5 AND duplicate_attempt = $6 AND status = 'refund_requested'",
+        )
+        .bind(status.as_str())
+        .bind(refund_id)
+        .bind(error)
+        .bind(now)
+        .bind(session_id.as_str())
+        .bind(i64::from(attempt.get()))
+        .execute(&mut *tx)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(false);
+        }
+        if let Some(entry) = audit {
+            append_audit(&mut tx, session_id, now, entry).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
     async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
         sqlx::query(
             "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
@@ -849,6 +966,18 @@ impl Outbox for PostgresStorage {
 
     async fn delete_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
         self.ack(delivery).await
+    }
+
+    async fn release_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
+        let (id, lease) = parse_receipt(&delivery.receipt)?;
+        sqlx::query(
+            "UPDATE retry_jobs SET locked_until = NULL WHERE id = $1 AND locked_until = $2",
+        )
+        .bind(id)
+        .bind(lease)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
     }
 
     async fn outbox_written(&self) {

@@ -153,12 +153,10 @@ impl SegmentRelay {
             .await;
         let ids: Vec<i64> = batch.iter().map(|r| r.id).collect();
         match response {
-            Ok(r) if r.status().is_success() => {
-                match self.storage.analytics_delivered(&ids).await {
-                    Ok(()) => Delivery::Sent(ids.len()),
-                    Err(error) => Delivery::Failed(error.to_string()),
-                }
-            }
+            Ok(r) if r.status().is_success() => match self.delivered(&ids).await {
+                Ok(()) => Delivery::Sent(ids.len()),
+                Err(error) => Delivery::Failed(error.to_string()),
+            },
             Ok(r) if r.status().as_u16() == 429 || r.status().is_server_error() => {
                 Delivery::Failed(format!("segment answered {}", r.status()))
             }
@@ -174,6 +172,14 @@ impl SegmentRelay {
             }
             Err(error) => Delivery::Failed(format!("segment unreachable: {error}")),
         }
+    }
+}
+
+impl SegmentRelay {
+    /// Segment accepted the batch: forget its rows.
+    async fn delivered(&self, ids: &[i64]) -> Result<(), crate::storage::StorageError> {
+        crate::crash_point!("segment-after-send");
+        self.storage.analytics_delivered(ids).await
     }
 }
 

@@ -9,6 +9,7 @@ pub const SUCCESS_RATE: &str = "payments.retry.success_rate";
 pub const ABANDONED_COUNT: &str = "payments.retry.abandoned_count";
 pub const DEAD_LETTER_COUNT: &str = "payments.retry.dead_letter_count";
 pub const SCHEDULE_LAG_SECONDS: &str = "payments.retry.schedule_lag_seconds";
+pub const DOUBLE_PAYMENT_COUNT: &str = "payments.retry.double_payment_count";
 
 /// Why a retry was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +60,17 @@ pub fn retry_abandoned(reason: AbandonReason) {
 
 pub fn retry_dead_lettered() {
     metrics::counter!(DEAD_LETTER_COUNT).increment(1);
+}
+
+/// A session already paid was paid again through `duplicate_attempt`'s checkout: a buyer
+/// was charged twice. Counted once per duplicate charge, so any non-zero rate is worth an
+/// alert.
+pub fn double_payment_detected(duplicate_attempt: AttemptNumber) {
+    metrics::counter!(
+        DOUBLE_PAYMENT_COUNT,
+        "retry_attempt" => duplicate_attempt.to_string()
+    )
+    .increment(1);
 }
 
 /// How late the worker picked a job, relative to when it was due.

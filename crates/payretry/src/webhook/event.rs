@@ -25,6 +25,10 @@ pub struct ProviderEvent {
     /// From `metadata.retry_attempt`; `None` if the provider did not echo it.
     pub attempt: Option<AttemptNumber>,
     pub provider_session_id: Option<ProviderSessionId>,
+    /// The charge's payment intent (`pi_…`): what a refund of a duplicate payment needs.
+    /// From a checkout session's `payment_intent` (an id, or the expanded object's `id`), or
+    /// a payment intent event's own `id`.
+    pub payment_intent: Option<String>,
 }
 
 /// Why an event body could not be used.
@@ -73,9 +77,13 @@ pub fn parse(body: &[u8]) -> Result<Option<ProviderEvent>, EventError> {
     let attempt = text("/metadata/retry_attempt")
         .and_then(|a| a.parse::<u32>().ok())
         .map(AttemptNumber::new);
-    let provider_session_id = match text("/object") {
-        Some("checkout.session") => text("/id").map(ProviderSessionId::new),
-        _ => None,
+    let (provider_session_id, payment_intent) = match text("/object") {
+        Some("checkout.session") => (
+            text("/id").map(ProviderSessionId::new),
+            text("/payment_intent").or_else(|| text("/payment_intent/id")),
+        ),
+        Some("payment_intent") => (None, text("/id")),
+        _ => (None, None),
     };
     Ok(Some(ProviderEvent {
         id: id.to_owned(),
@@ -83,6 +91,7 @@ pub fn parse(body: &[u8]) -> Result<Option<ProviderEvent>, EventError> {
         session_id,
         attempt,
         provider_session_id,
+        payment_intent: payment_intent.map(str::to_owned),
     }))
 }
 
@@ -108,6 +117,25 @@ mod tests {
         assert_eq!(
             event.provider_session_id,
             Some(ProviderSessionId::new("cs_1"))
+        );
+    }
+
+    #[test]
+    fn a_paid_event_carries_its_payment_intent() {
+        let object = |payment_intent: Value| {
+            json!({"id": "evt_pi", "type": "checkout.session.async_payment_succeeded",
+                "data": {"object": {"object": "checkout.session", "id": "cs_1",
+                    "payment_status": "paid", "payment_intent": payment_intent,
+                    "metadata": {"payment_session_id": "ps_a", "retry_attempt": "1"}}}})
+        };
+        let by_id = parse_json(object(json!("pi_123"))).unwrap();
+        assert_eq!(by_id.kind, EventKind::Paid);
+        assert_eq!(by_id.payment_intent.as_deref(), Some("pi_123"));
+        let expanded = parse_json(object(json!({"id": "pi_456", "object": "payment_intent"})));
+        assert_eq!(expanded.unwrap().payment_intent.as_deref(), Some("pi_456"));
+        assert_eq!(
+            parse_json(object(Value::Null)).unwrap().payment_intent,
+            None
         );
     }
 

@@ -357,6 +357,19 @@ pub fn paid_event(id: &str, attempt: u32, checkout: &str) -> Value {
     })
 }
 
+/// [`paid_event`] with the charge's `payment_intent`, as Stripe sends it: what a refund of
+/// a duplicate payment needs.
+pub fn paid_event_with_intent(
+    id: &str,
+    attempt: u32,
+    checkout: &str,
+    payment_intent: &str,
+) -> Value {
+    let mut event = paid_event(id, attempt, checkout);
+    event["data"]["object"]["payment_intent"] = json!(payment_intent);
+    event
+}
+
 pub fn declined_event(id: &str, attempt: u32, reason: &str) -> Value {
     json!({
         "id": unique_event_id(), "object": "event", "type": "payment_intent.payment_failed",

@@ -5,13 +5,19 @@
 //! - `POST /v1/checkout/sessions` (form-encoded), `GET /v1/checkout/sessions/{id}`,
 //!   `POST /v1/checkout/sessions/{id}/expire`, with Stripe's error envelope and a
 //!   `Request-Id` header; an open checkout past its `expires_at` reads as expired.
+//! - `POST /v1/refunds` (`payment_intent`, optional `reason`): refunds the charge of a paid
+//!   checkout's payment intent (given by [`FakeStripe::mark_paid`]) once; a second refund of
+//!   the same charge under another key is a 400 `charge_already_refunded`, an unknown payment
+//!   intent a 404.
 //! - `Idempotency-Key`: the same key with the same parameters replays the first response
 //!   (`Idempotent-Replayed: true`, no second checkout); the same key with other parameters is
-//!   a 400 `idempotency_error`. Only successful creates are remembered, as at Stripe.
+//!   a 400 `idempotency_error`. Only successful creates and refunds are remembered, as at
+//!   Stripe.
 //!
 //! What it checks beyond Stripe (payretry's contract, DESIGN.md §4): every create carries
 //! exactly the agreed fields, well-formed, `expires_at` 30 min to 24 h ahead, and the
-//! `payretry-{sessionId}-attempt-{N}` idempotency key; every request carries
+//! `payretry-{sessionId}-attempt-{N}` idempotency key; every refund carries a
+//! `payretry-{sessionId}-refund-attempt-{N}` key; every request carries
 //! `Authorization: Bearer sk_test_…` and `Stripe-Version`. A violation is answered with 400
 //! (401 for the key, as Stripe does) and recorded in [`FakeStripe::violations`], which a test
 //! asserts empty.
@@ -87,7 +93,24 @@ pub struct FakeCheckout {
     pub payment_status: String,
     pub expires_at: i64,
     pub created: i64,
+    /// `pi_test_…`, given when the checkout is marked paid.
+    pub payment_intent: Option<String>,
 }
+
+/// A refund the fake made (replays excluded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FakeRefund {
+    /// `re_test_…`
+    pub id: String,
+    pub payment_intent: String,
+    pub idempotency_key: String,
+    /// Stripe's `reason`, if sent.
+    pub reason: Option<String>,
+    pub created: i64,
+}
+
+/// The parameters a refund request may carry.
+pub const REFUND_FIELDS: [&str; 2] = ["payment_intent", "reason"];
 
 /// One API request as it arrived (including replays and injected failures).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,6 +151,7 @@ impl FakeStripe {
             .route("/v1/checkout/sessions", post(create))
             .route("/v1/checkout/sessions/{id}", get(retrieve))
             .route("/v1/checkout/sessions/{id}/expire", post(expire))
+            .route("/v1/refunds", post(refund))
             .route("/pay/{id}", get(pay_page))
             .fallback(unknown_route)
             .with_state(shared.clone());
@@ -204,14 +228,41 @@ impl FakeStripe {
         self.shared.ledger().expired_ids.clone()
     }
 
+    /// Every refund made, oldest first (idempotent replays are not new refunds).
+    pub fn refunds(&self) -> Vec<FakeRefund> {
+        self.shared.ledger().refunds.clone()
+    }
+
+    /// Raw `POST /v1/refunds` requests received: replays, refusals and injected failures
+    /// included.
+    pub fn refund_requests(&self) -> usize {
+        self.shared
+            .ledger()
+            .requests
+            .iter()
+            .filter(|r| r.method == "POST" && r.path == "/v1/refunds")
+            .count()
+    }
+
     /// Contract violations seen so far; a well-behaved client leaves this empty.
     pub fn violations(&self) -> Vec<String> {
         self.shared.ledger().violations.clone()
     }
 
-    /// The buyer paid: the checkout reads `complete` / `paid`.
-    pub fn mark_paid(&self, checkout_id: &str) {
+    /// The buyer paid: the checkout reads `complete` / `paid`, with a payment intent that
+    /// can be refunded. Returns the payment intent's id.
+    pub fn mark_paid(&self, checkout_id: &str) -> String {
         self.set_state(checkout_id, "complete", "paid");
+        let mut ledger = self.shared.ledger();
+        let checkout = ledger
+            .checkouts
+            .iter_mut()
+            .find(|c| c.id == checkout_id)
+            .expect("the checkout just marked paid");
+        checkout
+            .payment_intent
+            .get_or_insert_with(|| format!("pi_test_{}", uuid::Uuid::new_v4().simple()))
+            .clone()
     }
 
     /// The buyer completed an asynchronous payment that has not cleared: `complete` / `unpaid`.
@@ -219,8 +270,9 @@ impl FakeStripe {
         self.set_state(checkout_id, "complete", "unpaid");
     }
 
-    /// The next `n` API requests (create, retrieve or expire) fail as `mode` says. Calls queue
-    /// up: `fail_next(1, a); fail_next(1, b)` fails the next request with `a`, then one with `b`.
+    /// The next `n` API requests (create, retrieve, expire or refund) fail as `mode` says.
+    /// Calls queue up: `fail_next(1, a); fail_next(1, b)` fails the next request with `a`, then
+    /// one with `b`.
     pub fn fail_next(&self, n: usize, mode: FailureMode) {
         self.shared
             .ledger()
@@ -395,6 +447,7 @@ impl Shared {
             expires_at: form["expires_at"].parse().unwrap_or_default(),
             created: now,
             form: form.clone(),
+            payment_intent: None,
         };
         let body = checkout_json(&checkout);
         if let Some(key) = key {
@@ -415,6 +468,7 @@ impl Shared {
 #[derive(Default)]
 struct Ledger {
     checkouts: Vec<FakeCheckout>,
+    refunds: Vec<FakeRefund>,
     /// Idempotency-Key → the parameters and response of the first successful create.
     idempotency: HashMap<String, Stored>,
     requests: Vec<RecordedRequest>,
@@ -496,6 +550,171 @@ async fn expire(
     let body = checkout_json(checkout);
     ledger.expired_ids.push(id);
     stripe_json(StatusCode::OK, body)
+}
+
+async fn refund(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
+        return refusal;
+    }
+    shared.refund(&headers, &body)
+}
+
+impl Shared {
+    fn refund(&self, headers: &HeaderMap, body: &Bytes) -> Response {
+        let mut problems = Vec::new();
+        let content_type = header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
+        if !content_type.starts_with("application/x-www-form-urlencoded") {
+            problems.push(format!("Content-Type is {content_type:?}, not a form"));
+        }
+        let mut form = BTreeMap::new();
+        for (name, value) in form_urlencoded::parse(body) {
+            if form.insert(name.to_string(), value.to_string()).is_some() {
+                problems.push(format!("parameter {name} sent twice"));
+            }
+        }
+        let key = header_text(headers, "idempotency-key");
+
+        let mut ledger = self.ledger();
+        if let Some(key) = &key
+            && let Some(stored) = ledger.idempotency.get(key)
+        {
+            if stored.params == form {
+                let replay = stored.body.clone();
+                drop(ledger);
+                let mut response = stripe_json(StatusCode::OK, replay);
+                response
+                    .headers_mut()
+                    .insert("Idempotent-Replayed", HeaderValue::from_static("true"));
+                return response;
+            }
+            ledger.violations.push(format!(
+                "refund: Idempotency-Key {key} reused with different parameters"
+            ));
+            drop(ledger);
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_error",
+                None,
+                &format!(
+                    "Keys for idempotent requests can only be used with the same parameters \
+                     they were first used with. Try using a key other than '{key}'."
+                ),
+            );
+        }
+
+        problems.extend(validate_refund(&form, key.as_deref()));
+        if !problems.is_empty() {
+            ledger
+                .violations
+                .extend(problems.iter().map(|p| format!("refund: {p}")));
+            drop(ledger);
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("parameter_invalid"),
+                &problems.join("; "),
+            );
+        }
+
+        let payment_intent = form["payment_intent"].clone();
+        let paid = ledger.checkouts.iter().any(|c| {
+            c.payment_intent.as_deref() == Some(payment_intent.as_str())
+                && c.payment_status == "paid"
+        });
+        if !paid {
+            ledger
+                .violations
+                .push(format!("refund: no paid charge for {payment_intent}"));
+            drop(ledger);
+            return stripe_error(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                Some("resource_missing"),
+                &format!("No such payment_intent: '{payment_intent}'"),
+            );
+        }
+        if ledger
+            .refunds
+            .iter()
+            .any(|r| r.payment_intent == payment_intent)
+        {
+            drop(ledger);
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                Some("charge_already_refunded"),
+                &format!("Charge for {payment_intent} has already been refunded."),
+            );
+        }
+
+        let refund = FakeRefund {
+            id: format!("re_test_{}", uuid::Uuid::new_v4().simple()),
+            payment_intent,
+            idempotency_key: key.clone().unwrap_or_default(),
+            reason: form.get("reason").cloned(),
+            created: now_unix(),
+        };
+        let body = json!({
+            "id": refund.id,
+            "object": "refund",
+            "payment_intent": refund.payment_intent,
+            "reason": refund.reason,
+            "status": "succeeded",
+            "created": refund.created,
+        });
+        if let Some(key) = key {
+            ledger.idempotency.insert(
+                key,
+                Stored {
+                    params: form,
+                    body: body.clone(),
+                },
+            );
+        }
+        ledger.refunds.push(refund);
+        drop(ledger);
+        stripe_json(StatusCode::OK, body)
+    }
+}
+
+/// Every problem with a refund request's form and idempotency key.
+fn validate_refund(form: &BTreeMap<String, String>, key: Option<&str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    match form.get("payment_intent") {
+        None => problems.push("missing parameter payment_intent".to_owned()),
+        Some(pi) if !pi.starts_with("pi_") => {
+            problems.push(format!("payment_intent {pi:?} is not a pi_… id"));
+        }
+        Some(_) => {}
+    }
+    for field in form.keys() {
+        if !REFUND_FIELDS.contains(&field.as_str()) {
+            problems.push(format!("unexpected parameter {field}"));
+        }
+    }
+    if let Some(reason) = form.get("reason")
+        && !["duplicate", "fraudulent", "requested_by_customer"].contains(&reason.as_str())
+    {
+        problems.push(format!("reason {reason:?} is not one of Stripe's"));
+    }
+    let well_formed = key
+        .and_then(|k| k.strip_prefix("payretry-"))
+        .and_then(|rest| rest.split_once("-refund-attempt-"))
+        .is_some_and(|(session, attempt)| {
+            PaymentSessionId::parse(session).is_ok() && canonical_integer(attempt).is_some()
+        });
+    if !well_formed {
+        problems.push(format!(
+            "Idempotency-Key is {key:?}, expected payretry-{{sessionId}}-refund-attempt-{{N}}"
+        ));
+    }
+    problems
 }
 
 async fn pay_page(Path(id): Path<String>) -> Html<String> {
@@ -659,7 +878,7 @@ fn checkout_json(checkout: &FakeCheckout) -> Value {
         },
         "success_url": form.get("success_url"),
         "cancel_url": form.get("cancel_url"),
-        "payment_intent": null,
+        "payment_intent": checkout.payment_intent,
     })
 }
 

@@ -4,4 +4,5 @@
 pub mod app;
 pub mod fake_segment;
 pub mod fake_stripe;
+pub mod process;
 pub mod services;

@@ -124,3 +124,79 @@ fn wait_until_listening(endpoint: &str) {
 pub fn unique_env() -> String {
     format!("t{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff)
 }
+
+/// A moto SQS server of one test's own, on a fixed port, that the test may stop and start
+/// again (to play an SQS outage). moto keeps everything in memory: a restart loses the
+/// queues. Stopped when dropped.
+pub struct MotoServer {
+    pub endpoint: String,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl MotoServer {
+    pub fn start() -> Self {
+        // Also sets the fake AWS credentials the SQS client needs.
+        sqs_endpoint();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = Self {
+            endpoint: format!("http://127.0.0.1:{port}"),
+            port,
+            child: None,
+        };
+        server.restart();
+        server
+    }
+
+    fn binary() -> String {
+        let venv = format!(
+            "{}/.cache/payretry-venv/bin/moto_server",
+            std::env::var("HOME").unwrap_or_default()
+        );
+        if std::path::Path::new(&venv).exists() {
+            venv
+        } else {
+            "moto_server".to_owned()
+        }
+    }
+
+    /// Kills the server: requests fail until [`MotoServer::restart`].
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let address = format!("127.0.0.1:{}", self.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(&address).is_ok() {
+            assert!(Instant::now() < deadline, "moto at {address} did not stop");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts a fresh (empty) server on the same port.
+    pub fn restart(&mut self) {
+        self.stop();
+        let child = Command::new(Self::binary())
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        self.child = Some(child);
+        wait_until_listening(&self.endpoint);
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
