@@ -103,6 +103,7 @@ fn parse_role(raw: &str) -> Result<Role, String> {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { role } => {
+            require_shared_public_url(&config, role)?;
             crate::telemetry::logs::init(config.log_format, "info");
             let listener = TcpListener::bind(config.listen)
                 .await
@@ -178,6 +179,28 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Status { session, remote } => client_status(&config, &session, &remote).await,
         Command::Retry { session, remote } => client_retry(&config, &session, &remote).await,
     }
+}
+
+/// Stripe's create-checkout parameters include the return links, and a redelivered job
+/// re-sends them under the same Idempotency-Key: every process must derive the same links.
+/// One process (`--role all`) always does; separate API and worker processes listen on
+/// different addresses, so they need the public address spelled out.
+fn require_shared_public_url(
+    config: &Config,
+    role: ServeRole,
+) -> Result<(), crate::config::ConfigError> {
+    let split = role != ServeRole::All;
+    if split
+        && config.provider == crate::config::ProviderKind::Stripe
+        && config.public_url.is_none()
+    {
+        return Err(crate::config::ConfigError {
+            var: "PAYRETRY_PUBLIC_URL",
+            expected: "required with PAYRETRY_PROVIDER=stripe when API and worker run as separate processes".to_owned(),
+            got: String::new(),
+        });
+    }
+    Ok(())
 }
 
 fn client(config: &Config, remote: &Remote) -> anyhow::Result<payretry_client::Client> {
@@ -257,5 +280,24 @@ mod tests {
     #[test]
     fn the_cli_definition_is_valid() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn separate_stripe_processes_need_one_public_url() {
+        let stripe = Config {
+            provider: crate::config::ProviderKind::Stripe,
+            ..Config::default()
+        };
+        assert!(require_shared_public_url(&stripe, ServeRole::All).is_ok());
+        for role in [ServeRole::Api, ServeRole::Worker] {
+            let error = require_shared_public_url(&stripe, role).unwrap_err();
+            assert_eq!(error.var, "PAYRETRY_PUBLIC_URL");
+        }
+        let with_url = Config {
+            public_url: Some("https://pay.example.com".to_owned()),
+            ..stripe
+        };
+        assert!(require_shared_public_url(&with_url, ServeRole::Worker).is_ok());
+        assert!(require_shared_public_url(&Config::default(), ServeRole::Worker).is_ok());
     }
 }

@@ -7,13 +7,25 @@ use payretry_domain::{FailureReason, RetryPolicy};
 use std::net::SocketAddr;
 
 /// A bad setting: which variable, and what it accepts.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{var}: {expected} (got {got:?})")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub var: &'static str,
     pub expected: String,
+    /// The value given; empty when the variable was missing (or must not be echoed).
     pub got: String,
 }
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.var, self.expected)?;
+        if !self.got.is_empty() {
+            write!(f, " (got {:?})", self.got)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueKind {

@@ -17,9 +17,15 @@ async fn main() -> ExitCode {
     };
     match cli::run(cli, config).await {
         Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {error:#}");
-            ExitCode::FAILURE
-        }
+        Err(error) => match error.downcast_ref::<payretry::config::ConfigError>() {
+            Some(bad_setting) => {
+                eprintln!("payretry: configuration error: {bad_setting}");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("error: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }

@@ -28,6 +28,9 @@ use tracing::Instrument;
 /// process (this process's own enqueues wake it at once).
 const IDLE_POLL: Duration = Duration::from_secs(1);
 
+/// How many leases one job may run for before it is abandoned to redelivery.
+const MAX_LEASES_PER_JOB: u32 = 5;
+
 /// What processing a job amounted to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -265,9 +268,13 @@ impl Worker {
                 }
             }
         };
+        // A job that hangs (a stuck connection) must not hold its message forever by
+        // extending the lease: past this bound it is given up and redelivered.
+        let limit = lease.saturating_mul(MAX_LEASES_PER_JOB);
         tokio::select! {
             outcome = self.process(delivery) => outcome,
             () = heartbeat => unreachable!("the heartbeat never ends"),
+            () = tokio::time::sleep(limit) => Outcome::RetryLater(format!("processing took longer than {} s", limit.as_secs())),
         }
     }
 
