@@ -54,6 +54,9 @@ impl Scenario {
             ("PAYRETRY_JWT_SECRET", JWT_SECRET.to_owned()),
             ("PAYRETRY_RETRY_DELAYS", "1s".to_owned()),
             ("PAYRETRY_JOB_LEASE", "2s".to_owned()),
+            // The restarted process listens elsewhere; like a deployment behind a load
+            // balancer, both give Stripe the same return links.
+            ("PAYRETRY_PUBLIC_URL", "https://pay.example.test".to_owned()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
