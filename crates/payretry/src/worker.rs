@@ -350,52 +350,59 @@ impl Worker {
     }
 
     /// Runs until `shutdown`, then lets in-flight jobs finish.
+    ///
+    /// Claims jobs whenever a slot is free. Only when the queue runs dry (a claim returns
+    /// fewer jobs than asked) does it ask when the next job is due, and it sleeps until then,
+    /// or until this process enqueues a job or a running job finishes.
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut running: JoinSet<()> = JoinSet::new();
+        let mut next_look = tokio::time::Instant::now();
         while !shutdown.is_triggered() {
             let free = self.settings.concurrency.saturating_sub(running.len());
-            let deliveries = if free > 0 {
-                match self.queue.receive(free as u32, self.settings.lease).await {
+            if free > 0 && tokio::time::Instant::now() >= next_look {
+                let deliveries = match self.queue.receive(free as u32, self.settings.lease).await {
                     Ok(deliveries) => deliveries,
                     Err(error) => {
                         tracing::error!(%error, "could not receive retry jobs");
                         Vec::new()
                     }
+                };
+                let drained = deliveries.len() < free;
+                for delivery in deliveries {
+                    self.spawn(&mut running, delivery);
                 }
-            } else {
-                Vec::new()
-            };
-            let received = !deliveries.is_empty();
-            for delivery in deliveries {
-                let worker = Arc::clone(&self);
-                let span = tracing::info_span!(
-                    "job",
-                    session_id = %delivery.job.payment_session_id,
-                    attempt = %delivery.job.attempt_number,
-                );
-                running.spawn(
-                    async move {
-                        match worker.handle(delivery).await {
-                            Ok(outcome) => tracing::info!(?outcome, "retry job processed"),
-                            Err(error) => tracing::error!(%error, "could not settle retry job"),
-                        }
-                    }
-                    .instrument(span),
-                );
+                if !drained {
+                    continue;
+                }
+                next_look = tokio::time::Instant::now() + self.next_wake().await;
             }
-            if received && running.len() < self.settings.concurrency {
-                continue;
-            }
-            let wake_at = self.next_wake().await;
-            let sleep = tokio::time::sleep(wake_at);
+            let has_room = running.len() < self.settings.concurrency;
             tokio::select! {
-                _ = sleep => {}
-                _ = self.queue.enqueued() => {}
+                _ = tokio::time::sleep_until(next_look), if has_room => {}
+                _ = self.queue.enqueued() => next_look = tokio::time::Instant::now(),
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = shutdown.wait() => {}
             }
         }
         while running.join_next().await.is_some() {}
+    }
+
+    fn spawn(self: &Arc<Self>, running: &mut JoinSet<()>, delivery: Delivery) {
+        let worker = Arc::clone(self);
+        let span = tracing::info_span!(
+            "job",
+            session_id = %delivery.job.payment_session_id,
+            attempt = %delivery.job.attempt_number,
+        );
+        running.spawn(
+            async move {
+                match worker.handle(delivery).await {
+                    Ok(outcome) => tracing::info!(?outcome, "retry job processed"),
+                    Err(error) => tracing::error!(%error, "could not settle retry job"),
+                }
+            }
+            .instrument(span),
+        );
     }
 
     async fn next_wake(&self) -> Duration {
