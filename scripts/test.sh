@@ -97,6 +97,12 @@ else
     cargo test -p payretry --features failpoints --test failpoints
 fi
 
+section "schemathesis against /openapi.json (quick form)"
+SCHEMATHESIS_QUICK=1 scripts/schemathesis.sh
+
+section "webhook fuzz properties (stable smoke; scripts/fuzz.sh runs libFuzzer)"
+FUZZ_SMOKE_CASES="${FUZZ_SMOKE_CASES:-20000}" cargo test --manifest-path fuzz/Cargo.toml
+
 section "browser tests (headless Chromium)"
 # Screenshots of a CI run go beside the build, not over the committed ones in docs/.
 SCREENSHOT_DIR="${SCREENSHOT_DIR:-$CARGO_TARGET_DIR/screenshots}" tests/browser/run.sh

@@ -275,7 +275,8 @@ impl App {
             _ => http::router(self.state),
         };
         let mut stop = shutdown.clone();
-        axum::serve(listener, router)
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, service)
             .with_graceful_shutdown(async move { stop.wait().await })
             .await
             .context("HTTP server")?;

@@ -1415,6 +1415,58 @@ async fn window_passing_while_a_retry_is_scheduled_is_410_before_the_sweeper_run
 // ---------------------------------------------------------------------------------------
 
 #[tokio::test]
+async fn a_description_with_control_characters_is_400_and_writes_nothing() {
+    let app = TestApp::spawn().await;
+    let buyer = app.buyer();
+    let baseline = writes(&app).await;
+    for description in ["a\u{0}b", "tab\there", "   "] {
+        let response = app
+            .request(
+                Method::POST,
+                "/payments/checkout",
+                Some(&buyer),
+                None,
+                Some(json!({"amount": 2500, "currency": "usd", "description": description})),
+            )
+            .await;
+        assert_problem(response, 400, "invalid_request").await;
+    }
+    assert_eq!(writes(&app).await, baseline);
+}
+
+#[tokio::test]
+async fn one_address_cannot_spread_card_testing_over_many_tokens() {
+    // Arrange: one request a minute per principal, so ten per client IP.
+    let app = TestApp::spawn_with(Options {
+        vars: vec![("PAYRETRY_RATE_LIMIT_PER_MINUTE", "1".into())],
+        ..Default::default()
+    })
+    .await;
+    for n in 0..10 {
+        app.create_checkout(&app.token(&format!("tester-{n}"), Role::Buyer))
+            .await;
+    }
+    let baseline = writes(&app).await;
+
+    // Act: an eleventh token from the same address.
+    let fresh = app.token("tester-fresh", Role::Buyer);
+    let response = app
+        .request(
+            Method::POST,
+            "/payments/checkout",
+            Some(&fresh),
+            None,
+            Some(json!({"amount": 2500, "currency": "usd"})),
+        )
+        .await;
+
+    // Assert
+    assert!(response.headers().contains_key("retry-after"));
+    assert_problem(response, 429, "rate_limited").await;
+    assert_eq!(writes(&app).await, baseline);
+}
+
+#[tokio::test]
 async fn over_the_per_principal_budget_is_429_with_retry_after() {
     let app = TestApp::spawn_with(Options {
         vars: vec![

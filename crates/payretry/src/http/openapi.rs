@@ -31,7 +31,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::DuplicatePaymentView,
         super::error::Problem,
     )),
-    modifiers(&BearerAuth)
+    modifiers(&BearerAuth, &CommonResponses)
 )]
 pub struct ApiDoc;
 
@@ -49,5 +49,52 @@ impl Modify for BearerAuth {
                     .build(),
             ),
         );
+    }
+}
+
+/// Answers every operation can give besides its own: 503 while storage or the queue is
+/// unreachable, 413 for a body over 64 KiB on routes that take one, 502 when the payment
+/// provider fails a checkout. Declared here once rather than on every handler.
+struct CommonResponses;
+
+impl Modify for CommonResponses {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let problem = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content(
+                    "application/problem+json",
+                    ContentBuilder::new()
+                        .schema(Some(Ref::from_schema_name("Problem")))
+                        .build(),
+                )
+                .build()
+        };
+        let operational = ["/healthz", "/readyz", "/metrics"];
+        for (path, item) in openapi.paths.paths.iter_mut() {
+            if operational.contains(&path.as_str()) {
+                continue;
+            }
+            let operations = [&mut item.get, &mut item.post].into_iter().flatten();
+            for operation in operations {
+                let responses = &mut operation.responses.responses;
+                responses
+                    .entry("503".to_owned())
+                    .or_insert_with(|| problem("storage or queue unavailable; try again").into());
+            }
+            if let Some(post) = item.post.as_mut() {
+                post.responses
+                    .responses
+                    .entry("413".to_owned())
+                    .or_insert_with(|| problem("body over 64 KiB").into());
+                if path == "/payments/checkout" {
+                    post.responses
+                        .responses
+                        .entry("502".to_owned())
+                        .or_insert_with(|| problem("the payment provider failed").into());
+                }
+            }
+        }
     }
 }

@@ -8,7 +8,7 @@ use super::{AppState, RequestBody};
 use crate::service::checkout::NewCheckout;
 use crate::service::views::{RetryAcceptedView, StatusView};
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use payretry_domain::{Amount, Currency, Money, PaymentSessionId, Role};
@@ -22,17 +22,39 @@ use utoipa::ToSchema;
 pub struct CreateCheckoutBody {
     /// Minor units, 1..=99999999.
     #[schema(minimum = 1, maximum = 99_999_999, example = 2500)]
+    #[serde(deserialize_with = "whole_number")]
     pub amount: i64,
     /// Three lowercase letters.
     #[schema(pattern = "^[a-z]{3}$", example = "usd")]
     pub currency: String,
-    #[schema(example = "Order 123")]
+    /// 1–500 characters, not blank, no control characters.
+    #[schema(
+        example = "Order 123",
+        min_length = 1,
+        max_length = 500,
+        pattern = r"^[^\x00-\x1f\x7f-\x9f]*[^\s\x00-\x1f\x7f-\x9f][^\x00-\x1f\x7f-\x9f]*$"
+    )]
     pub description: Option<String>,
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Value>,
 }
 
 const MAX_DESCRIPTION: usize = 500;
+
+/// A JSON integer, also written as a float with no fraction (`2500.0`): JSON Schema's
+/// `integer` accepts both, and so do we. Anything fractional is refused.
+fn whole_number<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<i64, D::Error> {
+    let number = serde_json::Number::deserialize(deserializer)?;
+    if let Some(n) = number.as_i64() {
+        return Ok(n);
+    }
+    match number.as_f64() {
+        Some(f) if f.fract() == 0.0 && f.abs() < 1e15 => Ok(f as i64),
+        _ => Err(serde::de::Error::custom(
+            "amount must be a whole number of minor units",
+        )),
+    }
+}
 
 impl TryFrom<CreateCheckoutBody> for NewCheckout {
     type Error = ApiError;
@@ -43,9 +65,13 @@ impl TryFrom<CreateCheckoutBody> for NewCheckout {
         let currency =
             Currency::parse(&body.currency).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
         let description = body.description.unwrap_or_else(|| "Payment".to_owned());
-        if description.trim().is_empty() || description.chars().count() > MAX_DESCRIPTION {
+        let unprintable = description.chars().any(char::is_control);
+        if unprintable
+            || description.trim().is_empty()
+            || description.chars().count() > MAX_DESCRIPTION
+        {
             return Err(ApiError::InvalidRequest(format!(
-                "description must be 1 to {MAX_DESCRIPTION} characters"
+                "description must be 1 to {MAX_DESCRIPTION} characters, without control characters"
             )));
         }
         let metadata = match body.metadata {
@@ -72,7 +98,7 @@ fn session_id(raw: &str) -> Result<PaymentSessionId, ApiError> {
 /// Create a payment session and its first provider checkout.
 #[utoipa::path(post, path = "/payments/checkout", tag = "payments",
     request_body = CreateCheckoutBody,
-    params(("Idempotency-Key" = Option<String>, Header, description = "optional; 1–255 printable ASCII")),
+    params(("Idempotency-Key" = Option<String>, Header, description = "optional; 1–255 printable ASCII", min_length = 1, max_length = 255, pattern = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")),
     responses(
         (status = 201, body = StatusView),
         (status = 400, body = super::error::Problem, content_type = "application/problem+json"),
@@ -86,12 +112,13 @@ fn session_id(raw: &str) -> Result<PaymentSessionId, ApiError> {
     security(("bearer" = [])))]
 pub async fn create_checkout(
     State(state): State<AppState>,
+    ConnectInfo(ip): ConnectInfo<std::net::SocketAddr>,
     caller: Caller,
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let buyer = caller.require(&[Role::Buyer])?;
-    state.limiter.check(buyer.user.as_str())?;
+    state.limiter.check(ip.ip(), buyer.user.as_str())?;
     let key = idempotency::key_from(&headers)?;
     let parsed: CreateCheckoutBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
@@ -153,7 +180,7 @@ pub async fn status(
 /// Schedule a retry of a failed payment.
 #[utoipa::path(post, path = "/payments/retry/{sessionId}", tag = "payments",
     params(("sessionId" = String, Path),
-        ("Idempotency-Key" = String, Header, description = "required; 1–255 printable ASCII")),
+        ("Idempotency-Key" = String, Header, description = "required; 1–255 printable ASCII", min_length = 1, max_length = 255, pattern = r"^[\x21-\x7e]([\x20-\x7e]*[\x21-\x7e])?$")),
     responses(
         (status = 202, body = RetryAcceptedView),
         (status = 400, body = super::error::Problem, content_type = "application/problem+json"),
@@ -167,13 +194,14 @@ pub async fn status(
     security(("bearer" = [])))]
 pub async fn retry(
     State(state): State<AppState>,
+    ConnectInfo(ip): ConnectInfo<std::net::SocketAddr>,
     caller: Caller,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
     let caller = caller.require(&[Role::Buyer, Role::Support, Role::Admin])?;
-    state.limiter.check(caller.user.as_str())?;
+    state.limiter.check(ip.ip(), caller.user.as_str())?;
     let key = idempotency::key_from(&headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
     let id = session_id(&raw_id)?;
     let storage = state.payments.storage.as_ref();

@@ -45,6 +45,23 @@ impl TempDatabase {
     }
 }
 
+impl TempDatabase {
+    /// Drops the database now, connections and all, as an outage would take it away.
+    pub fn drop_now(&self) {
+        let status = Command::new("psql")
+            .args([
+                &self.server,
+                "-q",
+                "-c",
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run psql");
+        assert!(status.success(), "could not drop {}", self.name);
+    }
+}
+
 impl Drop for TempDatabase {
     fn drop(&mut self) {
         // Drop may run outside a runtime: use psql, which the PostgreSQL machines have.
