@@ -132,4 +132,64 @@ async fn a_retry_flow_emits_the_contract_metrics_over_udp() {
         !lag.is_empty() && lag.iter().all(|l| l.contains("|d")),
         "{lag:?}"
     );
+
+    // The same flow, as Prometheus sees it at /metrics (dots become underscores).
+    let text = app
+        .request(reqwest::Method::GET, "/metrics", None, None, None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    let sample = |name: &str, labels: &[&str]| -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+            .find(|l| labels.iter().all(|label| l.contains(label)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    };
+    assert_eq!(
+        sample(
+            "payments_retry_attempt_count",
+            &[
+                r#"retry_attempt="1""#,
+                r#"failure_reason="insufficient_funds""#
+            ]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            "payments_retry_attempt_count",
+            &[r#"retry_attempt="2""#, r#"failure_reason="card_declined""#]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            "payments_retry_failure_count",
+            &[r#"retry_attempt="1""#, r#"failure_reason="card_declined""#]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample("payments_retry_success_rate_sum", &[r#"retry_attempt="2""#]),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample(
+            "payments_retry_success_rate_count",
+            &[r#"retry_attempt="1""#]
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        sample("payments_retry_schedule_lag_seconds_count", &[]),
+        Some(2.0),
+        "{text}"
+    );
 }
