@@ -7,6 +7,9 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde_json::{Value, json};
 
+/// How long `/readyz` waits for the database and queue to answer.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The process is up.
 #[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200)))]
 pub async fn healthz() -> Json<Value> {
@@ -16,9 +19,17 @@ pub async fn healthz() -> Json<Value> {
 /// The process can reach its database and queue.
 #[utoipa::path(get, path = "/readyz", tag = "operations", responses((status = 200), (status = 503)))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let reachable = match state.payments.storage.ping().await {
-        Ok(()) => state.queue.ping().await,
-        Err(error) => Err(error),
+    // A database that is down makes a pool wait for a connection; a load balancer needs its
+    // answer now, so no answer within a second counts as unreachable.
+    let checks = async {
+        state.payments.storage.ping().await?;
+        state.queue.ping().await
+    };
+    let reachable = match tokio::time::timeout(READY_TIMEOUT, checks).await {
+        Ok(result) => result,
+        Err(_) => Err(crate::storage::StorageError::Queue(
+            "readiness check timed out".to_owned(),
+        )),
     };
     match reachable {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),
