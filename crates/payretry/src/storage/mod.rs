@@ -500,3 +500,31 @@ pub(crate) fn to_millis(at: DateTime<Utc>) -> i64 {
 pub(crate) fn from_millis(ms: i64) -> StorageResult<DateTime<Utc>> {
     DateTime::from_timestamp_millis(ms).ok_or_else(|| StorageError::Corrupt(format!("time {ms}")))
 }
+
+/// How long an in-flight idempotency claim blocks the same key before it is presumed
+/// abandoned (its process died) and may be taken over.
+pub(crate) const IDEMPOTENCY_LOCK_TIMEOUT_MS: i64 = 60_000;
+/// How long a stored idempotent response is replayed.
+pub(crate) const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+
+pub(crate) fn opt_time(ms: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
+    ms.map(from_millis).transpose()
+}
+
+pub(crate) fn attempt(n: i64) -> AttemptNumber {
+    AttemptNumber::new(u32::try_from(n).unwrap_or(0))
+}
+
+pub(crate) fn corrupt(what: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(what.to_string())
+}
+
+/// A queue receipt is `{job id}:{locked_until}`: the lease end identifies the delivery, so
+/// a worker whose lease ran out cannot settle a job another worker now holds.
+pub(crate) fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
+    let (id, lease) = receipt.split_once(':').ok_or_else(|| corrupt("receipt"))?;
+    Ok((
+        id.parse().map_err(corrupt)?,
+        lease.parse().map_err(corrupt)?,
+    ))
+}

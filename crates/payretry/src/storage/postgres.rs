@@ -41,12 +41,6 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
 /// for example, `/readyz` reports the database as unavailable).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How long an in-flight idempotency claim blocks the same key before it is presumed
-/// abandoned (its process died) and may be taken over. Same as SQLite.
-const IDEMPOTENCY_LOCK_TIMEOUT_MS: i64 = 60_000;
-/// How long a stored idempotent response is replayed. Same as SQLite.
-const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
-
 pub struct PostgresStorage {
     pool: PgPool,
     /// Wakes this process's worker when this process enqueued a job. Jobs enqueued by other
@@ -87,20 +81,8 @@ impl PostgresStorage {
     }
 }
 
-fn opt_time(ms: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
-    ms.map(from_millis).transpose()
-}
-
-fn attempt(n: i64) -> AttemptNumber {
-    AttemptNumber::new(u32::try_from(n).unwrap_or(0))
-}
-
 fn count(n: i64) -> StorageResult<u32> {
     u32::try_from(n).map_err(corrupt)
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StorageError {
-    StorageError::Corrupt(what.to_string())
 }
 
 fn session_from_row(row: &PgRow) -> StorageResult<SessionRecord> {
@@ -987,15 +969,6 @@ impl Outbox for PostgresStorage {
     async fn outbox_written(&self) {
         self.enqueued().await
     }
-}
-
-/// A receipt is `{job id}:{locked_until}`: the lease identifies the delivery.
-fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
-    let (id, lease) = receipt.split_once(':').ok_or_else(|| corrupt("receipt"))?;
-    Ok((
-        id.parse().map_err(corrupt)?,
-        lease.parse().map_err(corrupt)?,
-    ))
 }
 
 #[cfg(test)]

@@ -15,12 +15,6 @@ use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// How long an in-flight idempotency claim blocks the same key before it is presumed
-/// abandoned (its process died) and may be taken over.
-const IDEMPOTENCY_LOCK_TIMEOUT_MS: i64 = 60_000;
-/// How long a stored idempotent response is replayed.
-const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
-
 pub struct SqliteStorage {
     writer: SqlitePool,
     reader: SqlitePool,
@@ -59,18 +53,6 @@ impl SqliteStorage {
     async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
-}
-
-fn opt_time(ms: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
-    ms.map(from_millis).transpose()
-}
-
-fn attempt(n: i64) -> AttemptNumber {
-    AttemptNumber::new(u32::try_from(n).unwrap_or(0))
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StorageError {
-    StorageError::Corrupt(what.to_string())
 }
 
 fn session_from_row(row: &SqliteRow) -> StorageResult<SessionRecord> {
@@ -913,12 +895,4 @@ impl Outbox for SqliteStorage {
     async fn outbox_written(&self) {
         self.enqueued().await
     }
-}
-
-fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
-    let (id, lease) = receipt.split_once(':').ok_or_else(|| corrupt("receipt"))?;
-    Ok((
-        id.parse().map_err(corrupt)?,
-        lease.parse().map_err(corrupt)?,
-    ))
 }
