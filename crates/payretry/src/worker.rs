@@ -357,14 +357,27 @@ impl Worker {
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut running: JoinSet<()> = JoinSet::new();
         let mut next_look = tokio::time::Instant::now();
+        let mut receive_failures = 0u32;
         while !shutdown.is_triggered() {
             let free = self.settings.concurrency.saturating_sub(running.len());
             if free > 0 && tokio::time::Instant::now() >= next_look {
                 let deliveries = match self.queue.receive(free as u32, self.settings.lease).await {
-                    Ok(deliveries) => deliveries,
+                    Ok(deliveries) => {
+                        receive_failures = 0;
+                        deliveries
+                    }
                     Err(error) => {
-                        tracing::error!(%error, "could not receive retry jobs");
-                        Vec::new()
+                        // The queue is down: look again later, backing off, rather than
+                        // spinning on a connection that is refused at once.
+                        receive_failures += 1;
+                        let wait = Duration::from_millis(100)
+                            .saturating_mul(1 << receive_failures.min(6))
+                            .min(IDLE_POLL * 5);
+                        tracing::error!(%error, retry_in_ms = wait.as_millis() as u64, "could not receive retry jobs");
+                        next_look = tokio::time::Instant::now() + wait;
+                        self.wait_for_room_or(&mut running, next_look, &mut shutdown)
+                            .await;
+                        continue;
                     }
                 };
                 let drained = deliveries.len() < free;
@@ -385,6 +398,20 @@ impl Worker {
             }
         }
         while running.join_next().await.is_some() {}
+    }
+
+    /// Sleeps until `until`, or until a running job finishes or shutdown begins.
+    async fn wait_for_room_or(
+        &self,
+        running: &mut JoinSet<()>,
+        until: tokio::time::Instant,
+        shutdown: &mut Shutdown,
+    ) {
+        tokio::select! {
+            _ = tokio::time::sleep_until(until) => {}
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            _ = shutdown.wait() => {}
+        }
     }
 
     fn spawn(self: &Arc<Self>, running: &mut JoinSet<()>, delivery: Delivery) {

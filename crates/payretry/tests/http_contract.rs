@@ -829,6 +829,25 @@ fn padded_checkout_body(total_len: usize) -> Vec<u8> {
 }
 
 #[tokio::test]
+async fn headers_over_16_kib_are_431_and_write_nothing() {
+    let app = TestApp::spawn().await;
+    let baseline = writes(&app).await;
+
+    let response = app
+        .http
+        .post(app.url("/payments/checkout"))
+        .bearer_auth(app.buyer())
+        .header("X-Padding", "p".repeat(20 * 1024))
+        .json(&json!({"amount": 2500, "currency": "usd"}))
+        .send()
+        .await
+        .unwrap();
+
+    assert_problem(response, 431, "headers_too_large").await;
+    assert_eq!(writes(&app).await, baseline);
+}
+
+#[tokio::test]
 async fn body_over_64_kib_is_413_and_writes_nothing() {
     let app = TestApp::spawn().await;
     let buyer = app.buyer();

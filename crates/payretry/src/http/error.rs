@@ -49,6 +49,9 @@ pub enum ApiError {
     /// 409 `idempotency_key_in_use`.
     #[error("a request with this Idempotency-Key is still being processed")]
     IdempotencyKeyInUse,
+    /// 431 `headers_too_large`: the request's headers exceed 16 KiB in all.
+    #[error("the request headers are larger than 16 KiB")]
+    HeadersTooLarge,
     /// 413 `payload_too_large`.
     #[error("the request body is larger than 64 KiB")]
     PayloadTooLarge,
@@ -96,6 +99,7 @@ impl ApiError {
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Provider(_) => StatusCode::BAD_GATEWAY,
@@ -118,6 +122,7 @@ impl ApiError {
             Self::Refused(refusal) => refusal.code(),
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::PayloadTooLarge => "payload_too_large",
+            Self::HeadersTooLarge => "headers_too_large",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Provider(_) => "provider_error",
@@ -135,6 +140,7 @@ impl ApiError {
             StatusCode::CONFLICT => "Conflict",
             StatusCode::GONE => "Payment window expired",
             StatusCode::PAYLOAD_TOO_LARGE => "Payload too large",
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "Request headers too large",
             StatusCode::UNPROCESSABLE_ENTITY => "Idempotency key reused",
             StatusCode::TOO_MANY_REQUESTS => "Too many requests",
             StatusCode::BAD_GATEWAY => "Payment provider error",

@@ -67,8 +67,20 @@ impl<S: Send + Sync> FromRequest<S> for RequestBody {
     }
 }
 
-/// Refuses an oversize body before reading it, when its length is declared.
+/// Requests whose headers add up to more than this are refused with 431.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Refuses oversize headers, and an oversize body before reading it when its length is
+/// declared.
 async fn limit_declared_length(request: Request, next: Next) -> Response {
+    let header_bytes: usize = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return ApiError::HeadersTooLarge.into_response();
+    }
     let declared = request
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

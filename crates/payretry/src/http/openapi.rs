@@ -53,7 +53,7 @@ impl Modify for BearerAuth {
 }
 
 /// Answers every operation can give besides its own: 503 while storage or the queue is
-/// unreachable, 413 for a body over 64 KiB on routes that take one, 502 when the payment
+/// unreachable, 431 for headers over 16 KiB, 413 for a body over 64 KiB on routes that take one, 502 when the payment
 /// provider fails a checkout. Declared here once rather than on every handler.
 struct CommonResponses;
 
@@ -82,6 +82,9 @@ impl Modify for CommonResponses {
                 responses
                     .entry("503".to_owned())
                     .or_insert_with(|| problem("storage or queue unavailable; try again").into());
+                responses
+                    .entry("431".to_owned())
+                    .or_insert_with(|| problem("request headers over 16 KiB").into());
             }
             if let Some(post) = item.post.as_mut() {
                 post.responses
