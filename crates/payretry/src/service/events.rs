@@ -10,7 +10,7 @@
 //!   failure is ignored. A later failure of the current attempt updates the reason.
 //! - Each event id is applied once, recorded in the same transaction as its effect.
 
-use super::{Payments, ServiceResult};
+use super::{Payments, ServiceError, ServiceResult};
 use crate::storage::{
     AttemptChange, AttemptStatus, DuplicatePaymentStatus, NewAuditEntry, NewDuplicatePayment,
     SessionRecord, SessionState, Transition,
@@ -57,9 +57,6 @@ struct PaidBy<'a> {
 impl Payments {
     /// Applies a verified provider event.
     pub async fn apply_event(&self, event: &ProviderEvent) -> ServiceResult<EventEffect> {
-        if self.storage.session(&event.session_id).await?.is_none() {
-            return Ok(EventEffect::Ignored);
-        }
         let outcome = self
             .transition(&event.session_id, |session, now| {
                 let decided = match &event.kind {
@@ -93,7 +90,13 @@ impl Payments {
                     (t, (effect, followup))
                 }))
             })
-            .await?;
+            .await;
+        let outcome = match outcome {
+            // Not one of our sessions (or not any more): nothing to do, and the provider
+            // must get its 200 so it stops resending.
+            Err(ServiceError::SessionNotFound) => return Ok(EventEffect::Ignored),
+            other => other?,
+        };
         let Some((_, (effect, followup))) = outcome else {
             return Ok(EventEffect::Ignored);
         };
