@@ -6,132 +6,39 @@
 //! temporary SQLite file with the sandbox provider.
 #![cfg(unix)]
 
+mod support;
+
 use payretry::http::auth::JwtKeys;
 use payretry::secret::Secret;
 use payretry_domain::Role;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use std::fs::File;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
+use support::process::ServeProcess as Server;
 
 const JWT_SECRET: &str = "crash-test-jwt-secret-with-more-than-32-chars";
 const WEBHOOK_SECRET: &str = "whsec_x";
 
-/// A free TCP port on 127.0.0.1: bind port 0, note the port, drop the listener.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener.local_addr().expect("local addr").port()
-}
-
-/// One `payretry serve` child process. Dropping it kills the child (also on panic), so a
-/// failing test never leaves a server behind.
-struct Server {
-    child: Child,
-    base: String,
-    log: PathBuf,
-}
-
-impl Server {
-    /// Starts `payretry serve` on `db` and waits until `/readyz` answers 200.
-    async fn start(dir: &Path, db: &Path, name: &str) -> Self {
-        let port = free_port();
-        let log = dir.join(format!("{name}.log"));
-        let out = File::create(&log).expect("log file");
-        let err = out.try_clone().expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_payretry"))
-            .arg("serve")
-            .env("PAYRETRY_LISTEN", format!("127.0.0.1:{port}"))
-            .env(
-                "PAYRETRY_DATABASE_URL",
-                format!("sqlite://{}", db.display()),
-            )
-            .env("PAYRETRY_RETRY_DELAYS", "3s")
-            .env("PAYRETRY_JWT_SECRET", JWT_SECRET)
-            .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)
-            .env_remove("PAYRETRY_PUBLIC_URL")
-            .env_remove("PAYRETRY_PROVIDER")
-            .env_remove("PAYRETRY_QUEUE")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
-            .spawn()
-            .expect("spawn payretry serve");
-        let mut server = Self {
-            child,
-            base: format!("http://127.0.0.1:{port}"),
-            log,
-        };
-        server.wait_ready().await;
-        server
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self) {
-        let http = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                panic!(
-                    "payretry serve exited early ({status}); log:\n{}",
-                    self.log_text()
-                );
-            }
-            let ready = http
-                .get(format!("{}/readyz", self.base))
-                .timeout(Duration::from_secs(2))
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK);
-            if ready {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "payretry serve never became ready; log:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    /// SIGKILL (what `Child::kill` sends on unix) and reap.
-    fn sigkill(&mut self) -> ExitStatus {
-        self.child.kill().expect("SIGKILL");
-        self.child.wait().expect("wait after SIGKILL")
-    }
-
-    /// Waits up to `limit` for the child to exit.
-    fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return Some(status);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // A no-op for a child already reaped; SIGKILL otherwise.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// `payretry serve` on the sandbox provider and the SQLite file `db`, ready.
+async fn start(dir: &Path, db: &Path, name: &str) -> Server {
+    let env: Vec<(String, String)> = [
+        (
+            "PAYRETRY_DATABASE_URL",
+            format!("sqlite://{}", db.display()),
+        ),
+        ("PAYRETRY_RETRY_DELAYS", "3s".to_owned()),
+        ("PAYRETRY_JWT_SECRET", JWT_SECRET.to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut server = Server::spawn(env!("CARGO_BIN_EXE_payretry"), &["serve"], &env, dir, name);
+    server.wait_ready().await;
+    server
 }
 
 /// A client for one server, with tokens minted from the shared secret.
@@ -260,7 +167,7 @@ async fn sigkill_between_accepting_a_retry_and_its_due_time_loses_nothing() {
     let db = dir.path().join("p.db");
 
     // First life: a checkout, a decline, a retry accepted, then SIGKILL.
-    let mut first = Server::start(dir.path(), &db, "first").await;
+    let mut first = start(dir.path(), &db, "first").await;
     let api = Api::new(&first);
     let created = api
         .call(
@@ -307,7 +214,7 @@ async fn sigkill_between_accepting_a_retry_and_its_due_time_loses_nothing() {
         .expect("scheduledFor is RFC 3339");
 
     // Second life on the same database: the accepted retry is still there and runs once.
-    let second = Server::start(dir.path(), &db, "second").await;
+    let second = start(dir.path(), &db, "second").await;
     let api = Api::new(&second);
     let before_due = api.status(&id).await;
     if chrono::Utc::now() < due {
@@ -398,7 +305,7 @@ async fn sigkill_between_accepting_a_retry_and_its_due_time_loses_nothing() {
 async fn sigterm_stops_the_process_gracefully_with_exit_code_0() {
     let dir = tempfile::tempdir().expect("temp dir");
     let db = dir.path().join("p.db");
-    let mut server = Server::start(dir.path(), &db, "term").await;
+    let mut server = start(dir.path(), &db, "term").await;
 
     let sent = Command::new("kill")
         .arg("-TERM")
@@ -409,6 +316,7 @@ async fn sigterm_stops_the_process_gracefully_with_exit_code_0() {
 
     let status = server
         .wait_exit(Duration::from_secs(10))
+        .await
         .unwrap_or_else(|| {
             panic!(
                 "payretry serve did not exit within 10 s of SIGTERM; log:\n{}",

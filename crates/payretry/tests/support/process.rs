@@ -113,7 +113,17 @@ impl ServeProcess {
         }
     }
 
-    /// SIGKILL and reap.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL and reap, returning how the child ended.
+    pub fn sigkill(&mut self) -> ExitStatus {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("wait after SIGKILL")
+    }
+
+    /// SIGKILL and reap, whatever state the child is in.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
