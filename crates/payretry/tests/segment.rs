@@ -140,7 +140,8 @@ async fn retry_events_reach_segment_in_batches_with_the_contract_shape() {
             .all(|e| e["userId"] == "buyer-2")
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM analytics_events").await,
+        app.settled_count("SELECT COUNT(*) FROM analytics_events", 0)
+            .await,
         0,
         "delivered rows are deleted"
     );

@@ -323,6 +323,21 @@ impl TestApp {
             .collect()
     }
 
+    /// Polls [`TestApp::count`] until it reads `wanted` (for up to five seconds)
+    /// and returns the last value read, for work that finishes just after the
+    /// observable effect a test waited on.
+    pub async fn settled_count(&self, sql: &'static str, wanted: i64) -> i64 {
+        let mut value = self.count(sql).await;
+        for _ in 0..100 {
+            if value == wanted {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            value = self.count(sql).await;
+        }
+        value
+    }
+
     /// Reads one number straight from the database (SQLite file or PostgreSQL).
     pub async fn count(&self, sql: &'static str) -> i64 {
         use sqlx::Connection;
