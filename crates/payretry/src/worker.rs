@@ -25,8 +25,8 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 /// Longest the worker sleeps without looking at the queue, for jobs enqueued by another
-/// process (this process's own enqueues wake it at once).
-const IDLE_POLL: Duration = Duration::from_secs(1);
+/// process (this process's own enqueues of jobs due sooner wake it at once).
+const IDLE_POLL: Duration = crate::storage::wakeups::WAKE_WORKER_WITHIN;
 
 /// How many leases one job may run for before it is abandoned to redelivery.
 const MAX_LEASES_PER_JOB: u32 = 5;
@@ -154,7 +154,7 @@ impl Worker {
         let attempt = job.attempt_number;
         let committed = self
             .payments
-            .transition(&session.id, |s, now| {
+            .transition_on(&session.id, Some(session.clone()), |s, now| {
                 if s.state.status != SessionStatus::RetryScheduled
                     || s.state.retry_attempts != attempt.get()
                 {
@@ -189,6 +189,9 @@ impl Worker {
                         "receiveCount": delivery.receive_count,
                     }),
                 });
+                if self.queue.settles_in_transition() {
+                    t.settles = Some(delivery.receipt.clone());
+                }
                 t.analytics.push(AnalyticsEvent::track(
                     TrackEvent::Initiated,
                     &s.buyer,
@@ -251,6 +254,8 @@ impl Worker {
                 self.dead_letter(&delivery, error).await?;
                 self.queue.ack(&delivery).await?;
             }
+            // Already acknowledged by the transition that recorded the checkout.
+            Outcome::CheckoutCreated if self.queue.settles_in_transition() => {}
             _ => self.queue.ack(&delivery).await?,
         }
         Ok(outcome)
@@ -351,16 +356,16 @@ impl Worker {
 
     /// Runs until `shutdown`, then lets in-flight jobs finish.
     ///
-    /// Claims jobs whenever a slot is free. Only when the queue runs dry (a claim returns
-    /// fewer jobs than asked) does it ask when the next job is due, and it sleeps until then,
-    /// or until this process enqueues a job or a running job finishes.
+    /// Claims jobs in batches (see [`Worker::wants_more`]). Only when the queue runs dry (a claim returns fewer jobs than asked) does it ask when the
+    /// next job is due, and it sleeps until then, or until this process enqueues a job due
+    /// soon or a running job finishes.
     pub async fn run(self: Arc<Self>, mut shutdown: Shutdown) {
         let mut running: JoinSet<()> = JoinSet::new();
         let mut next_look = tokio::time::Instant::now();
         let mut receive_failures = 0u32;
         while !shutdown.is_triggered() {
             let free = self.settings.concurrency.saturating_sub(running.len());
-            if free > 0 && tokio::time::Instant::now() >= next_look {
+            if self.wants_more(running.len()) && tokio::time::Instant::now() >= next_look {
                 let deliveries = match self.queue.receive(free as u32, self.settings.lease).await {
                     Ok(deliveries) => {
                         receive_failures = 0;
@@ -389,15 +394,24 @@ impl Worker {
                 }
                 next_look = tokio::time::Instant::now() + self.next_wake().await;
             }
-            let has_room = running.len() < self.settings.concurrency;
+            let wants_more = self.wants_more(running.len());
             tokio::select! {
-                _ = tokio::time::sleep_until(next_look), if has_room => {}
+                _ = tokio::time::sleep_until(next_look), if wants_more => {}
                 _ = self.queue.enqueued() => next_look = tokio::time::Instant::now(),
                 Some(_) = running.join_next(), if !running.is_empty() => {}
                 _ = shutdown.wait() => {}
             }
         }
         while running.join_next().await.is_some() {}
+    }
+
+    /// Whether to claim more jobs with `running` in flight: when a quarter of the slots are
+    /// free, or all of them. One claim per finished job would cost the queue a transaction
+    /// per job; a batch costs one per quarter, while the other slots keep working.
+    fn wants_more(&self, running: usize) -> bool {
+        let free = self.settings.concurrency.saturating_sub(running);
+        let batch = (self.settings.concurrency / 4).max(1);
+        free >= batch || (free > 0 && running == 0)
     }
 
     /// Sleeps until `until`, or until a running job finishes or shutdown begins.

@@ -1785,17 +1785,16 @@ async fn concurrent_retries_with_one_key_spend_one_attempt() {
     }
     let answers = tasks.join_all().await;
 
+    // The retry stores its response in its own transaction, so a request that lost the race
+    // (its commit found the key answered, or the session already scheduled) replays the
+    // winner's answer instead of refusing.
     let originals: Vec<_> = answers.iter().filter(|(s, r, _)| *s == 202 && !r).collect();
     assert_eq!(originals.len(), 1, "{answers:?}");
     for (status, replayed, body) in &answers {
-        match status {
-            202 => assert_eq!(body, &originals[0].2, "a replay is the original's bytes"),
-            409 => {
-                assert!(!replayed);
-                let problem: Value = serde_json::from_slice(body).unwrap();
-                assert_eq!(problem["code"], "idempotency_key_in_use", "{problem}");
-            }
-            other => panic!("unexpected {other}: {body:?}"),
+        assert_eq!(*status, 202, "{body:?}");
+        assert_eq!(body, &originals[0].2, "a replay is the original's bytes");
+        if !std::ptr::eq(body, &originals[0].2) {
+            assert!(replayed, "every other answer is marked as a replay");
         }
     }
     assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 1);

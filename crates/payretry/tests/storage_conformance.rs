@@ -71,10 +71,14 @@ conformance!(
     duplicate_webhook_event_writes_nothing,
     concurrent_commits_have_one_winner,
     idempotency_lifecycle,
+    idempotent_transition_stores_its_response_without_a_claim,
+    a_second_response_for_one_key_rolls_its_transaction_back,
+    concurrent_idempotent_transitions_store_one_response,
     concurrent_idempotent_begins_start_once,
     enqueued_job_is_received_once_due,
     lease_hides_job_until_it_expires,
     stale_ack_keeps_the_released_job,
+    a_transition_settles_the_delivery_it_records,
     release_moves_run_at_and_clears_the_lease,
     concurrent_receivers_claim_each_job_once,
     extend_keeps_the_receipt_valid,
@@ -247,22 +251,45 @@ async fn receive(db: &Store, max: u32, lease: Duration) -> Vec<Delivery> {
     db.receive(max, lease).await.expect("receive")
 }
 
+/// The scope of `key` for the request `POST /x {}`.
 fn scope(caller: &str, key: &str) -> IdempotencyScope {
     IdempotencyScope {
         caller: UserId::new(caller),
         key: key.to_owned(),
+        fingerprint: "POST /x {}".to_owned(),
     }
 }
 
+/// The same key, sent with the request `fp`.
+fn with_fingerprint(scope: &IdempotencyScope, fp: &str) -> IdempotencyScope {
+    IdempotencyScope {
+        fingerprint: fp.to_owned(),
+        ..scope.clone()
+    }
+}
+
+/// Claims `scope`'s key for the request `fp`.
 async fn begin(
     db: &Store,
     scope: &IdempotencyScope,
     fp: &str,
     at: DateTime<Utc>,
 ) -> IdempotencyBegin {
-    db.begin_idempotent(scope, fp, at)
+    db.begin_idempotent(&with_fingerprint(scope, fp), at)
         .await
         .expect("begin idempotent")
+}
+
+/// Reads what `scope`'s key holds for the request `fp`, without claiming it.
+async fn lookup(
+    db: &Store,
+    scope: &IdempotencyScope,
+    fp: &str,
+    at: DateTime<Utc>,
+) -> IdempotencyBegin {
+    db.lookup_idempotent(&with_fingerprint(scope, fp), at)
+        .await
+        .expect("lookup idempotent")
 }
 
 fn assert_between(at: DateTime<Utc>, low: DateTime<Utc>, high: DateTime<Utc>) {
@@ -561,7 +588,7 @@ async fn idempotency_lifecycle(db: Store) {
 
     // Completed inside a transition (and with a new session): commits with the effect.
     let new = new_session(now + TimeDelta::hours(24));
-    let created = scope("buyer-1", "key-create");
+    let created = with_fingerprint(&scope("buyer-1", "key-create"), "POST /c {}");
     assert_eq!(
         begin(&db, &created, "POST /c {}", now).await,
         IdempotencyBegin::Started
@@ -584,7 +611,7 @@ async fn idempotency_lifecycle(db: Store) {
         IdempotencyBegin::Replay(created_response)
     );
 
-    let retried = scope("buyer-1", "key-retry");
+    let retried = with_fingerprint(&scope("buyer-1", "key-retry"), "POST /r {}");
     assert_eq!(
         begin(&db, &retried, "POST /r {}", now).await,
         IdempotencyBegin::Started
@@ -604,6 +631,193 @@ async fn idempotency_lifecycle(db: Store) {
         begin(&db, &retried, "POST /r {}", now).await,
         IdempotencyBegin::Replay(retried_response)
     );
+}
+
+async fn idempotent_transition_stores_its_response_without_a_claim(db: Store) {
+    let now = now_ms();
+    let key = with_fingerprint(&scope("buyer-1", "unclaimed"), "POST /r {}");
+    assert_eq!(
+        lookup(&db, &key, "POST /r {}", now).await,
+        IdempotencyBegin::Started,
+        "a key never seen"
+    );
+    let session = open_session(&db).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    let response = StoredResponse {
+        status: 202,
+        body: b"{\"attemptNumber\":1}".to_vec(),
+    };
+    t.idempotency = Some(IdempotencyCompletion {
+        scope: key.clone(),
+        response: response.clone(),
+    });
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    assert_eq!(
+        lookup(&db, &key, "POST /r {}", now).await,
+        IdempotencyBegin::Replay(response.clone())
+    );
+    assert_eq!(
+        lookup(&db, &key, "POST /other {}", now).await,
+        IdempotencyBegin::Mismatch
+    );
+    assert_eq!(
+        begin(&db, &key, "POST /r {}", now).await,
+        IdempotencyBegin::Replay(response),
+        "a claim sees the stored response too"
+    );
+    // A lookup claims nothing: a claimed key reads as in flight, a fresh one stays fresh.
+    let claimed = scope("buyer-1", "claimed");
+    assert_eq!(
+        begin(&db, &claimed, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        lookup(&db, &claimed, "POST /x {}", now).await,
+        IdempotencyBegin::InFlight
+    );
+    let fresh = scope("buyer-1", "fresh");
+    assert_eq!(
+        lookup(&db, &fresh, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    assert_eq!(
+        lookup(&db, &fresh, "POST /x {}", now).await,
+        IdempotencyBegin::Started
+    );
+    // An expired record (not yet purged) is replaced by the next response under the key.
+    let old = scope("buyer-1", "old");
+    db.complete_idempotent(&IdempotencyCompletion {
+        scope: old.clone(),
+        response: response_with(422),
+    })
+    .await
+    .expect("complete");
+    let later = Utc::now() + TimeDelta::hours(25);
+    assert_eq!(
+        lookup(&db, &old, "POST /y {}", later).await,
+        IdempotencyBegin::Started
+    );
+}
+
+fn response_with(status: u16) -> StoredResponse {
+    StoredResponse {
+        status,
+        body: format!("{{\"status\":{status}}}").into_bytes(),
+    }
+}
+
+async fn a_second_response_for_one_key_rolls_its_transaction_back(db: Store) {
+    let now = now_ms();
+    let key = scope("buyer-1", "answered");
+    db.complete_idempotent(&IdempotencyCompletion {
+        scope: key.clone(),
+        response: response_with(409),
+    })
+    .await
+    .expect("the first response is stored");
+
+    let session = open_session(&db).await;
+    let audit_before = db.audit_log(&session.id).await.expect("audit").len();
+    let mut t = Transition::new(
+        &session,
+        SessionState {
+            status: SessionStatus::Failed,
+            ..session.state.clone()
+        },
+    );
+    t.audit.push(NewAuditEntry {
+        action: AuditAction::PaymentFailed,
+        attempt: Some(AttemptNumber::new(0)),
+        actor: "system".to_owned(),
+        details: json!({}),
+    });
+    t.enqueue = Some(job(&session.id, 1, now));
+    t.idempotency = Some(IdempotencyCompletion {
+        scope: key.clone(),
+        response: response_with(202),
+    });
+    let error = db.commit(t).await.expect_err("the key is answered");
+    assert!(
+        matches!(error, payretry::storage::StorageError::IdempotencyKeyTaken),
+        "{error:?}"
+    );
+    let after = reload(&db, &session.id).await;
+    assert_eq!(after.version, session.version, "the session did not change");
+    assert_eq!(after.state, session.state);
+    assert_eq!(
+        db.audit_log(&session.id).await.expect("audit").len(),
+        audit_before,
+        "no audit entry"
+    );
+    assert!(
+        receive(&db, 10, Duration::from_secs(30)).await.is_empty(),
+        "no job queued"
+    );
+    assert_eq!(
+        lookup(&db, &key, "POST /x {}", now).await,
+        IdempotencyBegin::Replay(response_with(409)),
+        "the first response stands"
+    );
+    // The same holds for a response stored on its own, and for another request's key.
+    let again = db
+        .complete_idempotent(&IdempotencyCompletion {
+            scope: key.clone(),
+            response: response_with(400),
+        })
+        .await;
+    assert!(matches!(
+        again,
+        Err(payretry::storage::StorageError::IdempotencyKeyTaken)
+    ));
+    let other_request = db
+        .complete_idempotent(&IdempotencyCompletion {
+            scope: with_fingerprint(&key, "POST /y {}"),
+            response: response_with(400),
+        })
+        .await;
+    assert!(matches!(
+        other_request,
+        Err(payretry::storage::StorageError::IdempotencyKeyTaken)
+    ));
+}
+
+/// Eight transitions of eight sessions race to store a response under one key: exactly
+/// one commits, the others roll back whole.
+async fn concurrent_idempotent_transitions_store_one_response(db: Store) {
+    const CALLERS: usize = 8;
+    let key = scope("buyer-1", "raced");
+    let start = Arc::new(Barrier::new(CALLERS));
+    let mut tasks = Vec::new();
+    for n in 0..CALLERS {
+        let session = open_session(&db).await;
+        let (db, start, key) = (db.clone(), start.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut t = Transition::new(&session, session.state.clone());
+            t.idempotency = Some(IdempotencyCompletion {
+                scope: key,
+                response: response_with(200 + u16::try_from(n).unwrap()),
+            });
+            start.wait().await;
+            let outcome = db.commit(t).await;
+            (session, outcome)
+        }));
+    }
+    let mut winners = Vec::new();
+    for task in tasks {
+        let (session, outcome) = task.await.expect("commit task");
+        let after = reload(&db, &session.id).await;
+        match outcome {
+            Ok(Committed::Applied) => {
+                assert_eq!(after.version, session.version + 1);
+                winners.push(session.id);
+            }
+            Err(payretry::storage::StorageError::IdempotencyKeyTaken) => {
+                assert_eq!(after.version, session.version, "a loser wrote nothing");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "exactly one response is stored");
 }
 
 async fn concurrent_idempotent_begins_start_once(db: Store) {
@@ -716,6 +930,44 @@ async fn stale_ack_keeps_the_released_job(db: Store) {
 
     db.ack(&second[0]).await.expect("ack");
     assert_eq!(db.next_due().await.expect("next due"), None);
+    assert!(receive(&db, 10, Duration::from_secs(60)).await.is_empty());
+}
+
+async fn a_transition_settles_the_delivery_it_records(db: Store) {
+    assert!(
+        db.settles_in_transition(),
+        "the embedded queue shares the database"
+    );
+    let job = due_job(&db).await;
+    let stale = receive(&db, 10, Duration::from_millis(200)).await;
+    assert_eq!(stale.len(), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let current = receive(&db, 10, Duration::from_secs(60)).await;
+    assert_eq!(current.len(), 1);
+
+    // A worker whose lease ran out records its outcome, but the job stays with the worker
+    // that holds it now.
+    let session = reload(&db, &job.payment_session_id).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    t.settles = Some(stale[0].receipt.clone());
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    assert!(
+        db.next_due().await.expect("next due").is_some(),
+        "the job is still queued"
+    );
+
+    // A conflicting transition deletes nothing.
+    let mut t = Transition::new(&session, session.state.clone());
+    t.settles = Some(current[0].receipt.clone());
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Conflict);
+    assert!(db.next_due().await.expect("next due").is_some());
+
+    // The holder's transition commits its outcome and the acknowledgement together.
+    let session = reload(&db, &job.payment_session_id).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    t.settles = Some(current[0].receipt.clone());
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    assert_eq!(db.next_due().await.expect("next due"), None, "job deleted");
     assert!(receive(&db, 10, Duration::from_secs(60)).await.is_empty());
 }
 

@@ -182,7 +182,12 @@ impl IntoResponse for ApiError {
 
 impl From<StorageError> for ApiError {
     fn from(error: StorageError) -> Self {
-        Self::Unavailable(error.to_string())
+        match error {
+            // Normally answered by replaying the other request's response
+            // (`idempotency::finish`); anywhere else, the key is in use.
+            StorageError::IdempotencyKeyTaken => Self::IdempotencyKeyInUse,
+            other => Self::Unavailable(other.to_string()),
+        }
     }
 }
 
@@ -193,7 +198,7 @@ impl From<ServiceError> for ApiError {
             ServiceError::DeadLetterNotFound => Self::DeadLetterNotFound,
             ServiceError::Refused(refusal) => Self::Refused(refusal),
             ServiceError::Provider(e) => Self::Provider(e.to_string()),
-            ServiceError::Storage(e) => Self::Unavailable(e.to_string()),
+            ServiceError::Storage(e) => e.into(),
             ServiceError::Contended => Self::Unavailable("contended".to_owned()),
         }
     }

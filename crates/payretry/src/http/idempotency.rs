@@ -2,9 +2,19 @@
 //! scoped to the caller's `sub`; the fingerprint is method + path + body. The first request
 //! that reaches the business logic has its response stored (in the same transaction as its
 //! effect when it has one); a repeat gets those bytes back with `Idempotent-Replayed: true`.
+//!
+//! Two ways in: a request whose work calls the provider (checkout creation) [`claim`]s the
+//! key first, so a repeat meanwhile is refused with 409; a request whose effect is a single
+//! transaction (a retry) only reads what is [`recorded`] and lets that transaction store
+//! the response — one write per request, and of two concurrent requests with one key the
+//! second replays the first's answer.
 
 use super::error::ApiError;
-use crate::storage::{IdempotencyBegin, IdempotencyScope, Storage, StoredResponse};
+use crate::service::{ServiceError, ServiceResult};
+use crate::storage::{
+    IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, Storage, StorageError,
+    StoredResponse,
+};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use payretry_domain::{IdempotencyKey, Principal};
@@ -36,34 +46,75 @@ fn fingerprint(method: &Method, path: &str, body: &[u8]) -> String {
     hex::encode(hasher.finalize())
 }
 
-/// Either the request goes ahead under `scope`, or the answer is already known.
-pub enum Claim {
-    Proceed(IdempotencyScope),
-    Answer(Response),
-}
-
-/// Claims `key` for this request.
-pub async fn claim(
-    storage: &dyn Storage,
+/// The idempotency scope of `key` for this request.
+pub fn scope(
     caller: &Principal,
     key: &IdempotencyKey,
     method: &Method,
     path: &str,
     body: &[u8],
-) -> Result<Claim, ApiError> {
-    let scope = IdempotencyScope {
+) -> IdempotencyScope {
+    IdempotencyScope {
         caller: caller.user.clone(),
         key: key.as_str().to_owned(),
-    };
-    let begin = storage
-        .begin_idempotent(&scope, &fingerprint(method, path, body), chrono::Utc::now())
-        .await?;
-    match begin {
-        IdempotencyBegin::Started => Ok(Claim::Proceed(scope)),
-        IdempotencyBegin::Replay(stored) => Ok(Claim::Answer(replay(&stored))),
+        fingerprint: fingerprint(method, path, body),
+    }
+}
+
+/// Claims the key for a request whose work is long (it calls the provider), so a repeat
+/// sent meanwhile gets 409 rather than doing the work twice. `Some` is the answer already
+/// known; `None` means go ahead.
+pub async fn claim(
+    storage: &dyn Storage,
+    scope: &IdempotencyScope,
+) -> Result<Option<Response>, ApiError> {
+    answer(storage.begin_idempotent(scope, chrono::Utc::now()).await?)
+}
+
+/// What is already recorded under the key, read without claiming it, for a request whose
+/// effect is one transaction that stores its response itself. `Some` is the answer already
+/// known; `None` means go ahead.
+pub async fn recorded(
+    storage: &dyn Storage,
+    scope: &IdempotencyScope,
+) -> Result<Option<Response>, ApiError> {
+    answer(storage.lookup_idempotent(scope, chrono::Utc::now()).await?)
+}
+
+fn answer(found: IdempotencyBegin) -> Result<Option<Response>, ApiError> {
+    match found {
+        IdempotencyBegin::Started => Ok(None),
+        IdempotencyBegin::Replay(stored) => Ok(Some(replay(&stored))),
         IdempotencyBegin::InFlight => Err(ApiError::IdempotencyKeyInUse),
         IdempotencyBegin::Mismatch => Err(ApiError::IdempotencyKeyReused),
     }
+}
+
+/// Answers a request whose business logic ran under `scope`: its response (already stored
+/// with its effect), or its error settled under the key. When another request with the same
+/// key stored its response first, that response is replayed instead, so every request with
+/// one key gets one answer.
+pub async fn finish(
+    storage: &dyn Storage,
+    scope: &IdempotencyScope,
+    outcome: ServiceResult<StoredResponse>,
+) -> Result<Response, ApiError> {
+    match outcome {
+        Ok(response) => Ok(stored(&response)),
+        Err(ServiceError::Storage(StorageError::IdempotencyKeyTaken)) => {
+            replay_winner(storage, scope).await
+        }
+        Err(error) => settle_error(storage, scope, error.into()).await,
+    }
+}
+
+async fn replay_winner(
+    storage: &dyn Storage,
+    scope: &IdempotencyScope,
+) -> Result<Response, ApiError> {
+    recorded(storage, scope)
+        .await?
+        .ok_or(ApiError::IdempotencyKeyInUse)
 }
 
 /// A stored response, as first sent.
@@ -87,14 +138,14 @@ fn replay(response: &StoredResponse) -> Response {
     r
 }
 
-/// Settles a claim whose business logic ended without storing a response itself: client
-/// errors are stored (a repeat gets the same refusal); server errors release the key so the
-/// client can try again.
-pub async fn settle_error(
+/// Settles a request whose business logic ended in `error`: client errors are stored (a
+/// repeat gets the same refusal); server errors release any claim so the client can try
+/// again.
+async fn settle_error(
     storage: &dyn Storage,
     scope: &IdempotencyScope,
     error: ApiError,
-) -> Response {
+) -> Result<Response, ApiError> {
     let settled = if error.status().is_server_error() {
         storage.abandon_idempotent(scope).await
     } else {
@@ -102,14 +153,16 @@ pub async fn settle_error(
             status: error.status().as_u16(),
             body: serde_json::to_vec(&error.problem()).unwrap_or_default(),
         };
-        let completion = crate::storage::IdempotencyCompletion {
+        let completion = IdempotencyCompletion {
             scope: scope.clone(),
             response,
         };
         storage.complete_idempotent(&completion).await
     };
-    if let Err(e) = settled {
-        tracing::error!(error = %e, "could not settle an idempotency key");
+    match settled {
+        Ok(()) => {}
+        Err(StorageError::IdempotencyKeyTaken) => return replay_winner(storage, scope).await,
+        Err(e) => tracing::error!(error = %e, "could not settle an idempotency key"),
     }
-    error.into_response()
+    Ok(error.into_response())
 }

@@ -3,7 +3,7 @@
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::idempotency::{self, Claim};
+use super::idempotency;
 use super::{AppState, RequestBody};
 use crate::service::checkout::NewCheckout;
 use crate::service::views::{RetryAcceptedView, StatusView};
@@ -124,33 +124,20 @@ pub async fn create_checkout(
         .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
     let request = NewCheckout::try_from(parsed)?;
     let storage = state.payments.storage.as_ref();
-    let scope = match &key {
-        Some(key) => match idempotency::claim(
-            storage,
-            buyer,
-            key,
-            &Method::POST,
-            "/payments/checkout",
-            &body,
-        )
-        .await?
-        {
-            Claim::Answer(response) => return Ok(response),
-            Claim::Proceed(scope) => Some(scope),
-        },
-        None => None,
+    let Some(key) = key else {
+        let (_, response) = state.payments.create_checkout(buyer, request, None).await?;
+        return Ok(idempotency::stored(&response));
     };
-    match state
-        .payments
-        .create_checkout(buyer, request, scope.as_ref())
-        .await
-    {
-        Ok((_, response)) => Ok(idempotency::stored(&response)),
-        Err(error) => match &scope {
-            Some(scope) => Ok(idempotency::settle_error(storage, scope, error.into()).await),
-            None => Err(error.into()),
-        },
+    let scope = idempotency::scope(buyer, &key, &Method::POST, "/payments/checkout", &body);
+    if let Some(answer) = idempotency::claim(storage, &scope).await? {
+        return Ok(answer);
     }
+    let outcome = state
+        .payments
+        .create_checkout(buyer, request, Some(&scope))
+        .await
+        .map(|(_, response)| response);
+    idempotency::finish(storage, &scope, outcome).await
 }
 
 /// The status object of a session.
@@ -206,15 +193,13 @@ pub async fn retry(
     let id = session_id(&raw_id)?;
     let storage = state.payments.storage.as_ref();
     let path = format!("/payments/retry/{id}");
-    let scope = match idempotency::claim(storage, caller, &key, &Method::POST, &path, &body).await?
-    {
-        Claim::Answer(response) => return Ok(response),
-        Claim::Proceed(scope) => scope,
-    };
-    match state.payments.schedule_retry(&id, caller, &scope).await {
-        Ok(response) => Ok(idempotency::stored(&response)),
-        Err(error) => Ok(idempotency::settle_error(storage, &scope, error.into()).await),
+    let scope = idempotency::scope(caller, &key, &Method::POST, &path, &body);
+    // No claim: the retry's one transaction stores the response with its effect.
+    if let Some(answer) = idempotency::recorded(storage, &scope).await? {
+        return Ok(answer);
     }
+    let outcome = state.payments.schedule_retry(&id, caller, &scope).await;
+    idempotency::finish(storage, &scope, outcome).await
 }
 
 /// One audit log entry.

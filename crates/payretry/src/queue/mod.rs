@@ -31,6 +31,13 @@ pub trait JobQueue: Send + Sync + 'static {
     /// The job is done (or deliberately dropped): delete it.
     async fn ack(&self, delivery: &Delivery) -> Result<(), StorageError>;
 
+    /// Whether a delivery can be acknowledged inside the storage transition that records its
+    /// outcome ([`crate::storage::Transition::settles`]): true for the embedded queue, whose
+    /// jobs live in the same database; an external queue is acknowledged on its own.
+    fn settles_in_transition(&self) -> bool {
+        false
+    }
+
     /// The job failed: deliver it again after `delay`.
     async fn release(
         &self,

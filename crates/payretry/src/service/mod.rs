@@ -95,10 +95,24 @@ impl Payments {
     pub(crate) async fn transition<T>(
         &self,
         id: &PaymentSessionId,
+        decide: impl FnMut(&SessionRecord, DateTime<Utc>) -> ServiceResult<Option<(Transition, T)>>,
+    ) -> ServiceResult<Option<(SessionRecord, T)>> {
+        self.transition_on(id, None, decide).await
+    }
+
+    /// Like [`Payments::transition`], deciding first on `read`, the session as the caller
+    /// already read it (saving a read); only a lost race reads it again.
+    pub(crate) async fn transition_on<T>(
+        &self,
+        id: &PaymentSessionId,
+        mut read: Option<SessionRecord>,
         mut decide: impl FnMut(&SessionRecord, DateTime<Utc>) -> ServiceResult<Option<(Transition, T)>>,
     ) -> ServiceResult<Option<(SessionRecord, T)>> {
         for _ in 0..MAX_CONFLICT_ROUNDS {
-            let session = self.load(id).await?;
+            let session = match read.take() {
+                Some(session) => session,
+                None => self.load(id).await?,
+            };
             let Some((mut transition, value)) = decide(&session, now_millis())? else {
                 return Ok(None);
             };

@@ -8,6 +8,9 @@
 
 pub mod postgres;
 pub mod sqlite;
+pub mod wakeups;
+
+use wakeups::Wakeups;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -38,6 +41,10 @@ pub enum StorageError {
     Corrupt(String),
     #[error("queue error: {0}")]
     Queue(String),
+    /// Another request with the same idempotency key stored its response first; the
+    /// transaction that wanted to store one was rolled back, and that response stands.
+    #[error("the idempotency key was answered by another request")]
+    IdempotencyKeyTaken,
 }
 
 pub type StorageResult<T> = Result<T, StorageError>;
@@ -151,25 +158,30 @@ pub struct StoredResponse {
     pub body: Vec<u8>,
 }
 
-/// Identifies one idempotency record: the caller's `sub` and the key they sent.
+/// Identifies one idempotency record: the caller's `sub` and the key they sent, with the
+/// fingerprint of the request (method, path, body) the key stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyScope {
     pub caller: UserId,
     pub key: String,
+    pub fingerprint: String,
 }
 
-/// Completing an idempotency record inside a transition, so the response and the effect
-/// commit together.
+/// Storing a response under an idempotency key, inside the transaction of its effect, so the
+/// response and the effect commit together. The record is written whether or not the key was
+/// claimed beforehand; if another request already stored a response under the key, the
+/// whole transaction fails with [`StorageError::IdempotencyKeyTaken`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyCompletion {
     pub scope: IdempotencyScope,
     pub response: StoredResponse,
 }
 
-/// What [`Storage::begin_idempotent`] found.
+/// What [`Storage::begin_idempotent`] or [`Storage::lookup_idempotent`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum IdempotencyBegin {
-    /// First time (or the earlier attempt was abandoned): go ahead.
+    /// Nothing live is recorded (never seen, expired, or abandoned): go ahead. From
+    /// `begin_idempotent`, the key is now claimed by this request.
     Started,
     /// Done before: send this back byte for byte.
     Replay(StoredResponse),
@@ -300,6 +312,10 @@ pub struct Transition {
     pub analytics: Vec<AnalyticsEvent>,
     /// A double payment this change detected, recorded for support (and a refund).
     pub duplicate_payment: Option<NewDuplicatePayment>,
+    /// The receipt of an embedded-queue delivery this change completes: the job is deleted
+    /// in the same commit (if this delivery still holds it), saving the worker a separate
+    /// acknowledgement. See [`crate::queue::JobQueue::settles_in_transition`].
+    pub settles: Option<String>,
 }
 
 impl Transition {
@@ -318,6 +334,7 @@ impl Transition {
             idempotency: None,
             analytics: Vec::new(),
             duplicate_payment: None,
+            settles: None,
         }
     }
 }
@@ -394,15 +411,26 @@ pub trait Storage: Send + Sync + 'static {
     /// The earliest window end among live sessions, so the sweeper can sleep until then.
     async fn next_window_end(&self) -> StorageResult<Option<DateTime<Utc>>>;
 
-    /// Claims an idempotency key for a request with this fingerprint.
+    /// Claims an idempotency key (a write), for a request whose work is long (it calls the
+    /// provider) and must not run twice concurrently.
     async fn begin_idempotent(
         &self,
         scope: &IdempotencyScope,
-        fingerprint: &str,
         now: DateTime<Utc>,
     ) -> StorageResult<IdempotencyBegin>;
 
-    /// Stores the response of a request that reached the business logic without a transition.
+    /// What is recorded under an idempotency key, without claiming it (a read), for a request
+    /// whose effect is one transaction: that transaction stores the response, and of two
+    /// concurrent requests with one key the second fails with
+    /// [`StorageError::IdempotencyKeyTaken`] and replays the first.
+    async fn lookup_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        now: DateTime<Utc>,
+    ) -> StorageResult<IdempotencyBegin>;
+
+    /// Stores the response of a request that reached the business logic without a transition
+    /// (a refusal); [`StorageError::IdempotencyKeyTaken`] if another response stands.
     async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()>;
 
     /// Forgets an in-flight claim (the request failed internally; the client may try again).
@@ -507,6 +535,52 @@ pub(crate) const IDEMPOTENCY_LOCK_TIMEOUT_MS: i64 = 60_000;
 /// How long a stored idempotent response is replayed.
 pub(crate) const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
 
+/// An idempotency record as found when a key is used again.
+pub(crate) struct IdempotencyRecord {
+    pub fingerprint: String,
+    pub response: Option<StoredResponse>,
+    pub locked_at: i64,
+    pub created_at: i64,
+}
+
+impl IdempotencyRecord {
+    /// What a request with `fingerprint` at `now` (ms) gets; `None` means the record is
+    /// expired or its claim was abandoned, so the key may be used afresh.
+    pub fn verdict(self, fingerprint: &str, now: i64) -> Option<IdempotencyBegin> {
+        if self.created_at <= now - IDEMPOTENCY_TTL_MS {
+            return None;
+        }
+        if self.fingerprint != fingerprint {
+            return Some(IdempotencyBegin::Mismatch);
+        }
+        if let Some(response) = self.response {
+            return Some(IdempotencyBegin::Replay(response));
+        }
+        (self.locked_at > now - IDEMPOTENCY_LOCK_TIMEOUT_MS).then_some(IdempotencyBegin::InFlight)
+    }
+}
+
+/// The upsert that stores a response under a key, in either backend's placeholder style
+/// (`$n` or `?n`): `$1` caller, `$2` key, `$3` fingerprint, `$4` status, `$5` body, `$6` now,
+/// `$7` the expiry cut-off. It writes over a claim of the same request (a row with no
+/// response and the same fingerprint) or an expired record, and over nothing else: zero rows
+/// affected means another response stands.
+pub(crate) fn store_response_sql(placeholder: char) -> String {
+    "INSERT INTO idempotency_keys (caller, idempotency_key, fingerprint, response_status,
+        response_body, locked_at, created_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $6)
+     ON CONFLICT (caller, idempotency_key) DO UPDATE SET
+        fingerprint = excluded.fingerprint,
+        response_status = excluded.response_status,
+        response_body = excluded.response_body,
+        created_at = CASE WHEN idempotency_keys.created_at <= $7
+                          THEN excluded.created_at ELSE idempotency_keys.created_at END
+     WHERE (idempotency_keys.response_status IS NULL
+            AND idempotency_keys.fingerprint = excluded.fingerprint)
+        OR idempotency_keys.created_at <= $7"
+        .replace('$', &placeholder.to_string())
+}
+
 pub(crate) fn opt_time(ms: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {
     ms.map(from_millis).transpose()
 }
@@ -527,4 +601,49 @@ pub(crate) fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
         id.parse().map_err(corrupt)?,
         lease.parse().map_err(corrupt)?,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(
+        fingerprint: &str,
+        response: Option<StoredResponse>,
+        locked_at: i64,
+    ) -> IdempotencyRecord {
+        IdempotencyRecord {
+            fingerprint: fingerprint.to_owned(),
+            response,
+            locked_at,
+            created_at: 0,
+        }
+    }
+
+    #[test]
+    fn idempotency_verdicts() {
+        let done = StoredResponse {
+            status: 202,
+            body: b"{}".to_vec(),
+        };
+        assert_eq!(
+            key("a", None, 0).verdict("b", 1),
+            Some(IdempotencyBegin::Mismatch)
+        );
+        assert_eq!(
+            key("a", Some(done.clone()), 0).verdict("a", 1),
+            Some(IdempotencyBegin::Replay(done))
+        );
+        assert_eq!(
+            key("a", None, 0).verdict("a", 1),
+            Some(IdempotencyBegin::InFlight)
+        );
+        // The claim's process presumably died: take it over.
+        assert_eq!(
+            key("a", None, 0).verdict("a", IDEMPOTENCY_LOCK_TIMEOUT_MS),
+            None
+        );
+        // Expired: even a different request may use the key again.
+        assert_eq!(key("a", None, 0).verdict("b", IDEMPOTENCY_TTL_MS), None);
+    }
 }

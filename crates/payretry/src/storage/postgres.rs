@@ -29,8 +29,8 @@ use payretry_domain::{Amount, Currency};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 /// The pool size to use when none is configured. Throughput on the project's machines
 /// stops growing at about 16 connections and falls beyond, as backends contend for CPU and
@@ -43,11 +43,9 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct PostgresStorage {
     pool: PgPool,
-    /// Wakes this process's worker when this process enqueued a job. Jobs enqueued by other
-    /// processes are found by the worker's idle poll of [`JobQueue::next_due`].
-    enqueued: Notify,
-    /// Wakes this process's analytics relay when this process committed events.
-    analytics_enqueued: Notify,
+    /// Wakes this process's worker, outbox relay and analytics relay after a commit. Jobs
+    /// enqueued by other processes are found by the worker's idle poll.
+    wakeups: Wakeups,
 }
 
 impl PostgresStorage {
@@ -75,8 +73,7 @@ impl PostgresStorage {
             .await?;
         Ok(Self {
             pool,
-            enqueued: Notify::new(),
-            analytics_enqueued: Notify::new(),
+            wakeups: Wakeups::default(),
         })
     }
 }
@@ -192,21 +189,62 @@ async fn append_audit(
     Ok(())
 }
 
+/// Stores `completion` in the transaction; see [`store_response_sql`].
 async fn store_response(
     tx: &mut Transaction<'static, Postgres>,
     completion: &IdempotencyCompletion,
+    now: i64,
 ) -> StorageResult<()> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET response_status = $1, response_body = $2
-         WHERE caller = $3 AND idempotency_key = $4",
-    )
-    .bind(i64::from(completion.response.status))
-    .bind(&completion.response.body)
-    .bind(completion.scope.caller.as_str())
-    .bind(&completion.scope.key)
-    .execute(&mut **tx)
-    .await?;
+    static SQL: LazyLock<String> = LazyLock::new(|| store_response_sql('$'));
+    let stored = sqlx::query(SQL.as_str())
+        .bind(completion.scope.caller.as_str())
+        .bind(&completion.scope.key)
+        .bind(&completion.scope.fingerprint)
+        .bind(i64::from(completion.response.status))
+        .bind(&completion.response.body)
+        .bind(now)
+        .bind(now - IDEMPOTENCY_TTL_MS)
+        .execute(&mut **tx)
+        .await?;
+    if stored.rows_affected() == 0 {
+        return Err(StorageError::IdempotencyKeyTaken);
+    }
     Ok(())
+}
+
+/// The idempotency record of `scope`, if any (`FOR UPDATE` when `lock`).
+async fn idempotency_record(
+    conn: &mut sqlx::PgConnection,
+    scope: &IdempotencyScope,
+    lock: bool,
+) -> StorageResult<Option<IdempotencyRecord>> {
+    let sql = if lock {
+        "SELECT fingerprint, response_status, response_body, locked_at, created_at
+         FROM idempotency_keys WHERE caller = $1 AND idempotency_key = $2 FOR UPDATE"
+    } else {
+        "SELECT fingerprint, response_status, response_body, locked_at, created_at
+         FROM idempotency_keys WHERE caller = $1 AND idempotency_key = $2"
+    };
+    let row = sqlx::query(sql)
+        .bind(scope.caller.as_str())
+        .bind(&scope.key)
+        .fetch_optional(conn)
+        .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    Ok(Some(IdempotencyRecord {
+        fingerprint: row.try_get("fingerprint")?,
+        response: match row.try_get::<Option<i64>, _>("response_status")? {
+            Some(status) => Some(StoredResponse {
+                status: u16::try_from(status).map_err(corrupt)?,
+                body: row.try_get("response_body")?,
+            }),
+            None => None,
+        },
+        locked_at: row.try_get("locked_at")?,
+        created_at: row.try_get("created_at")?,
+    }))
 }
 
 async fn enqueue_job(
@@ -227,31 +265,6 @@ async fn enqueue_job(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-/// An idempotency record as found when a key is claimed again.
-struct ExistingKey {
-    fingerprint: String,
-    response: Option<StoredResponse>,
-    locked_at: i64,
-    created_at: i64,
-}
-
-impl ExistingKey {
-    /// What a new claim of this key with `fingerprint` at `now` gets; `None` means the
-    /// record is expired or its claim was abandoned, so it may be taken over (Started).
-    fn verdict(self, fingerprint: &str, now: i64) -> Option<IdempotencyBegin> {
-        if self.created_at <= now - IDEMPOTENCY_TTL_MS {
-            return None;
-        }
-        if self.fingerprint != fingerprint {
-            return Some(IdempotencyBegin::Mismatch);
-        }
-        if let Some(response) = self.response {
-            return Some(IdempotencyBegin::Replay(response));
-        }
-        (self.locked_at > now - IDEMPOTENCY_LOCK_TIMEOUT_MS).then_some(IdempotencyBegin::InFlight)
-    }
 }
 
 #[async_trait]
@@ -301,7 +314,7 @@ impl Storage for PostgresStorage {
         .await?;
         append_audit(&mut tx, &s.id, now, &s.audit).await?;
         if let Some(completion) = &s.idempotency {
-            store_response(&mut tx, completion).await?;
+            store_response(&mut tx, completion, now).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -426,6 +439,14 @@ impl Storage for PostgresStorage {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(receipt) = &t.settles {
+            let (id, lease) = parse_receipt(receipt)?;
+            sqlx::query("DELETE FROM retry_jobs WHERE id = $1 AND locked_until = $2")
+                .bind(id)
+                .bind(lease)
+                .execute(&mut *tx)
+                .await?;
+        }
         if let Some(id) = &t.redrive {
             sqlx::query("DELETE FROM dead_letters WHERE id = $1")
                 .bind(id.parse::<i64>().unwrap_or(-1))
@@ -433,7 +454,7 @@ impl Storage for PostgresStorage {
                 .await?;
         }
         if let Some(completion) = &t.idempotency {
-            store_response(&mut tx, completion).await?;
+            store_response(&mut tx, completion, now).await?;
         }
         for event in &t.analytics {
             sqlx::query(
@@ -447,12 +468,7 @@ impl Storage for PostgresStorage {
             .await?;
         }
         tx.commit().await?;
-        if t.enqueue.is_some() {
-            self.enqueued.notify_one();
-        }
-        if !t.analytics.is_empty() {
-            self.analytics_enqueued.notify_one();
-        }
+        self.wakeups.committed(&t, Utc::now());
         Ok(Committed::Applied)
     }
 
@@ -510,7 +526,6 @@ impl Storage for PostgresStorage {
     async fn begin_idempotent(
         &self,
         scope: &IdempotencyScope,
-        fingerprint: &str,
         now: DateTime<Utc>,
     ) -> StorageResult<IdempotencyBegin> {
         let now = to_millis(now);
@@ -524,7 +539,7 @@ impl Storage for PostgresStorage {
         )
         .bind(scope.caller.as_str())
         .bind(&scope.key)
-        .bind(fingerprint)
+        .bind(&scope.fingerprint)
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -534,30 +549,8 @@ impl Storage for PostgresStorage {
         }
         // A known key: lock its row so that of two requests taking over an expired or
         // abandoned claim, the second sees the first's fresh claim (InFlight).
-        let row = sqlx::query(
-            "SELECT fingerprint, response_status, response_body, locked_at, created_at
-             FROM idempotency_keys WHERE caller = $1 AND idempotency_key = $2 FOR UPDATE",
-        )
-        .bind(scope.caller.as_str())
-        .bind(&scope.key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let existing = match row {
-            Some(row) => Some(ExistingKey {
-                fingerprint: row.try_get("fingerprint")?,
-                response: match row.try_get::<Option<i64>, _>("response_status")? {
-                    Some(status) => Some(StoredResponse {
-                        status: u16::try_from(status).map_err(corrupt)?,
-                        body: row.try_get("response_body")?,
-                    }),
-                    None => None,
-                },
-                locked_at: row.try_get("locked_at")?,
-                created_at: row.try_get("created_at")?,
-            }),
-            None => None,
-        };
-        if let Some(verdict) = existing.and_then(|e| e.verdict(fingerprint, now)) {
+        let existing = idempotency_record(&mut tx, scope, true).await?;
+        if let Some(verdict) = existing.and_then(|e| e.verdict(&scope.fingerprint, now)) {
             return Ok(verdict);
         }
         // Expired, abandoned, or deleted since the insert above: claim it afresh.
@@ -571,7 +564,7 @@ impl Storage for PostgresStorage {
         )
         .bind(scope.caller.as_str())
         .bind(&scope.key)
-        .bind(fingerprint)
+        .bind(&scope.fingerprint)
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -579,9 +572,21 @@ impl Storage for PostgresStorage {
         Ok(IdempotencyBegin::Started)
     }
 
+    async fn lookup_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        now: DateTime<Utc>,
+    ) -> StorageResult<IdempotencyBegin> {
+        let mut conn = self.pool.acquire().await?;
+        let existing = idempotency_record(&mut conn, scope, false).await?;
+        Ok(existing
+            .and_then(|e| e.verdict(&scope.fingerprint, to_millis(now)))
+            .unwrap_or(IdempotencyBegin::Started))
+    }
+
     async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()> {
         let mut tx = self.pool.begin().await?;
-        store_response(&mut tx, completion).await?;
+        store_response(&mut tx, completion, to_millis(Utc::now())).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -694,7 +699,7 @@ impl Storage for PostgresStorage {
     }
 
     async fn analytics_enqueued(&self) {
-        self.analytics_enqueued.notified().await;
+        self.wakeups.analytics_written().await;
     }
 
     async fn duplicate_payments(&self) -> StorageResult<Vec<DuplicatePayment>> {
@@ -825,6 +830,10 @@ impl JobQueue for PostgresStorage {
         self.claim(max, lease, true).await
     }
 
+    fn settles_in_transition(&self) -> bool {
+        true
+    }
+
     async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
         let (id, lease) = parse_receipt(&delivery.receipt)?;
         // Guarded by the lease: after this delivery's lease expired and the job was
@@ -891,7 +900,7 @@ impl JobQueue for PostgresStorage {
     }
 
     async fn enqueued(&self) {
-        self.enqueued.notified().await;
+        self.wakeups.job_due_soon().await;
     }
 }
 
@@ -967,49 +976,13 @@ impl Outbox for PostgresStorage {
     }
 
     async fn outbox_written(&self) {
-        self.enqueued().await
+        self.wakeups.outbox_written().await
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn key(fingerprint: &str, response: Option<StoredResponse>, locked_at: i64) -> ExistingKey {
-        ExistingKey {
-            fingerprint: fingerprint.to_owned(),
-            response,
-            locked_at,
-            created_at: 0,
-        }
-    }
-
-    #[test]
-    fn verdict_follows_the_sqlite_rules() {
-        let done = StoredResponse {
-            status: 202,
-            body: b"{}".to_vec(),
-        };
-        assert_eq!(
-            key("a", None, 0).verdict("b", 1),
-            Some(IdempotencyBegin::Mismatch)
-        );
-        assert_eq!(
-            key("a", Some(done.clone()), 0).verdict("a", 1),
-            Some(IdempotencyBegin::Replay(done))
-        );
-        assert_eq!(
-            key("a", None, 0).verdict("a", 1),
-            Some(IdempotencyBegin::InFlight)
-        );
-        // The claim's process presumably died: take it over.
-        assert_eq!(
-            key("a", None, 0).verdict("a", IDEMPOTENCY_LOCK_TIMEOUT_MS),
-            None
-        );
-        // Expired: even a different request may use the key again.
-        assert_eq!(key("a", None, 0).verdict("b", IDEMPOTENCY_TTL_MS), None);
-    }
 
     #[test]
     fn receipts_round_trip() {

@@ -12,16 +12,15 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, Sqlite, Transaction};
 use std::str::FromStr;
+use std::sync::LazyLock;
 use std::time::Duration;
-use tokio::sync::Notify;
 
 pub struct SqliteStorage {
     writer: SqlitePool,
     reader: SqlitePool,
-    /// Wakes this process's worker when a job is enqueued.
-    enqueued: Notify,
-    /// Wakes this process's analytics relay when events are committed.
-    analytics_enqueued: Notify,
+    /// Wakes this process's worker, outbox relay and analytics relay after a commit. Jobs
+    /// enqueued by other processes are found by the worker's idle poll.
+    wakeups: Wakeups,
 }
 
 impl SqliteStorage {
@@ -45,8 +44,7 @@ impl SqliteStorage {
         Ok(Self {
             writer,
             reader,
-            enqueued: Notify::new(),
-            analytics_enqueued: Notify::new(),
+            wakeups: Wakeups::default(),
         })
     }
 
@@ -148,21 +146,57 @@ async fn append_audit(
     Ok(())
 }
 
+/// Stores `completion` in the transaction; see [`store_response_sql`].
 async fn store_response(
     tx: &mut Transaction<'static, Sqlite>,
     completion: &IdempotencyCompletion,
+    now: i64,
 ) -> StorageResult<()> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET response_status = ?, response_body = ?
-         WHERE caller = ? AND idempotency_key = ?",
-    )
-    .bind(i64::from(completion.response.status))
-    .bind(&completion.response.body)
-    .bind(completion.scope.caller.as_str())
-    .bind(&completion.scope.key)
-    .execute(&mut **tx)
-    .await?;
+    static SQL: LazyLock<String> = LazyLock::new(|| store_response_sql('?'));
+    let stored = sqlx::query(SQL.as_str())
+        .bind(completion.scope.caller.as_str())
+        .bind(&completion.scope.key)
+        .bind(&completion.scope.fingerprint)
+        .bind(i64::from(completion.response.status))
+        .bind(&completion.response.body)
+        .bind(now)
+        .bind(now - IDEMPOTENCY_TTL_MS)
+        .execute(&mut **tx)
+        .await?;
+    if stored.rows_affected() == 0 {
+        return Err(StorageError::IdempotencyKeyTaken);
+    }
     Ok(())
+}
+
+/// The idempotency record of `scope`, if any.
+async fn idempotency_record<'c>(
+    conn: impl sqlx::SqliteExecutor<'c>,
+    scope: &IdempotencyScope,
+) -> StorageResult<Option<IdempotencyRecord>> {
+    let row = sqlx::query(
+        "SELECT fingerprint, response_status, response_body, locked_at, created_at
+         FROM idempotency_keys WHERE caller = ? AND idempotency_key = ?",
+    )
+    .bind(scope.caller.as_str())
+    .bind(&scope.key)
+    .fetch_optional(conn)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    Ok(Some(IdempotencyRecord {
+        fingerprint: row.try_get("fingerprint")?,
+        response: match row.try_get::<Option<i64>, _>("response_status")? {
+            Some(status) => Some(StoredResponse {
+                status: u16::try_from(status).map_err(corrupt)?,
+                body: row.try_get("response_body")?,
+            }),
+            None => None,
+        },
+        locked_at: row.try_get("locked_at")?,
+        created_at: row.try_get("created_at")?,
+    }))
 }
 
 async fn enqueue_job(
@@ -234,7 +268,7 @@ impl Storage for SqliteStorage {
         .await?;
         append_audit(&mut tx, &s.id, now, &s.audit).await?;
         if let Some(completion) = &s.idempotency {
-            store_response(&mut tx, completion).await?;
+            store_response(&mut tx, completion, now).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -357,6 +391,14 @@ impl Storage for SqliteStorage {
             .execute(&mut *tx)
             .await?;
         }
+        if let Some(receipt) = &t.settles {
+            let (id, lease) = parse_receipt(receipt)?;
+            sqlx::query("DELETE FROM retry_jobs WHERE id = ? AND locked_until = ?")
+                .bind(id)
+                .bind(lease)
+                .execute(&mut *tx)
+                .await?;
+        }
         if let Some(id) = &t.redrive {
             sqlx::query("DELETE FROM dead_letters WHERE id = ?")
                 .bind(id.parse::<i64>().unwrap_or(-1))
@@ -364,7 +406,7 @@ impl Storage for SqliteStorage {
                 .await?;
         }
         if let Some(completion) = &t.idempotency {
-            store_response(&mut tx, completion).await?;
+            store_response(&mut tx, completion, now).await?;
         }
         for event in &t.analytics {
             sqlx::query(
@@ -379,12 +421,7 @@ impl Storage for SqliteStorage {
             .await?;
         }
         tx.commit().await?;
-        if t.enqueue.is_some() {
-            self.enqueued.notify_one();
-        }
-        if !t.analytics.is_empty() {
-            self.analytics_enqueued.notify_one();
-        }
+        self.wakeups.committed(&t, Utc::now());
         Ok(Committed::Applied)
     }
 
@@ -442,36 +479,13 @@ impl Storage for SqliteStorage {
     async fn begin_idempotent(
         &self,
         scope: &IdempotencyScope,
-        fingerprint: &str,
         now: DateTime<Utc>,
     ) -> StorageResult<IdempotencyBegin> {
         let now = to_millis(now);
         let mut tx = self.begin_write().await?;
-        let existing = sqlx::query(
-            "SELECT fingerprint, response_status, response_body, locked_at, created_at
-             FROM idempotency_keys WHERE caller = ? AND idempotency_key = ?",
-        )
-        .bind(scope.caller.as_str())
-        .bind(&scope.key)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(row) = existing {
-            let created_at: i64 = row.try_get("created_at")?;
-            if created_at > now - IDEMPOTENCY_TTL_MS {
-                let stored_fingerprint: String = row.try_get("fingerprint")?;
-                if stored_fingerprint != fingerprint {
-                    return Ok(IdempotencyBegin::Mismatch);
-                }
-                if let Some(status) = row.try_get::<Option<i64>, _>("response_status")? {
-                    let body: Vec<u8> = row.try_get("response_body")?;
-                    let status = u16::try_from(status).map_err(corrupt)?;
-                    return Ok(IdempotencyBegin::Replay(StoredResponse { status, body }));
-                }
-                let locked_at: i64 = row.try_get("locked_at")?;
-                if locked_at > now - IDEMPOTENCY_LOCK_TIMEOUT_MS {
-                    return Ok(IdempotencyBegin::InFlight);
-                }
-            }
+        let existing = idempotency_record(&mut *tx, scope).await?;
+        if let Some(verdict) = existing.and_then(|e| e.verdict(&scope.fingerprint, now)) {
+            return Ok(verdict);
         }
         sqlx::query(
             "INSERT INTO idempotency_keys (caller, idempotency_key, fingerprint, locked_at, created_at)
@@ -483,7 +497,7 @@ impl Storage for SqliteStorage {
         )
         .bind(scope.caller.as_str())
         .bind(&scope.key)
-        .bind(fingerprint)
+        .bind(&scope.fingerprint)
         .bind(now)
         .bind(now)
         .execute(&mut *tx)
@@ -492,9 +506,20 @@ impl Storage for SqliteStorage {
         Ok(IdempotencyBegin::Started)
     }
 
+    async fn lookup_idempotent(
+        &self,
+        scope: &IdempotencyScope,
+        now: DateTime<Utc>,
+    ) -> StorageResult<IdempotencyBegin> {
+        let existing = idempotency_record(&self.reader, scope).await?;
+        Ok(existing
+            .and_then(|e| e.verdict(&scope.fingerprint, to_millis(now)))
+            .unwrap_or(IdempotencyBegin::Started))
+    }
+
     async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()> {
         let mut tx = self.begin_write().await?;
-        store_response(&mut tx, completion).await?;
+        store_response(&mut tx, completion, to_millis(Utc::now())).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -612,7 +637,7 @@ impl Storage for SqliteStorage {
     }
 
     async fn analytics_enqueued(&self) {
-        self.analytics_enqueued.notified().await;
+        self.wakeups.analytics_written().await;
     }
 
     async fn duplicate_payments(&self) -> StorageResult<Vec<DuplicatePayment>> {
@@ -754,6 +779,10 @@ impl JobQueue for SqliteStorage {
         self.claim(max, lease, true).await
     }
 
+    fn settles_in_transition(&self) -> bool {
+        true
+    }
+
     async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
         let (id, lease) = parse_receipt(&delivery.receipt)?;
         let mut tx = self.begin_write().await?;
@@ -822,7 +851,7 @@ impl JobQueue for SqliteStorage {
     }
 
     async fn enqueued(&self) {
-        self.enqueued.notified().await;
+        self.wakeups.job_due_soon().await;
     }
 }
 
@@ -893,6 +922,6 @@ impl Outbox for SqliteStorage {
     }
 
     async fn outbox_written(&self) {
-        self.enqueued().await
+        self.wakeups.outbox_written().await
     }
 }
