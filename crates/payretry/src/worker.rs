@@ -93,16 +93,27 @@ impl Worker {
         }
     }
 
-    /// Decides and performs what one delivery asks for. Does not acknowledge it.
+    /// Decides and performs what one delivery asks for. Does not acknowledge it (for a
+    /// caller that settles deliveries itself, such as another job queue).
     pub async fn process(&self, delivery: &Delivery) -> Outcome {
-        match self.try_process(delivery).await {
+        self.process_settling(delivery, false).await
+    }
+
+    /// Like [`Worker::process`]; with `in_transition`, a created checkout is recorded and
+    /// the delivery acknowledged in one commit ([`JobQueue::settles_in_transition`]).
+    async fn process_settling(&self, delivery: &Delivery, in_transition: bool) -> Outcome {
+        match self.try_process(delivery, in_transition).await {
             Ok(outcome) => outcome,
             Err(ServiceError::Provider(ProviderError::Permanent(e))) => Outcome::Permanent(e),
             Err(error) => Outcome::RetryLater(error.to_string()),
         }
     }
 
-    async fn try_process(&self, delivery: &Delivery) -> Result<Outcome, ServiceError> {
+    async fn try_process(
+        &self,
+        delivery: &Delivery,
+        settle_in_transition: bool,
+    ) -> Result<Outcome, ServiceError> {
         let job = &delivery.job;
         let now = Utc::now();
         if job.scheduled_for - now > chrono::TimeDelta::seconds(1) {
@@ -189,7 +200,7 @@ impl Worker {
                         "receiveCount": delivery.receive_count,
                     }),
                 });
-                if self.queue.settles_in_transition() {
+                if settle_in_transition {
                     t.settles = Some(delivery.receipt.clone());
                 }
                 t.analytics.push(AnalyticsEvent::track(
@@ -277,7 +288,7 @@ impl Worker {
         // extending the lease: past this bound it is given up and redelivered.
         let limit = lease.saturating_mul(MAX_LEASES_PER_JOB);
         tokio::select! {
-            outcome = self.process(delivery) => outcome,
+            outcome = self.process_settling(delivery, self.queue.settles_in_transition()) => outcome,
             () = heartbeat => unreachable!("the heartbeat never ends"),
             () = tokio::time::sleep(limit) => Outcome::RetryLater(format!("processing took longer than {} s", limit.as_secs())),
         }

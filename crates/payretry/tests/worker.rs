@@ -714,3 +714,108 @@ async fn the_retry_checkout_is_created_before_the_previous_one_is_closed() {
     assert_eq!(fake.expired_ids(), [first_checkout]);
     assert_provider_contract(fake);
 }
+
+/// The embedded queue behind a counter of separate acknowledgements.
+struct CountingQueue {
+    inner: payretry::storage::sqlite::SqliteStorage,
+    acks: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl payretry::queue::JobQueue for CountingQueue {
+    async fn receive(
+        &self,
+        max: u32,
+        lease: Duration,
+    ) -> Result<Vec<payretry::queue::Delivery>, payretry::storage::StorageError> {
+        self.inner.receive(max, lease).await
+    }
+    async fn ack(
+        &self,
+        delivery: &payretry::queue::Delivery,
+    ) -> Result<(), payretry::storage::StorageError> {
+        self.acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.ack(delivery).await
+    }
+    fn settles_in_transition(&self) -> bool {
+        self.inner.settles_in_transition()
+    }
+    async fn release(
+        &self,
+        delivery: &payretry::queue::Delivery,
+        error: &str,
+        delay: Duration,
+    ) -> Result<(), payretry::storage::StorageError> {
+        self.inner.release(delivery, error, delay).await
+    }
+    async fn extend(
+        &self,
+        delivery: &payretry::queue::Delivery,
+        lease: Duration,
+    ) -> Result<(), payretry::storage::StorageError> {
+        self.inner.extend(delivery, lease).await
+    }
+    async fn defer(
+        &self,
+        delivery: &payretry::queue::Delivery,
+    ) -> Result<(), payretry::storage::StorageError> {
+        self.inner.defer(delivery).await
+    }
+    async fn ping(&self) -> Result<(), payretry::storage::StorageError> {
+        self.inner.ping().await
+    }
+    async fn next_due(
+        &self,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, payretry::storage::StorageError> {
+        self.inner.next_due().await
+    }
+    async fn enqueued(&self) {
+        self.inner.enqueued().await
+    }
+}
+
+#[tokio::test]
+async fn on_the_embedded_queue_the_checkout_and_its_acknowledgement_commit_together() {
+    use payretry::queue::JobQueue;
+    // Arrange: an API-only server, so this test's worker is the only consumer.
+    let app = TestApp::spawn_with(Options {
+        vars: vec![delays("1s")],
+        stripe: true,
+        role: payretry::app::ServeRole::Api,
+        ..Options::default()
+    })
+    .await;
+    let (id, _) = declined_session(&app).await;
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
+    let url = format!("sqlite://{}", app.db_path.display());
+    let queue = std::sync::Arc::new(CountingQueue {
+        inner: payretry::storage::sqlite::SqliteStorage::connect(&url)
+            .await
+            .unwrap(),
+        acks: std::sync::atomic::AtomicUsize::new(0),
+    });
+    let worker = payretry::worker::Worker::new(
+        app.payments.clone(),
+        queue.clone(),
+        payretry::worker::WorkerSettings::default(),
+    );
+    let mut deliveries = Vec::new();
+    for _ in 0..100 {
+        deliveries = queue.receive(1, Duration::from_secs(60)).await.unwrap();
+        if !deliveries.is_empty() {
+            break;
+        }
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+    let delivery = deliveries.pop().expect("the retry job falls due");
+
+    // Act
+    let outcome = worker.handle(delivery).await.unwrap();
+
+    // Assert: recorded and acknowledged by one commit, with no separate acknowledgement.
+    assert_eq!(outcome, payretry::worker::Outcome::CheckoutCreated);
+    assert_eq!(queue.acks.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
+    assert_eq!(app.status(&app.buyer(), &id).await["status"], "open");
+    assert_eq!(fake(&app).create_count(&id, 1), 1);
+}
