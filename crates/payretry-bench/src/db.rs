@@ -29,6 +29,23 @@ pub async fn drop_pg(admin_url: &str, name: &str) {
     }
 }
 
+/// Which tables the run read by sequential scan, from PostgreSQL's statistics: a scan on a
+/// hot path shows up here (rows read per table, most first).
+pub async fn seq_scans(url: &str) -> anyhow::Result<String> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let rows: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT relname::text, COALESCE(seq_scan, 0), COALESCE(seq_tup_read, 0)
+         FROM pg_stat_user_tables WHERE seq_scan > 0 ORDER BY seq_tup_read DESC LIMIT 5",
+    )
+    .fetch_all(&mut conn)
+    .await?;
+    Ok(rows
+        .iter()
+        .map(|(table, scans, read)| format!("{table}: {scans} scans, {read} rows"))
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
 /// What to insert: `count` sessions `ps_{tag}_{n}`.
 pub struct Batch<'a> {
     pub tag: &'a str,

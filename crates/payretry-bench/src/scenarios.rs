@@ -255,6 +255,10 @@ pub async fn retry_endpoint(
     ));
     child.stop().await;
     if postgres {
+        match db::seq_scans(&url).await {
+            Ok(scans) => log(&format!("  {backend}: sequential scans: {scans}")),
+            Err(e) => log(&format!("  {backend}: no scan statistics: {e:#}")),
+        }
         db::drop_pg(&opts.pg_admin, db_name).await;
     }
     Ok(RetryBench {
