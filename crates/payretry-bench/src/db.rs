@@ -3,7 +3,19 @@
 
 use sqlx::{AssertSqlSafe, Connection, Executor};
 
-/// `postgres://postgres@127.0.0.1:5432/{name}`, created afresh.
+/// The URL of database `name` on the server of `admin_url` (same user, host and options).
+pub fn pg_url(admin_url: &str, name: &str) -> String {
+    let (path, query) = admin_url
+        .split_once('?')
+        .map_or((admin_url, None), |(p, q)| (p, Some(q)));
+    let base = path.rsplit_once('/').map_or(path, |(b, _)| b);
+    match query {
+        Some(query) => format!("{base}/{name}?{query}"),
+        None => format!("{base}/{name}"),
+    }
+}
+
+/// Database `name` on the server of `admin_url`, created afresh; returns its URL.
 pub async fn fresh_pg(admin_url: &str, name: &str) -> anyhow::Result<String> {
     let mut admin = sqlx::PgConnection::connect(admin_url).await?;
     admin
@@ -15,8 +27,7 @@ pub async fn fresh_pg(admin_url: &str, name: &str) -> anyhow::Result<String> {
         .execute(AssertSqlSafe(format!("CREATE DATABASE {name}")))
         .await?;
     admin.close().await?;
-    let base = admin_url.rsplit_once('/').map_or(admin_url, |(b, _)| b);
-    Ok(format!("{base}/{name}"))
+    Ok(pg_url(admin_url, name))
 }
 
 pub async fn drop_pg(admin_url: &str, name: &str) {

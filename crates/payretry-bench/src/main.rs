@@ -34,6 +34,11 @@ pub fn log(line: &str) {
     eprintln!("[{t:6.1}s] {line}");
 }
 
+/// The local socket, as `limits.sh` reaches PostgreSQL with `pgbench`: the ceilings and
+/// payretry then share one access path (over TCP the server's TLS would be negotiated,
+/// which `pgbench` on the socket never pays).
+const DEFAULT_PG: &str = "postgres://postgres@localhost/postgres?host=/var/run/postgresql";
+
 const USAGE: &str = "usage: payretry-bench [--quick] [--out DIR] [--only a,b,c,d,e,f,limits] \
 [--payretry PATH] [--pg URL] [--limits PATH]
 
@@ -49,8 +54,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         out: root.join("docs/bench"),
         work: std::env::temp_dir().join(format!("payretry-bench-{}", std::process::id())),
         payretry: scenarios::default_payretry(),
-        pg_admin: std::env::var("PAYRETRY_BENCH_PG")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned()),
+        pg_admin: std::env::var("PAYRETRY_BENCH_PG").unwrap_or_else(|_| DEFAULT_PG.to_owned()),
         limits: root.join("../shared/bench/limits.sh"),
         only: None,
     };
