@@ -543,7 +543,31 @@ pub(crate) struct IdempotencyRecord {
     pub created_at: i64,
 }
 
+/// The columns an idempotency record is read from, in this order.
+pub(crate) type IdempotencyColumns = (String, Option<i64>, Option<Vec<u8>>, i64, i64);
+
+/// Selects [`IdempotencyColumns`] of one key (`$1`/`?` caller, `$2`/`?` key).
+pub(crate) const IDEMPOTENCY_COLUMNS: &str = "SELECT fingerprint, response_status, response_body, locked_at, created_at FROM idempotency_keys";
+
 impl IdempotencyRecord {
+    pub fn from_columns(
+        (fingerprint, status, body, locked_at, created_at): IdempotencyColumns,
+    ) -> StorageResult<Self> {
+        let response = match status {
+            Some(status) => Some(StoredResponse {
+                status: u16::try_from(status).map_err(corrupt)?,
+                body: body.unwrap_or_default(),
+            }),
+            None => None,
+        };
+        Ok(Self {
+            fingerprint,
+            response,
+            locked_at,
+            created_at,
+        })
+    }
+
     /// What a request with `fingerprint` at `now` (ms) gets; `None` means the record is
     /// expired or its claim was abandoned, so the key may be used afresh.
     pub fn verdict(self, fingerprint: &str, now: i64) -> Option<IdempotencyBegin> {

@@ -218,39 +218,21 @@ async fn idempotency_record(
     scope: &IdempotencyScope,
     lock: bool,
 ) -> StorageResult<Option<IdempotencyRecord>> {
-    let sql = if lock {
-        "SELECT fingerprint, response_status, response_body, locked_at, created_at
-         FROM idempotency_keys WHERE caller = $1 AND idempotency_key = $2 FOR UPDATE"
-    } else {
-        "SELECT fingerprint, response_status, response_body, locked_at, created_at
-         FROM idempotency_keys WHERE caller = $1 AND idempotency_key = $2"
-    };
+    let lock = if lock { " FOR UPDATE" } else { "" };
+    let sql = format!("{IDEMPOTENCY_COLUMNS} WHERE caller = $1 AND idempotency_key = $2{lock}");
     // Planned afresh each time (not a cached prepared statement): the table starts empty
     // after a deploy and grows by one row per request, and a plan cached while it was empty
     // is a sequential scan that each connection would keep running on the grown table until
     // the next autovacuum ANALYZE (`payretry-bench` saw 4 605 scans reading 46 M rows in a
     // 20-second run).
-    let row = sqlx::query(sql)
+    sqlx::query_as::<_, IdempotencyColumns>(sqlx::AssertSqlSafe(sql))
         .persistent(false)
         .bind(scope.caller.as_str())
         .bind(&scope.key)
         .fetch_optional(conn)
-        .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    Ok(Some(IdempotencyRecord {
-        fingerprint: row.try_get("fingerprint")?,
-        response: match row.try_get::<Option<i64>, _>("response_status")? {
-            Some(status) => Some(StoredResponse {
-                status: u16::try_from(status).map_err(corrupt)?,
-                body: row.try_get("response_body")?,
-            }),
-            None => None,
-        },
-        locked_at: row.try_get("locked_at")?,
-        created_at: row.try_get("created_at")?,
-    }))
+        .await?
+        .map(IdempotencyRecord::from_columns)
+        .transpose()
 }
 
 async fn enqueue_job(

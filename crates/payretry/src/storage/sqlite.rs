@@ -174,29 +174,15 @@ async fn idempotency_record<'c>(
     conn: impl sqlx::SqliteExecutor<'c>,
     scope: &IdempotencyScope,
 ) -> StorageResult<Option<IdempotencyRecord>> {
-    let row = sqlx::query(
-        "SELECT fingerprint, response_status, response_body, locked_at, created_at
-         FROM idempotency_keys WHERE caller = ? AND idempotency_key = ?",
-    )
-    .bind(scope.caller.as_str())
-    .bind(&scope.key)
-    .fetch_optional(conn)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    Ok(Some(IdempotencyRecord {
-        fingerprint: row.try_get("fingerprint")?,
-        response: match row.try_get::<Option<i64>, _>("response_status")? {
-            Some(status) => Some(StoredResponse {
-                status: u16::try_from(status).map_err(corrupt)?,
-                body: row.try_get("response_body")?,
-            }),
-            None => None,
-        },
-        locked_at: row.try_get("locked_at")?,
-        created_at: row.try_get("created_at")?,
-    }))
+    static SQL: LazyLock<String> =
+        LazyLock::new(|| format!("{IDEMPOTENCY_COLUMNS} WHERE caller = ? AND idempotency_key = ?"));
+    sqlx::query_as::<_, IdempotencyColumns>(SQL.as_str())
+        .bind(scope.caller.as_str())
+        .bind(&scope.key)
+        .fetch_optional(conn)
+        .await?
+        .map(IdempotencyRecord::from_columns)
+        .transpose()
 }
 
 async fn enqueue_job(
