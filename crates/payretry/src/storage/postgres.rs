@@ -189,6 +189,19 @@ async fn append_audit(
     Ok(())
 }
 
+/// Deletes the job of the delivery with `receipt` (an ack). Guarded by the lease: after this
+/// delivery's lease expired and the job was delivered again, `locked_until` differs and the
+/// new delivery keeps its job.
+async fn delete_delivered_job(conn: &mut sqlx::PgConnection, receipt: &str) -> StorageResult<()> {
+    let (id, lease) = parse_receipt(receipt)?;
+    sqlx::query("DELETE FROM retry_jobs WHERE id = $1 AND locked_until = $2")
+        .bind(id)
+        .bind(lease)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// Stores `completion` in the transaction; see [`store_response_sql`].
 async fn store_response(
     tx: &mut Transaction<'static, Postgres>,
@@ -428,12 +441,7 @@ impl Storage for PostgresStorage {
             .await?;
         }
         if let Some(receipt) = &t.settles {
-            let (id, lease) = parse_receipt(receipt)?;
-            sqlx::query("DELETE FROM retry_jobs WHERE id = $1 AND locked_until = $2")
-                .bind(id)
-                .bind(lease)
-                .execute(&mut *tx)
-                .await?;
+            delete_delivered_job(&mut tx, receipt).await?;
         }
         if let Some(id) = &t.redrive {
             sqlx::query("DELETE FROM dead_letters WHERE id = $1")
@@ -823,15 +831,8 @@ impl JobQueue for PostgresStorage {
     }
 
     async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
-        let (id, lease) = parse_receipt(&delivery.receipt)?;
-        // Guarded by the lease: after this delivery's lease expired and the job was
-        // delivered again, `locked_until` differs and the new delivery keeps its job.
-        sqlx::query("DELETE FROM retry_jobs WHERE id = $1 AND locked_until = $2")
-            .bind(id)
-            .bind(lease)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        let mut conn = self.pool.acquire().await?;
+        delete_delivered_job(&mut conn, &delivery.receipt).await
     }
 
     async fn release(

@@ -146,6 +146,22 @@ async fn append_audit(
     Ok(())
 }
 
+/// Deletes the job of the delivery with `receipt` (an ack). Guarded by the lease: after this
+/// delivery's lease expired and the job was delivered again, `locked_until` differs and the
+/// new delivery keeps its job.
+async fn delete_delivered_job(
+    tx: &mut Transaction<'static, Sqlite>,
+    receipt: &str,
+) -> StorageResult<()> {
+    let (id, lease) = parse_receipt(receipt)?;
+    sqlx::query("DELETE FROM retry_jobs WHERE id = ? AND locked_until = ?")
+        .bind(id)
+        .bind(lease)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Stores `completion` in the transaction; see [`store_response_sql`].
 async fn store_response(
     tx: &mut Transaction<'static, Sqlite>,
@@ -378,12 +394,7 @@ impl Storage for SqliteStorage {
             .await?;
         }
         if let Some(receipt) = &t.settles {
-            let (id, lease) = parse_receipt(receipt)?;
-            sqlx::query("DELETE FROM retry_jobs WHERE id = ? AND locked_until = ?")
-                .bind(id)
-                .bind(lease)
-                .execute(&mut *tx)
-                .await?;
+            delete_delivered_job(&mut tx, receipt).await?;
         }
         if let Some(id) = &t.redrive {
             sqlx::query("DELETE FROM dead_letters WHERE id = ?")
@@ -770,13 +781,8 @@ impl JobQueue for SqliteStorage {
     }
 
     async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
-        let (id, lease) = parse_receipt(&delivery.receipt)?;
         let mut tx = self.begin_write().await?;
-        sqlx::query("DELETE FROM retry_jobs WHERE id = ? AND locked_until = ?")
-            .bind(id)
-            .bind(lease)
-            .execute(&mut *tx)
-            .await?;
+        delete_delivered_job(&mut tx, &delivery.receipt).await?;
         tx.commit().await?;
         Ok(())
     }
