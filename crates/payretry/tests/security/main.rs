@@ -1,0 +1,5 @@
+//! Security round two: each refusal a hostile outsider's probe found missing, tested through
+//! the real server on an ephemeral port. One module per concern.
+
+#[path = "../support/mod.rs"]
+mod support;
