@@ -5,6 +5,7 @@ use crate::secret::Secret;
 use payretry_domain::policy::{parse_delays, parse_duration};
 use payretry_domain::{FailureReason, RetryPolicy};
 use std::net::SocketAddr;
+use std::time::Duration;
 
 /// A bad setting: which variable, and what it accepts.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +89,47 @@ pub struct Config {
     /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`). Off by default: moving money back is a business
     /// decision, and support sees every duplicate either way.
     pub auto_refund_duplicates: bool,
+}
+
+/// The longest payment window payretry accepts. A window is a promise that a checkout may
+/// still be paid: a month is far past any real one, and a bound keeps every timestamp derived
+/// from it representable.
+pub const MAX_PAYMENT_WINDOW: Duration = Duration::from_secs(720 * 3600);
+
+/// The shortest delay between a buyer's click and a retry checkout that reaches card
+/// networks (a live Stripe key). The backoff is what keeps the retry endpoint from being a
+/// card-testing tool; the sandbox and Stripe's test mode charge no real card, so tests and
+/// the demo may go down to [`MIN_TEST_RETRY_DELAY`].
+pub const MIN_LIVE_RETRY_DELAY: Duration = Duration::from_secs(10);
+
+/// The shortest delay anywhere: zero would remove the backoff altogether.
+pub const MIN_TEST_RETRY_DELAY: Duration = Duration::from_secs(1);
+
+/// True when the provider charges real cards: the `stripe` provider with a live key.
+fn charges_real_cards(c: &Config) -> bool {
+    c.provider == ProviderKind::Stripe
+        && c.stripe_secret_key.as_ref().is_some_and(|key| {
+            let key = key.expose();
+            !(key.starts_with("sk_test_") || key.starts_with("rk_test_"))
+        })
+}
+
+/// Refuses retry delays under the floor that applies to this provider and key.
+fn check_delay_floor(c: &Config) -> Result<(), ConfigError> {
+    let floor = if charges_real_cards(c) {
+        MIN_LIVE_RETRY_DELAY
+    } else {
+        MIN_TEST_RETRY_DELAY
+    };
+    if c.policy.delays().iter().any(|d| *d < floor) {
+        let expected = if floor == MIN_LIVE_RETRY_DELAY {
+            "expected every delay to be at least 10s with a live Stripe key (the backoff protects card networks)"
+        } else {
+            "expected every delay to be at least 1s"
+        };
+        return Err(bad("PAYRETRY_RETRY_DELAYS", expected, ""));
+    }
+    Ok(())
 }
 
 impl Default for Config {
@@ -218,11 +260,11 @@ impl Config {
         let window = match lookup("PAYRETRY_PAYMENT_WINDOW") {
             Some(v) => parse_duration(&v)
                 .ok()
-                .filter(|d| !d.is_zero())
+                .filter(|d| !d.is_zero() && *d <= MAX_PAYMENT_WINDOW)
                 .ok_or_else(|| {
                     bad(
                         "PAYRETRY_PAYMENT_WINDOW",
-                        "expected a duration like `24h` (units s, m, h)",
+                        "expected a duration from 1s to 720h, like `24h` (units s, m, h)",
                         &v,
                     )
                 })?,
@@ -284,6 +326,7 @@ impl Config {
             }
             c.stripe_api_base = v.trim_end_matches('/').to_owned();
         }
+        check_delay_floor(&c)?;
         if c.provider == ProviderKind::Stripe {
             if c.stripe_secret_key.is_none() {
                 return Err(bad(
@@ -424,6 +467,10 @@ mod tests {
             ("PAYRETRY_MAX_ATTEMPTS", "zero"),
             ("PAYRETRY_RETRY_DELAYS", "1m,5x"),
             ("PAYRETRY_PAYMENT_WINDOW", "0s"),
+            ("PAYRETRY_PAYMENT_WINDOW", "99999999999999h"),
+            ("PAYRETRY_PAYMENT_WINDOW", "721h"),
+            ("PAYRETRY_RETRY_DELAYS", "0s"),
+            ("PAYRETRY_RETRY_DELAYS", "1m,0s"),
             ("PAYRETRY_PROVIDER", "paypal"),
             ("PAYRETRY_QUEUE", "kafka"),
             ("PAYRETRY_SQS_ENDPOINT", "localhost:4566"),
@@ -461,5 +508,36 @@ mod tests {
         let c = from(&[("STRIPE_WEBHOOK_SECRET", "whsec_new, whsec_old")]).unwrap();
         let secrets: Vec<&str> = c.webhook_secrets.iter().map(Secret::expose).collect();
         assert_eq!(secrets, ["whsec_new", "whsec_old"]);
+    }
+
+    #[test]
+    fn a_live_key_needs_delays_of_at_least_ten_seconds() {
+        let live = |delays: &str| {
+            from(&[
+                ("PAYRETRY_PROVIDER", "stripe"),
+                ("STRIPE_SECRET_KEY", "sk_live_abc"),
+                ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+                ("PAYRETRY_PUBLIC_URL", "https://pay.example.com"),
+                ("PAYRETRY_RETRY_DELAYS", delays),
+            ])
+        };
+        let err = live("1m,9s").unwrap_err();
+        assert_eq!(err.var, "PAYRETRY_RETRY_DELAYS");
+        assert!(err.to_string().contains("10s"), "{err}");
+        assert!(live("10s,1m").is_ok());
+        let test_mode = from(&[
+            ("PAYRETRY_PROVIDER", "stripe"),
+            ("STRIPE_SECRET_KEY", "sk_test_abc"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+            ("PAYRETRY_RETRY_DELAYS", "1s"),
+        ]);
+        assert!(test_mode.is_ok());
+        assert!(from(&[("PAYRETRY_RETRY_DELAYS", "1s,2s")]).is_ok());
+    }
+
+    #[test]
+    fn the_longest_window_is_accepted() {
+        let c = from(&[("PAYRETRY_PAYMENT_WINDOW", "720h")]).unwrap();
+        assert_eq!(c.policy.window, MAX_PAYMENT_WINDOW);
     }
 }

@@ -1,5 +1,11 @@
 //! Bearer-token authentication: HS256 JWTs only (the algorithm is pinned, so `none` and
-//! RS256-with-the-HMAC-key tricks fail), `exp` required, `sub` and `role` required.
+//! RS256-with-the-HMAC-key tricks fail), `exp` required and `nbf` honoured (RFC 7519
+//! §4.1.5), `sub` and `role` required.
+//!
+//! Ambiguity is refused rather than resolved: two `Authorization` headers are a 400 (a proxy
+//! and the origin could each read a different one), and a `sub` with surrounding spaces is
+//! not silently trimmed into another user's id. The scheme is case-insensitive (RFC 9110
+//! §11.1).
 
 use super::AppState;
 use super::error::ApiError;
@@ -30,6 +36,7 @@ impl JwtKeys {
     pub fn new(secret: &Secret) -> Self {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
         validation.leeway = 0;
         Self {
             encoding: EncodingKey::from_secret(secret.expose().as_bytes()),
@@ -54,8 +61,8 @@ impl JwtKeys {
     pub fn verify(&self, token: &str) -> Result<Principal, ApiError> {
         let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|_| ApiError::Unauthenticated)?;
-        let sub = data.claims.sub.trim();
-        if sub.is_empty() || sub.len() > 255 {
+        let sub = data.claims.sub.as_str();
+        if sub.is_empty() || sub.len() > 255 || sub.trim() != sub {
             return Err(ApiError::Unauthenticated);
         }
         Ok(Principal {
@@ -83,15 +90,39 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(AUTHORIZATION)
-            .ok_or(ApiError::Unauthenticated)?;
+        let mut headers = parts.headers.get_all(AUTHORIZATION).iter();
+        let header = headers.next().ok_or(ApiError::Unauthenticated)?;
+        if headers.next().is_some() {
+            return Err(ApiError::InvalidRequest(
+                "send one Authorization header, not several".to_owned(),
+            ));
+        }
         let value = header.to_str().map_err(|_| ApiError::Unauthenticated)?;
-        let token = value
-            .strip_prefix("Bearer ")
-            .or_else(|| value.strip_prefix("bearer "))
-            .ok_or(ApiError::Unauthenticated)?;
-        state.jwt.verify(token.trim()).map(Caller)
+        let token = bearer_token(value).ok_or(ApiError::Unauthenticated)?;
+        state.jwt.verify(token).map(Caller)
+    }
+}
+
+/// The token of a `Bearer` credential; the scheme is matched case-insensitively.
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim())
+        .filter(|token| !token.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        for value in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR  abc "] {
+            assert_eq!(bearer_token(value), Some("abc"), "{value}");
+        }
+        for value in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc"] {
+            assert_eq!(bearer_token(value), None, "{value}");
+        }
     }
 }
