@@ -89,6 +89,10 @@ pub const MAX_HEAD_BYTES: usize = 2 * super::MAX_HEADER_BYTES;
 /// to a reset.
 pub const REPLY_LINGER: Duration = Duration::from_secs(2);
 
+/// Connections past the cap while idle ones close to make room: the accept loop waits
+/// rather than run ahead of the closing (part of [`RESERVED_FDS`]).
+pub const EVICTION_OVERSHOOT: usize = 4;
+
 /// The pause after `accept` fails for lack of descriptors, so the loop does not spin.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(20);
 
@@ -127,7 +131,7 @@ fn fd_limit() -> Option<u64> {
     };
     // SAFETY: getrlimit writes only into the struct it is given.
     let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
-    ok.then_some(limit.rlim_cur as u64)
+    ok.then_some(limit.rlim_cur)
 }
 
 /// Serves `router` on `listener` until `shutdown`, then waits for open connections to
@@ -153,6 +157,12 @@ pub async fn serve(
     let mut connections = tokio::task::JoinSet::new();
     let mut stop = shutdown.clone();
     loop {
+        while registry.len() >= cap + EVICTION_OVERSHOOT && !stop.is_triggered() {
+            tokio::select! {
+                _ = registry.closed.notified() => {}
+                _ = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => {}
+            }
+        }
         let accepted = tokio::select! {
             _ = stop.wait() => break,
             accepted = listener.accept() => accepted,
@@ -163,15 +173,19 @@ pub async fn serve(
             Err(error) => {
                 if out_of_descriptors(&error) {
                     tracing::warn!(%error, "accept: out of descriptors; closing an idle connection");
-                    registry.evict_idlest();
+                    registry.make_room(0);
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 }
                 continue;
             }
         };
-        if registry.live() >= cap && !registry.evict_idlest() {
-            refuse(stream, &refusals);
-            continue;
+        match registry.make_room(cap) {
+            Room::Free => {}
+            Room::Evicted => tokio::task::yield_now().await,
+            Room::None => {
+                refuse(stream, &refusals);
+                continue;
+            }
         }
         let _ = stream.set_nodelay(true);
         let watch = registry.register();
@@ -299,6 +313,8 @@ struct Registry {
     connections: Mutex<HashMap<u64, Arc<Watch>>>,
     next_id: AtomicU64,
     epoch: std::sync::OnceLock<Instant>,
+    /// Notified whenever a connection ends.
+    closed: tokio::sync::Notify,
 }
 
 impl Registry {
@@ -321,6 +337,11 @@ impl Registry {
 
     fn remove(&self, id: u64) {
         self.lock().remove(&id);
+        self.closed.notify_waiters();
+    }
+
+    fn len(&self) -> usize {
+        self.lock().len()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Watch>>> {
@@ -329,30 +350,39 @@ impl Registry {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Connections not already being closed.
-    fn live(&self) -> usize {
-        self.lock()
-            .values()
-            .filter(|w| !w.evict.load(Ordering::Acquire))
-            .count()
-    }
-
-    /// Asks the connection idle the longest to close; false if none is idle.
-    fn evict_idlest(&self) -> bool {
+    /// Keeps the connections under `cap`: below it there is room; at it, the connection
+    /// idle the longest is asked to close (or, failing that, one lingering over a refusal),
+    /// and the newcomer is admitted while it does.
+    fn make_room(&self, cap: usize) -> Room {
         let connections = self.lock();
+        if connections.len() < cap {
+            return Room::Free;
+        }
+        let asked = |w: &&Arc<Watch>| w.evict.load(Ordering::Acquire);
+        let closing = |w: &&Arc<Watch>| w.closing.load(Ordering::Acquire);
         let idlest = connections
             .values()
-            .filter(|w| !w.evict.load(Ordering::Acquire) && w.is_idle())
+            .filter(|w| !asked(w) && !closing(w) && w.is_idle())
             .min_by_key(|w| w.idle_since_ms.load(Ordering::Acquire));
-        match idlest {
+        let victim = idlest.or_else(|| connections.values().find(|w| !asked(w) && closing(w)));
+        match victim {
             Some(watch) => {
                 watch.evict.store(true, Ordering::Release);
                 watch.wake();
-                true
+                Room::Evicted
             }
-            None => false,
+            // Some are closing already: their descriptors are about to be free.
+            None if connections.values().any(|w| asked(&w)) => Room::Evicted,
+            None => Room::None,
         }
     }
+}
+
+/// What [`Registry::make_room`] found.
+enum Room {
+    Free,
+    Evicted,
+    None,
 }
 
 /// Between requests, no head byte yet.
@@ -377,6 +407,8 @@ struct Watch {
     epoch: Option<Instant>,
     /// Set by the server to close this connection if it is idle.
     evict: AtomicBool,
+    /// The connection is closing (a refusal being written, or end-of-stream given).
+    closing: AtomicBool,
     /// A request's body is chunked: the connection ends after its response.
     close_after_response: AtomicBool,
     /// The reader to wake when a request finishes or an eviction is asked.
@@ -502,6 +534,7 @@ impl Guarded {
 
     fn end(&mut self) {
         self.ended = true;
+        self.watch.closing.store(true, Ordering::Release);
         self.head.clear();
         self.ready.clear();
     }
@@ -680,6 +713,7 @@ impl AsyncRead for Guarded {
                     this.end();
                     continue;
                 } else {
+                    // Written if the socket takes it at once; no lingering (see poll_shutdown).
                     this.refuse(ApiError::AtCapacity);
                     continue;
                 }
@@ -749,10 +783,13 @@ impl AsyncWrite for Guarded {
             this.timer = Timer::Linger;
             this.sleep.as_mut().reset(Instant::now() + REPLY_LINGER);
         }
+        // Asked to make room: one attempt at the answer, no waiting and no draining.
+        let hurry = this.watch.evict.load(Ordering::Acquire);
         if this.sleep.as_mut().poll(cx).is_ready() {
             this.reply = None;
             return Poll::Ready(Ok(()));
         }
+        this.watch.park(cx);
         while !this.reply_sent {
             let Some(reply) = this.reply.as_mut() else {
                 break;
@@ -768,8 +805,16 @@ impl AsyncWrite for Guarded {
                         this.reply_sent = true;
                     }
                 }
+                Poll::Pending if hurry => {
+                    this.reply = None;
+                    return Poll::Ready(Ok(()));
+                }
                 Poll::Pending => return Poll::Pending,
             }
+        }
+        if hurry {
+            this.reply = None;
+            return Pin::new(&mut this.inner).poll_shutdown(cx);
         }
         match Pin::new(&mut this.inner).poll_shutdown(cx) {
             Poll::Ready(Ok(())) => {}

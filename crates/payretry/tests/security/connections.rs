@@ -356,9 +356,13 @@ async fn the_parsers_refusals_are_problem_json() {
         .await
         .unwrap();
     let mut pending = Vec::new();
-    let first = read_pipelined(&mut stream, &mut pending).await.expect("first");
+    let first = read_pipelined(&mut stream, &mut pending)
+        .await
+        .expect("first");
     first.assert_problem(405, "method_not_allowed");
-    let second = read_pipelined(&mut stream, &mut pending).await.expect("second");
+    let second = read_pipelined(&mut stream, &mut pending)
+        .await
+        .expect("second");
     assert_eq!(second.status, 200);
 }
 
