@@ -451,3 +451,54 @@ async fn the_sandbox_decline_form_refuses_another_media_type_as_problem_json() {
         .await;
     assert_eq!(status["status"], session["status"]);
 }
+
+#[tokio::test]
+async fn a_newcomer_is_answered_503_when_every_connection_is_inside_a_request() {
+    const CAP: usize = 4;
+    let app = TestApp::spawn_with(Options {
+        http: Limits {
+            max_connections: Some(CAP),
+            ..Limits::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let mut busy = Vec::new();
+    for _ in 0..CAP {
+        let mut stream = connect(&app).await;
+        // `Expect: 100-continue` makes the server say when the handler starts reading.
+        stream
+            .write_all(
+                b"POST /webhooks/stripe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                  Expect: 100-continue\r\nContent-Length: 100\r\n\r\n",
+            )
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        let go_on = tokio::time::timeout(BOUND, read_pipelined(&mut stream, &mut pending))
+            .await
+            .expect("100 Continue in time")
+            .expect("100 Continue");
+        assert_eq!(go_on.status, 100);
+        busy.push(stream);
+    }
+    let newcomer = exchange(&app, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    newcomer.assert_problem(503, "unavailable");
+    assert_eq!(newcomer.header("retry-after"), Some("1"));
+
+    // Once a request ends, its connection is idle and room is made again.
+    drop(busy);
+    let mut answered = false;
+    for _ in 0..100 {
+        let response = exchange(&app, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await;
+        if response.status == 200 {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        answered,
+        "/healthz never answered after the busy connections closed"
+    );
+}
