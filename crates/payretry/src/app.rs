@@ -48,6 +48,8 @@ pub struct Tuning {
     pub analytics_backoff: Duration,
     /// PostgreSQL pool size (throughput on 2 cores falls beyond ~16 connections).
     pub postgres_connections: u32,
+    /// The HTTP server's header timeout, keep-alive idle time and connection cap.
+    pub http: http::server::Limits,
 }
 
 impl Tuning {
@@ -63,6 +65,7 @@ impl Tuning {
             stripe: None,
             analytics_backoff: Duration::from_secs(1),
             postgres_connections: 16,
+            http: http::server::Limits::default(),
         }
     }
 }
@@ -274,10 +277,7 @@ impl App {
             ServeRole::Worker => http::operations_router(self.state),
             _ => http::router(self.state),
         };
-        let mut stop = shutdown.clone();
-        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, service)
-            .with_graceful_shutdown(async move { stop.wait().await })
+        http::server::serve(listener, router, self.tuning.http.clone(), shutdown)
             .await
             .context("HTTP server")?;
         while background.join_next().await.is_some() {}

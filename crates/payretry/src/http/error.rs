@@ -43,6 +43,9 @@ pub enum ApiError {
     /// 405 `method_not_allowed`: the route exists, the method does not.
     #[error("this route does not accept that method")]
     MethodNotAllowed,
+    /// 408 `request_timeout`: the request's headers did not arrive in time.
+    #[error("the request headers were not received in time")]
+    RequestTimeout,
     /// 409 / 410: the retry refusals of DESIGN.md §2.
     #[error("{0}")]
     Refused(RetryRefusal),
@@ -52,6 +55,12 @@ pub enum ApiError {
     /// 431 `headers_too_large`: the request's headers exceed 16 KiB in all.
     #[error("the request headers are larger than 16 KiB")]
     HeadersTooLarge,
+    /// 431 `headers_too_large`: more request headers than the server reads.
+    #[error("the request has more than 100 headers")]
+    TooManyHeaders,
+    /// 415 `unsupported_media_type`: a JSON route was sent a body that is not JSON.
+    #[error("the request body must be application/json")]
+    UnsupportedMediaType,
     /// 413 `payload_too_large`.
     #[error("the request body is larger than 64 KiB")]
     PayloadTooLarge,
@@ -64,6 +73,10 @@ pub enum ApiError {
     /// 502 `provider_error`: the payment provider refused or failed.
     #[error("the payment provider could not be reached; try again")]
     Provider(String),
+    /// 503 `unavailable`, with `Retry-After`: every connection the server keeps is busy
+    /// with a request (`http::server`).
+    #[error("the server is at its connection limit; try again")]
+    AtCapacity,
     /// 503 `unavailable`: storage is unreachable or contended.
     #[error("the service is temporarily unavailable; try again")]
     Unavailable(String),
@@ -97,13 +110,17 @@ impl ApiError {
                 StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::CONFLICT)
             }
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::IdempotencyKeyInUse => StatusCode::CONFLICT,
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::HeadersTooLarge | Self::TooManyHeaders => {
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+            }
+            Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::Provider(_) => StatusCode::BAD_GATEWAY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::AtCapacity => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -119,14 +136,16 @@ impl ApiError {
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::RouteNotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
+            Self::RequestTimeout => "request_timeout",
             Self::Refused(refusal) => refusal.code(),
             Self::IdempotencyKeyInUse => "idempotency_key_in_use",
             Self::PayloadTooLarge => "payload_too_large",
-            Self::HeadersTooLarge => "headers_too_large",
+            Self::HeadersTooLarge | Self::TooManyHeaders => "headers_too_large",
+            Self::UnsupportedMediaType => "unsupported_media_type",
             Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::RateLimited { .. } => "rate_limited",
             Self::Provider(_) => "provider_error",
-            Self::Unavailable(_) => "unavailable",
+            Self::Unavailable(_) | Self::AtCapacity => "unavailable",
         }
     }
 
@@ -137,10 +156,12 @@ impl ApiError {
             StatusCode::FORBIDDEN => "Forbidden",
             StatusCode::NOT_FOUND => "Not found",
             StatusCode::METHOD_NOT_ALLOWED => "Method not allowed",
+            StatusCode::REQUEST_TIMEOUT => "Request timeout",
             StatusCode::CONFLICT => "Conflict",
             StatusCode::GONE => "Payment window expired",
             StatusCode::PAYLOAD_TOO_LARGE => "Payload too large",
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "Request headers too large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "Unsupported media type",
             StatusCode::UNPROCESSABLE_ENTITY => "Idempotency key reused",
             StatusCode::TOO_MANY_REQUESTS => "Too many requests",
             StatusCode::BAD_GATEWAY => "Payment provider error",
@@ -162,6 +183,9 @@ impl ApiError {
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
+/// `Retry-After` of [`ApiError::AtCapacity`]: connections free up within seconds.
+pub const AT_CAPACITY_RETRY_SECS: u64 = 1;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
@@ -175,6 +199,12 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
         if let Self::RateLimited { retry_after_secs } = self {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+        }
+        if let Self::AtCapacity = self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(AT_CAPACITY_RETRY_SECS),
+            );
         }
         response
     }

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod error;
+pub mod form;
 pub mod health;
 pub mod idempotency;
 pub mod openapi;
@@ -12,6 +13,7 @@ pub mod pay_page;
 pub mod payments;
 pub mod rate_limit;
 pub mod sandbox;
+pub mod server;
 pub mod webhooks;
 
 use crate::secret::Secret;
@@ -64,6 +66,39 @@ impl<S: Send + Sync> FromRequest<S> for RequestBody {
                     ApiError::InvalidRequest("the request body could not be read".to_owned())
                 }
             })
+    }
+}
+
+/// A body a JSON route reads: [`RequestBody`], refused with 415 `unsupported_media_type`
+/// unless it is empty or declared `application/json` (see [`require_json`]).
+pub struct JsonBody(pub Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for JsonBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let headers = req.headers().clone();
+        let RequestBody(body) = RequestBody::from_request(req, state).await?;
+        require_json(&headers, &body)?;
+        Ok(JsonBody(body))
+    }
+}
+
+/// A non-empty body must be declared `application/json`; parameters such as
+/// `; charset=utf-8` are allowed and the media type is matched without regard to case. An
+/// empty body (a retry carries none) needs no `Content-Type`.
+pub fn require_json(headers: &axum::http::HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    let declared = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim);
+    match declared {
+        Some(media) if media.eq_ignore_ascii_case("application/json") => Ok(()),
+        _ => Err(ApiError::UnsupportedMediaType),
     }
 }
 

@@ -53,8 +53,11 @@ impl Modify for BearerAuth {
 }
 
 /// Answers every operation can give besides its own: 503 while storage or the queue is
-/// unreachable, 431 for headers over 16 KiB, 413 for a body over 64 KiB on routes that take one, 502 when the payment
-/// provider fails a checkout. Declared here once rather than on every handler.
+/// unreachable (or every connection is busy), 408 when the request headers do not arrive
+/// within 10 s, 431 for headers over 16 KiB or more than 100 of them, 413 for a body over
+/// 64 KiB on routes that take one, 415 for a body that is not `application/json` on the
+/// routes that read JSON, 502 when the payment provider fails a checkout. Declared here
+/// once rather than on every handler.
 struct CommonResponses;
 
 impl Modify for CommonResponses {
@@ -72,6 +75,11 @@ impl Modify for CommonResponses {
                 .build()
         };
         let operational = ["/healthz", "/readyz", "/metrics"];
+        let json_bodies = [
+            "/payments/checkout",
+            "/payments/retry/{sessionId}",
+            "/webhooks/stripe",
+        ];
         for (path, item) in openapi.paths.paths.iter_mut() {
             if operational.contains(&path.as_str()) {
                 continue;
@@ -84,13 +92,22 @@ impl Modify for CommonResponses {
                     .or_insert_with(|| problem("storage or queue unavailable; try again").into());
                 responses
                     .entry("431".to_owned())
-                    .or_insert_with(|| problem("request headers over 16 KiB").into());
+                    .or_insert_with(|| problem("request headers over 16 KiB, or over 100").into());
+                responses
+                    .entry("408".to_owned())
+                    .or_insert_with(|| problem("request headers not received within 10 s").into());
             }
             if let Some(post) = item.post.as_mut() {
                 post.responses
                     .responses
                     .entry("413".to_owned())
                     .or_insert_with(|| problem("body over 64 KiB").into());
+                if json_bodies.contains(&path.as_str()) {
+                    post.responses
+                        .responses
+                        .entry("415".to_owned())
+                        .or_insert_with(|| problem("a body that is not application/json").into());
+                }
                 if path == "/payments/checkout" {
                     post.responses
                         .responses

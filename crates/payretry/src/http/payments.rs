@@ -4,7 +4,7 @@
 use super::auth::Caller;
 use super::error::ApiError;
 use super::idempotency;
-use super::{AppState, RequestBody};
+use super::{AppState, JsonBody};
 use crate::service::checkout::NewCheckout;
 use crate::service::views::{RetryAcceptedView, StatusView};
 use axum::Json;
@@ -115,7 +115,7 @@ pub async fn create_checkout(
     ConnectInfo(ip): ConnectInfo<std::net::SocketAddr>,
     caller: Caller,
     headers: HeaderMap,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let buyer = caller.require(&[Role::Buyer])?;
     state.limiter.check(ip.ip(), buyer.user.as_str())?;
@@ -185,7 +185,7 @@ pub async fn retry(
     caller: Caller,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
-    RequestBody(body): RequestBody,
+    JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
     let caller = caller.require(&[Role::Buyer, Role::Support, Role::Admin])?;
     state.limiter.check(ip.ip(), caller.user.as_str())?;

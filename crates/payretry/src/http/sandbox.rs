@@ -3,10 +3,10 @@
 //! to the status page, exactly as a real provider would.
 
 use super::AppState;
+use super::form::Form;
 use super::pay_page::{STYLE, nonce, page_headers};
 use crate::provider::sandbox::{deliver, events};
 use crate::storage::SandboxCheckout;
-use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{Html, IntoResponse, Redirect, Response};

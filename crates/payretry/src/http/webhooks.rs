@@ -37,6 +37,8 @@ pub async fn stripe(
         tracing::warn!(?error, "webhook signature refused");
         return Err(ApiError::InvalidSignature);
     }
+    // After the signature: an outsider learns nothing before proving who it is.
+    super::require_json(&headers, &body)?;
     let parsed = event::parse(&body).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let Some(event) = parsed else {
         return Ok(Json(json!({"received": true, "effect": "ignored"})));

@@ -1,5 +1,6 @@
 //! Security round two: each refusal a hostile outsider's probe found missing, tested through
 //! the real server on an ephemeral port. One module per concern.
 
+mod connections;
 #[path = "../support/mod.rs"]
 mod support;

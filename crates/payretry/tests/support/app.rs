@@ -31,6 +31,8 @@ pub struct Options {
     pub database: Database,
     /// Which queue carries retry jobs.
     pub queue: Queue,
+    /// The HTTP server's timeouts and connection cap.
+    pub http: payretry::http::server::Limits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,6 +71,7 @@ impl Default for Options {
             backoff: Duration::from_millis(100),
             database: Database::Sqlite,
             queue: Queue::Embedded,
+            http: payretry::http::server::Limits::default(),
         }
     }
 }
@@ -146,6 +149,7 @@ impl TestApp {
         tuning.worker.backoff = options.backoff;
         tuning.analytics_backoff = Duration::from_millis(50);
         tuning.stripe = stripe.as_ref().map(FakeStripe::provider_config);
+        tuning.http = options.http;
         let app = App::build(&config, base.clone(), tuning)
             .await
             .expect("build app");
