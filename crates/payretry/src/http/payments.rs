@@ -114,10 +114,11 @@ fn session_id(raw: &str) -> Result<PaymentSessionId, ApiError> {
 pub async fn create_checkout(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
+    let caller = state.limiter.authenticated(ip, caller)?;
     let buyer = caller.require(&[Role::Buyer])?;
     state.limiter.check(ip, buyer.user.as_str())?;
     let key = idempotency::key_from(&headers)?;
@@ -183,11 +184,12 @@ pub async fn status(
 pub async fn retry(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
-    caller: Caller,
+    caller: Result<Caller, ApiError>,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
     RequestBody(body): RequestBody,
 ) -> Result<Response, ApiError> {
+    let caller = state.limiter.authenticated(ip, caller)?;
     let caller = caller.require(&[Role::Buyer, Role::Support, Role::Admin])?;
     state.limiter.check(ip, caller.user.as_str())?;
     let key = idempotency::key_from(&headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;

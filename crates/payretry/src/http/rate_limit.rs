@@ -7,7 +7,8 @@
 //! A request is counted only when every budget it is checked against admits it: a principal
 //! over its own budget spends nothing of its address's, so one caller cannot lock out the
 //! others behind the same address; and a request its address refuses spends nothing of the
-//! principal's. A refused request never opens, resets or extends a window.
+//! principal's. A request to checkout or retry that does not authenticate has no principal
+//! and is charged to its address. A refused request never opens, resets or extends a window.
 //!
 //! Memory is bounded: each budget tracks at most [`MAX_TRACKED_KEYS`] keys. Expired windows
 //! are dropped as time passes (oldest first, in O(1) per request); when the table is full of
@@ -20,6 +21,7 @@
 //! addresses inside it is free and must not buy fresh budgets.
 
 use super::AppState;
+use super::auth::Caller;
 use super::client_ip::ClientIp;
 use super::error::ApiError;
 use axum::extract::{Request, State};
@@ -77,6 +79,23 @@ impl RateLimiter {
         principals.count(now, principal, self.principals.capacity);
         addresses.count(now, ip, self.addresses.capacity);
         Ok(())
+    }
+
+    /// The caller of a request to a rate-limited route; a request that did not authenticate
+    /// has no principal to charge, so it is charged to `ip` and refused (401, or 429 once
+    /// the address's budget is spent).
+    pub fn authenticated(
+        &self,
+        ip: IpAddr,
+        caller: Result<Caller, ApiError>,
+    ) -> Result<Caller, ApiError> {
+        match caller {
+            Ok(caller) => Ok(caller),
+            Err(refusal) => {
+                self.addresses.spend(address_key(ip))?;
+                Err(refusal)
+            }
+        }
     }
 
     /// Counts one request that names no principal (the sandbox's pages) against `ip`'s
@@ -323,6 +342,19 @@ mod tests {
         assert!(limiter.check_anonymous(ip(4)).is_ok());
         // The sandbox's budget is its own: checkouts from that address are unaffected.
         assert!(limiter.check(ip(3), "buyer").is_ok());
+    }
+
+    #[test]
+    fn unauthenticated_requests_are_charged_to_the_address() {
+        let limiter = RateLimiter::new(1);
+        for _ in 0..IP_BUDGET_FACTOR {
+            let answer = limiter.authenticated(ip(2), Err(ApiError::Unauthenticated));
+            assert!(matches!(answer, Err(ApiError::Unauthenticated)));
+        }
+        let answer = limiter.authenticated(ip(2), Err(ApiError::Unauthenticated));
+        assert!(refused(answer.map(|_| ())));
+        assert!(refused(limiter.check(ip(2), "buyer")));
+        assert!(limiter.check(ip(1), "buyer").is_ok());
     }
 
     #[test]

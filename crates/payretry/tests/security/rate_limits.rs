@@ -70,6 +70,34 @@ async fn one_principal_over_its_budget_does_not_lock_out_its_address() {
 }
 
 #[tokio::test]
+async fn unauthenticated_requests_are_charged_to_their_address() {
+    let app = spawn(vec![("PAYRETRY_RATE_LIMIT_PER_MINUTE", "1".into())]).await;
+    let body = json!({"amount": 2500, "currency": "usd"});
+    for _ in 0..ADDRESS_BUDGET {
+        let response = app
+            .request(
+                Method::POST,
+                "/payments/checkout",
+                None,
+                None,
+                Some(body.clone()),
+            )
+            .await;
+        assert_problem(response, 401, "unauthenticated").await;
+    }
+    let response = app
+        .request(
+            Method::POST,
+            "/payments/retry/ps_x",
+            Some("not-a-jwt"),
+            Some("k"),
+            None,
+        )
+        .await;
+    assert_rate_limited(response).await;
+}
+
+#[tokio::test]
 async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_budget() {
     // Arrange: the test client (127.0.0.1) is the trusted proxy.
     let app = spawn(vec![
