@@ -3,7 +3,9 @@
 //! as an argument, so tests bind port 0 and run the real server.
 
 use crate::config::{Config, ProviderKind, QueueKind};
-use crate::http::{self, AppState, auth::JwtKeys, rate_limit::RateLimiter};
+use crate::http::{
+    self, AppState, auth::JwtKeys, client_ip::TrustedProxies, rate_limit::RateLimiter,
+};
 use crate::provider::PaymentProvider;
 use crate::provider::sandbox::SandboxProvider;
 use crate::provider::stripe::{StripeConfig, StripeProvider};
@@ -209,6 +211,7 @@ impl App {
             webhook_secrets: Arc::new(webhook_secrets),
             prometheus: crate::telemetry::metrics::install(config.dogstatsd_addr.as_deref())?,
             limiter: Arc::new(RateLimiter::new(config.rate_limit_per_minute)),
+            trusted_proxies: Arc::new(TrustedProxies::new(config.trusted_proxies.clone())),
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(10))
                 .build()?,

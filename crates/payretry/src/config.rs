@@ -2,9 +2,10 @@
 //! stops start-up with one line naming the variable and what it accepts.
 
 use crate::secret::Secret;
+use ipnet::IpNet;
 use payretry_domain::policy::{parse_delays, parse_duration};
 use payretry_domain::{FailureReason, RetryPolicy};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 /// A bad setting: which variable, and what it accepts.
@@ -85,6 +86,9 @@ pub struct Config {
     pub worker_concurrency: usize,
     /// Requests per minute per principal on checkout and retry.
     pub rate_limit_per_minute: u32,
+    /// Peers whose `X-Forwarded-For` names the client (`PAYRETRY_TRUSTED_PROXIES`); empty:
+    /// the TCP peer is the client.
+    pub trusted_proxies: Vec<IpNet>,
     /// Refund a duplicate payment through the provider as soon as it is detected
     /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`). Off by default: moving money back is a business
     /// decision, and support sees every duplicate either way.
@@ -155,6 +159,7 @@ impl Default for Config {
             job_lease: std::time::Duration::from_secs(60),
             worker_concurrency: 16,
             rate_limit_per_minute: 120,
+            trusted_proxies: Vec::new(),
             auto_refund_duplicates: false,
         }
     }
@@ -166,6 +171,22 @@ fn bad(var: &'static str, expected: impl Into<String>, got: &str) -> ConfigError
         expected: expected.into(),
         got: got.to_owned(),
     }
+}
+
+/// A comma list of CIDR blocks, IPv4 or IPv6; a bare address is a block of one, and host
+/// bits past the prefix are ignored. `None` when an entry is neither.
+fn parse_networks(value: &str) -> Option<Vec<IpNet>> {
+    value
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.parse::<IpNet>()
+                .map(|net| net.trunc())
+                .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+                .ok()
+        })
+        .collect()
 }
 
 impl Config {
@@ -419,6 +440,15 @@ impl Config {
                     )
                 })?;
         }
+        if let Some(v) = lookup("PAYRETRY_TRUSTED_PROXIES") {
+            c.trusted_proxies = parse_networks(&v).ok_or_else(|| {
+                bad(
+                    "PAYRETRY_TRUSTED_PROXIES",
+                    "expected a comma list of CIDR blocks, e.g. 10.0.0.0/8,::1/128",
+                    &v,
+                )
+            })?;
+        }
         if let Some(v) = lookup("PAYRETRY_AUTO_REFUND_DUPLICATES") {
             c.auto_refund_duplicates = match v.as_str() {
                 "true" => true,
@@ -477,6 +507,12 @@ mod tests {
             ("PAYRETRY_MAX_RECEIVES", "-1"),
             ("PAYRETRY_DATABASE_URL", "mysql://x"),
             ("PAYRETRY_AUTO_REFUND_DUPLICATES", "yes"),
+            ("PAYRETRY_TRUSTED_PROXIES", "localhost"),
+            ("PAYRETRY_TRUSTED_PROXIES", "10.0.0.0/33"),
+            ("PAYRETRY_TRUSTED_PROXIES", "::1/129"),
+            ("PAYRETRY_TRUSTED_PROXIES", "10.0.0/8"),
+            ("PAYRETRY_TRUSTED_PROXIES", "10.0.0.0/8;::1/128"),
+            ("PAYRETRY_TRUSTED_PROXIES", "10.0.0.0/8 ::1/128"),
         ];
         for (var, value) in cases {
             let err = from(&[(var, value)]).unwrap_err();
@@ -501,6 +537,27 @@ mod tests {
         assert!(on.auto_refund_duplicates);
         let off = from(&[("PAYRETRY_AUTO_REFUND_DUPLICATES", "false")]).unwrap();
         assert!(!off.auto_refund_duplicates);
+    }
+
+    #[test]
+    fn trusted_proxies_are_cidr_blocks_or_addresses() {
+        assert!(from(&[]).unwrap().trusted_proxies.is_empty());
+        let c = from(&[(
+            "PAYRETRY_TRUSTED_PROXIES",
+            "10.0.0.0/8,::1/128, 192.0.2.7 ,10.1.2.3/16,2001:db8::/32",
+        )])
+        .unwrap();
+        let shown: Vec<String> = c.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            shown,
+            [
+                "10.0.0.0/8",
+                "::1/128",
+                "192.0.2.7/32",
+                "10.1.0.0/16",
+                "2001:db8::/32"
+            ]
+        );
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_ip;
 pub mod error;
 pub mod form;
 pub mod health;
@@ -45,6 +46,8 @@ pub struct AppState {
     pub webhook_secrets: Arc<Vec<Secret>>,
     pub prometheus: PrometheusHandle,
     pub limiter: Arc<rate_limit::RateLimiter>,
+    /// Whose `X-Forwarded-For` names the client, for the rate limits.
+    pub trusted_proxies: Arc<client_ip::TrustedProxies>,
     /// For the sandbox's webhook deliveries.
     pub http: reqwest::Client,
 }
@@ -196,9 +199,16 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/dead-letters/{id}/redrive", post(admin::redrive))
         .route("/admin/duplicate-payments", get(admin::duplicate_payments))
         .route("/pay/{session_id}", get(pay_page::show))
-        .route("/sandbox/checkout/{id}", get(sandbox::show))
-        .route("/sandbox/checkout/{id}/pay", post(sandbox::pay))
-        .route("/sandbox/checkout/{id}/decline", post(sandbox::decline))
+        .merge(
+            Router::new()
+                .route("/sandbox/checkout/{id}", get(sandbox::show))
+                .route("/sandbox/checkout/{id}/pay", post(sandbox::pay))
+                .route("/sandbox/checkout/{id}/decline", post(sandbox::decline))
+                .route_layer(middleware::from_fn_with_state(
+                    state.clone(),
+                    rate_limit::anonymous,
+                )),
+        )
         .merge(operations())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

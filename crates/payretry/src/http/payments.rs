@@ -2,13 +2,14 @@
 //! support) read the audit log.
 
 use super::auth::Caller;
+use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::idempotency;
 use super::{AppState, JsonBody};
 use crate::service::checkout::NewCheckout;
 use crate::service::views::{RetryAcceptedView, StatusView};
 use axum::Json;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
 use payretry_domain::{Amount, Currency, Money, PaymentSessionId, Role};
@@ -112,13 +113,14 @@ fn session_id(raw: &str) -> Result<PaymentSessionId, ApiError> {
     security(("bearer" = [])))]
 pub async fn create_checkout(
     State(state): State<AppState>,
-    ConnectInfo(ip): ConnectInfo<std::net::SocketAddr>,
-    caller: Caller,
+    ClientIp(ip): ClientIp,
+    caller: Result<Caller, ApiError>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
+    let caller = state.limiter.authenticated(ip, caller)?;
     let buyer = caller.require(&[Role::Buyer])?;
-    state.limiter.check(ip.ip(), buyer.user.as_str())?;
+    state.limiter.check(ip, buyer.user.as_str())?;
     let key = idempotency::key_from(&headers)?;
     let parsed: CreateCheckoutBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
@@ -181,14 +183,15 @@ pub async fn status(
     security(("bearer" = [])))]
 pub async fn retry(
     State(state): State<AppState>,
-    ConnectInfo(ip): ConnectInfo<std::net::SocketAddr>,
-    caller: Caller,
+    ClientIp(ip): ClientIp,
+    caller: Result<Caller, ApiError>,
     Path(raw_id): Path<String>,
     headers: HeaderMap,
     JsonBody(body): JsonBody,
 ) -> Result<Response, ApiError> {
+    let caller = state.limiter.authenticated(ip, caller)?;
     let caller = caller.require(&[Role::Buyer, Role::Support, Role::Admin])?;
-    state.limiter.check(ip.ip(), caller.user.as_str())?;
+    state.limiter.check(ip, caller.user.as_str())?;
     let key = idempotency::key_from(&headers)?.ok_or(ApiError::IdempotencyKeyMissing)?;
     let id = session_id(&raw_id)?;
     let storage = state.payments.storage.as_ref();

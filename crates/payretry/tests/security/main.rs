@@ -4,3 +4,5 @@
 mod connections;
 #[path = "../support/mod.rs"]
 mod support;
+
+mod rate_limits;
