@@ -3,6 +3,7 @@
 //! as an argument, so tests bind port 0 and run the real server.
 
 use crate::config::{Config, ProviderKind, QueueKind};
+use crate::http::sandbox::SandboxPages;
 use crate::http::{
     self, AppState, auth::JwtKeys, client_ip::TrustedProxies, rate_limit::RateLimiter,
 };
@@ -163,9 +164,26 @@ impl App {
         } else {
             config.webhook_secrets.clone()
         };
+        let http_client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()?;
+        let mut sandbox_pages = None;
         let provider: Arc<dyn PaymentProvider> = match config.provider {
             ProviderKind::Sandbox => {
-                Arc::new(SandboxProvider::new(storage.clone(), public_url.clone()))
+                let id_key = storage
+                    .service_secret(SandboxProvider::ID_KEY_NAME, &|| random_secret(""))
+                    .await?;
+                sandbox_pages = Some(Arc::new(SandboxPages {
+                    storage: storage.clone(),
+                    signing_secret: webhook_secrets[0].clone(),
+                    public_url: public_url.clone(),
+                    http: http_client.clone(),
+                }));
+                Arc::new(SandboxProvider::new(
+                    storage.clone(),
+                    public_url.clone(),
+                    Secret::new(id_key),
+                ))
             }
             ProviderKind::Stripe => {
                 let stripe = match &tuning.stripe {
@@ -209,12 +227,10 @@ impl App {
             queue: queue.clone(),
             jwt: Arc::new(JwtKeys::new(&jwt)),
             webhook_secrets: Arc::new(webhook_secrets),
+            sandbox: sandbox_pages,
             prometheus: crate::telemetry::metrics::install(config.dogstatsd_addr.as_deref())?,
             limiter: Arc::new(RateLimiter::new(config.rate_limit_per_minute)),
             trusted_proxies: Arc::new(TrustedProxies::new(config.trusted_proxies.clone())),
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .build()?,
         };
         let segment = config
             .segment_write_key
@@ -223,7 +239,7 @@ impl App {
                 storage: storage.clone(),
                 endpoint: config.segment_endpoint.clone(),
                 write_key,
-                http: state.http.clone(),
+                http: http_client,
                 backoff: tuning.analytics_backoff,
             });
         Ok(Self {

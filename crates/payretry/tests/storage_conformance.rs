@@ -15,7 +15,8 @@ use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
     AnalyticsEvent, AttemptChange, AttemptStatus, Committed, IdempotencyBegin,
     IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter, NewSession,
-    SandboxCheckout, SessionRecord, SessionState, Storage, StoredResponse, Transition,
+    SandboxCheckout, SandboxCheckoutStatus, SessionRecord, SessionState, Storage, StoredResponse,
+    Transition,
 };
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
@@ -1258,7 +1259,7 @@ async fn sandbox_checkouts(db: Store) {
         success_url: "http://127.0.0.1/pay/ps_x?paid=1".to_owned(),
         cancel_url: "http://127.0.0.1/pay/ps_x".to_owned(),
         expires_at: now_ms() + TimeDelta::hours(1),
-        status: "open".to_owned(),
+        status: SandboxCheckoutStatus::Open,
     };
     db.put_sandbox_checkout(&checkout).await.expect("put");
     assert_eq!(
@@ -1276,16 +1277,39 @@ async fn sandbox_checkouts(db: Store) {
         db.sandbox_checkout(&checkout.id).await.expect("get"),
         Some(checkout.clone())
     );
-    db.set_sandbox_checkout_status(&checkout.id, "paid")
-        .await
-        .expect("status");
+    let pay =
+        |from| db.set_sandbox_checkout_status(&checkout.id, from, SandboxCheckoutStatus::Paid);
+    assert!(pay(SandboxCheckoutStatus::Open).await.expect("status"));
     assert_eq!(
         db.sandbox_checkout(&checkout.id).await.expect("get"),
         Some(SandboxCheckout {
-            status: "paid".to_owned(),
-            ..checkout
+            status: SandboxCheckoutStatus::Paid,
+            ..checkout.clone()
         })
     );
+    // Only from the status it is in: a second press finds it closed and changes nothing.
+    assert!(!pay(SandboxCheckoutStatus::Open).await.expect("status"));
+    assert!(
+        db.set_sandbox_checkout_status(
+            &checkout.id,
+            SandboxCheckoutStatus::Paid,
+            SandboxCheckoutStatus::Refunded
+        )
+        .await
+        .expect("status")
+    );
+    for status in ["declined", "expired"] {
+        let other = SandboxCheckout {
+            id: ProviderSessionId::new(format!("cs_sandbox_{status}")),
+            status: status.parse().expect("a status"),
+            ..checkout.clone()
+        };
+        db.put_sandbox_checkout(&other).await.expect("put");
+        assert_eq!(
+            db.sandbox_checkout(&other.id).await.expect("get"),
+            Some(other)
+        );
+    }
     assert_eq!(
         db.sandbox_checkout(&ProviderSessionId::new("cs_unknown"))
             .await

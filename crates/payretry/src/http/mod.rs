@@ -42,14 +42,14 @@ pub struct AppState {
     /// The queue the worker consumes, checked by `/readyz`.
     pub queue: Arc<dyn crate::queue::JobQueue>,
     pub jwt: Arc<auth::JwtKeys>,
-    /// The first signs sandbox events; any verifies incoming ones.
+    /// Verify incoming provider webhooks (several while a secret rotates).
     pub webhook_secrets: Arc<Vec<Secret>>,
+    /// The sandbox's hosted pages: `Some` only with the `sandbox` provider.
+    pub sandbox: Option<Arc<sandbox::SandboxPages>>,
     pub prometheus: PrometheusHandle,
     pub limiter: Arc<rate_limit::RateLimiter>,
     /// Whose `X-Forwarded-For` names the client, for the rate limits.
     pub trusted_proxies: Arc<client_ip::TrustedProxies>,
-    /// For the sandbox's webhook deliveries.
-    pub http: reqwest::Client,
 }
 
 /// The raw body, with the size limit and read errors mapped to the contract.
@@ -199,16 +199,10 @@ pub fn router(state: AppState) -> Router {
         .route("/admin/dead-letters/{id}/redrive", post(admin::redrive))
         .route("/admin/duplicate-payments", get(admin::duplicate_payments))
         .route("/pay/{session_id}", get(pay_page::show))
-        .merge(
-            Router::new()
-                .route("/sandbox/checkout/{id}", get(sandbox::show))
-                .route("/sandbox/checkout/{id}/pay", post(sandbox::pay))
-                .route("/sandbox/checkout/{id}/decline", post(sandbox::decline))
-                .route_layer(middleware::from_fn_with_state(
-                    state.clone(),
-                    rate_limit::anonymous,
-                )),
-        )
+        .merge(match &state.sandbox {
+            Some(pages) => sandbox::router(pages.clone(), &state),
+            None => Router::new(),
+        })
         .merge(operations())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -1,17 +1,55 @@
 //! The sandbox provider's hosted checkout page: Pay, or Decline with a chosen reason. Each
 //! button delivers a signed Stripe-format webhook to this service, then returns the buyer
 //! to the status page, exactly as a real provider would.
+//!
+//! These routes exist only with the `sandbox` provider ([`SandboxPages`] is built only
+//! then): under `stripe`, nothing but Stripe may sign a Stripe event, and a sandbox checkout
+//! left in a database that later went live must not be payable by anyone.
+//!
+//! Pay and Decline each close the checkout (compare-and-set from `open`), so a checkout is
+//! paid or declined once, whatever a visitor sends.
 
 use super::AppState;
 use super::form::Form;
 use super::pay_page::{STYLE, nonce, page_headers};
+use super::rate_limit;
 use crate::provider::sandbox::{deliver, events};
-use crate::storage::SandboxCheckout;
+use crate::secret::Secret;
+use crate::storage::{SandboxCheckout, SandboxCheckoutStatus, Storage};
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::routing::{get, post};
 use payretry_domain::ProviderSessionId;
 use serde::Deserialize;
+use std::sync::Arc;
+
+/// What the sandbox's hosted pages need; exists only when the provider is the sandbox.
+pub struct SandboxPages {
+    pub storage: Arc<dyn Storage>,
+    /// Signs the events the pages deliver to this service's own webhook endpoint.
+    pub signing_secret: Secret,
+    /// Where those events are delivered (`{public_url}/webhooks/stripe`).
+    pub public_url: String,
+    pub http: reqwest::Client,
+}
+
+/// The sandbox's routes, each request charged to the caller's anonymous per-address budget.
+pub fn router(pages: Arc<SandboxPages>, app: &AppState) -> Router<AppState> {
+    Router::new()
+        .route("/sandbox/checkout/{id}", get(show))
+        .route("/sandbox/checkout/{id}/pay", post(pay))
+        .route("/sandbox/checkout/{id}/decline", post(decline))
+        .route_layer(middleware::from_fn_with_state(
+            app.clone(),
+            rate_limit::anonymous,
+        ))
+        .with_state(pages)
+}
+
+type Pages = State<Arc<SandboxPages>>;
 
 /// Decline codes the page offers, with the words a tester sees.
 pub const DECLINE_REASONS: [(&str, &str); 6] = [
@@ -31,9 +69,9 @@ pub(crate) fn escape(text: &str) -> String {
         .replace('\'', "&#39;")
 }
 
-async fn load(state: &AppState, id: &str) -> Result<SandboxCheckout, Response> {
+async fn load(pages: &SandboxPages, id: &str) -> Result<SandboxCheckout, Response> {
     let id = ProviderSessionId::new(id);
-    match state.payments.storage.sandbox_checkout(&id).await {
+    match pages.storage.sandbox_checkout(&id).await {
         Ok(Some(checkout)) => Ok(checkout),
         Ok(None) => Err((
             StatusCode::NOT_FOUND,
@@ -88,8 +126,8 @@ fn format_amount(minor: i64, currency: &str) -> String {
 }
 
 /// `GET /sandbox/checkout/{id}`.
-pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let checkout = match load(&state, &id).await {
+pub async fn show(State(pages): Pages, Path(id): Path<String>) -> Response {
+    let checkout = match load(&pages, &id).await {
         Ok(c) => c,
         Err(response) => return response,
     };
@@ -100,7 +138,7 @@ pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Resp
     } else {
         format!("Retry {}", checkout.attempt)
     };
-    let body = if checkout.status == "open" {
+    let body = if checkout.status == SandboxCheckoutStatus::Open {
         let options: String = DECLINE_REASONS
             .iter()
             .map(|(code, label)| format!(r#"<option value="{code}">{label}</option>"#))
@@ -128,7 +166,7 @@ pub async fn show(State(state): State<AppState>, Path(id): Path<String>) -> Resp
         format!(
             r#"<h1>Sandbox checkout</h1><div class="card"><p class="status">This checkout is {status}.</p>
 <a class="button primary" href="{back}">Back to your payment</a></div>"#,
-            status = escape(&checkout.status),
+            status = checkout.status,
             back = escape(&checkout.cancel_url),
         )
     };
@@ -141,67 +179,61 @@ pub struct DeclineForm {
 }
 
 /// `POST /sandbox/checkout/{id}/pay`.
-pub async fn pay(State(state): State<AppState>, Path(id): Path<String>) -> Response {
-    let checkout = match load(&state, &id).await {
+pub async fn pay(State(pages): Pages, Path(id): Path<String>) -> Response {
+    let checkout = match close(&pages, &id, SandboxCheckoutStatus::Paid).await {
         Ok(c) => c,
         Err(response) => return response,
     };
-    if checkout.status != "open" {
-        return (
-            StatusCode::CONFLICT,
-            page(
-                "Closed",
-                r#"<h1>Checkout closed</h1><div class="card"><p>This checkout is closed.</p></div>"#,
-            ),
-        )
-            .into_response();
-    }
-    if state
-        .payments
-        .storage
-        .set_sandbox_checkout_status(&checkout.id, "paid")
-        .await
-        .is_err()
-    {
-        return StatusCode::SERVICE_UNAVAILABLE.into_response();
-    }
-    send(&state, &events::paid(&checkout)).await;
+    send(&pages, &events::paid(&checkout)).await;
     Redirect::to(&checkout.success_url).into_response()
 }
 
 /// `POST /sandbox/checkout/{id}/decline`.
 pub async fn decline(
-    State(state): State<AppState>,
+    State(pages): Pages,
     Path(id): Path<String>,
     Form(form): Form<DeclineForm>,
 ) -> Response {
-    let checkout = match load(&state, &id).await {
+    let reason = DECLINE_REASONS
+        .iter()
+        .find(|(code, _)| *code == form.reason)
+        .map_or("card_declined", |(code, _)| code);
+    let checkout = match close(&pages, &id, SandboxCheckoutStatus::Declined).await {
         Ok(c) => c,
         Err(response) => return response,
     };
-    if checkout.status != "open" {
-        return (
+    send(&pages, &events::declined(&checkout, reason)).await;
+    Redirect::to(&checkout.cancel_url).into_response()
+}
+
+/// Closes an open checkout as `to`; 409 when it is not open (any more).
+async fn close(
+    pages: &SandboxPages,
+    id: &str,
+    to: SandboxCheckoutStatus,
+) -> Result<SandboxCheckout, Response> {
+    let checkout = load(pages, id).await?;
+    let closed = pages
+        .storage
+        .set_sandbox_checkout_status(&checkout.id, SandboxCheckoutStatus::Open, to)
+        .await;
+    match closed {
+        Ok(true) => Ok(checkout),
+        Ok(false) => Err((
             StatusCode::CONFLICT,
             page(
                 "Closed",
                 r#"<h1>Checkout closed</h1><div class="card"><p>This checkout is closed.</p></div>"#,
             ),
         )
-            .into_response();
+            .into_response()),
+        Err(_) => Err(StatusCode::SERVICE_UNAVAILABLE.into_response()),
     }
-    let reason = DECLINE_REASONS
-        .iter()
-        .find(|(code, _)| *code == form.reason)
-        .map_or("card_declined", |(code, _)| code);
-    send(&state, &events::declined(&checkout, reason)).await;
-    Redirect::to(&checkout.cancel_url).into_response()
 }
 
-async fn send(state: &AppState, event: &serde_json::Value) {
-    let Some(secret) = state.webhook_secrets.first() else {
-        return;
-    };
-    if let Err(error) = deliver(&state.http, &state.payments.public_url, secret, event).await {
+async fn send(pages: &SandboxPages, event: &serde_json::Value) {
+    if let Err(error) = deliver(&pages.http, &pages.public_url, &pages.signing_secret, event).await
+    {
         tracing::error!(%error, "sandbox webhook delivery failed");
     }
 }

@@ -3,30 +3,54 @@
 //! delivers a Stripe-format, correctly signed webhook to this service's own
 //! `/webhooks/stripe`, exercising exactly the path a real provider's webhook takes.
 //! Checkouts live in the database, so every process on it (api, worker) sees them.
+//!
+//! A checkout id is the capability to pay or decline it (the page needs no login, as a
+//! provider's hosted page), so it is keyed with a secret kept in the database: knowing a
+//! session id and an attempt number is not enough to compute it. Keyed, not random, so a
+//! redelivered create for the same attempt finds the same checkout, as Stripe's
+//! Idempotency-Key guarantees.
 
 use super::{
     CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError, Refund,
 };
 use crate::secret::Secret;
-use crate::storage::{SandboxCheckout, Storage};
+use crate::storage::{SandboxCheckout, SandboxCheckoutStatus, Storage};
 use async_trait::async_trait;
 use chrono::Utc;
+use hmac::{KeyInit, Mac};
 use payretry_domain::ProviderSessionId;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use std::sync::Arc;
 
 pub struct SandboxProvider {
     storage: Arc<dyn Storage>,
     public_url: String,
+    /// Keys checkout ids (see the module doc); shared by every process on the database.
+    id_key: Secret,
 }
 
 impl SandboxProvider {
-    pub fn new(storage: Arc<dyn Storage>, public_url: String) -> Self {
+    /// The name of the id key among the service secrets.
+    pub const ID_KEY_NAME: &'static str = "sandbox_checkout_ids";
+
+    pub fn new(storage: Arc<dyn Storage>, public_url: String, id_key: Secret) -> Self {
         Self {
             storage,
             public_url,
+            id_key,
         }
+    }
+
+    /// The checkout id of the attempt with `idempotency_key`: 128 bits of
+    /// HMAC-SHA256(id key, idempotency key).
+    fn checkout_id(&self, idempotency_key: &str) -> ProviderSessionId {
+        let mut mac =
+            <hmac::Hmac<Sha256> as KeyInit>::new_from_slice(self.id_key.expose().as_bytes())
+                .expect("HMAC takes a key of any length");
+        mac.update(idempotency_key.as_bytes());
+        let digest = mac.finalize().into_bytes();
+        ProviderSessionId::new(format!("{CHECKOUT_PREFIX}{}", hex::encode(&digest[..16])))
     }
 }
 
@@ -40,10 +64,7 @@ impl PaymentProvider for SandboxProvider {
         &self,
         request: &CheckoutRequest,
     ) -> Result<ProviderCheckout, ProviderError> {
-        // The id is derived from the idempotency key, so a repeated request for the same
-        // attempt finds the same checkout, as Stripe's Idempotency-Key guarantees.
-        let digest = Sha256::digest(request.idempotency_key().as_bytes());
-        let id = ProviderSessionId::new(format!("{CHECKOUT_PREFIX}{}", &hex::encode(digest)[..24]));
+        let id = self.checkout_id(&request.idempotency_key());
         let checkout = SandboxCheckout {
             id: id.clone(),
             session_id: request.session_id.clone(),
@@ -54,7 +75,7 @@ impl PaymentProvider for SandboxProvider {
             success_url: request.success_url.clone(),
             cancel_url: request.cancel_url.clone(),
             expires_at: request.expires_at,
-            status: "open".to_owned(),
+            status: SandboxCheckoutStatus::Open,
         };
         self.storage
             .put_sandbox_checkout(&checkout)
@@ -82,10 +103,15 @@ impl PaymentProvider for SandboxProvider {
             .sandbox_checkout(id)
             .await
             .map_err(unavailable)?;
-        match checkout.as_ref().map(|c| c.status.as_str()) {
+        match checkout.as_ref().map(|c| c.status) {
             // A refunded checkout was paid: the money moved, and moved back.
-            Some("paid" | "refunded") => Ok(CheckoutState::Paid),
-            Some("expired") => Ok(CheckoutState::Expired),
+            Some(SandboxCheckoutStatus::Paid | SandboxCheckoutStatus::Refunded) => {
+                Ok(CheckoutState::Paid)
+            }
+            // A declined sandbox checkout is closed without payment.
+            Some(SandboxCheckoutStatus::Expired | SandboxCheckoutStatus::Declined) => {
+                Ok(CheckoutState::Expired)
+            }
             Some(_)
                 if checkout
                     .as_ref()
@@ -104,9 +130,14 @@ impl PaymentProvider for SandboxProvider {
             .sandbox_checkout(id)
             .await
             .map_err(unavailable)?;
-        if checkout.is_some_and(|c| c.status == "open") {
+        if checkout.is_some_and(|c| c.status == SandboxCheckoutStatus::Open) {
+            // Lost to a concurrent pay or decline: the checkout is closed either way.
             self.storage
-                .set_sandbox_checkout_status(id, "expired")
+                .set_sandbox_checkout_status(
+                    id,
+                    SandboxCheckoutStatus::Open,
+                    SandboxCheckoutStatus::Expired,
+                )
                 .await
                 .map_err(unavailable)?;
         }
@@ -131,13 +162,19 @@ impl PaymentProvider for SandboxProvider {
             .await
             .map_err(unavailable)?
             .ok_or_else(no_such)?;
-        match checkout.status.as_str() {
-            "paid" => self
-                .storage
-                .set_sandbox_checkout_status(&id, "refunded")
-                .await
-                .map_err(unavailable)?,
-            "refunded" => {}
+        match checkout.status {
+            SandboxCheckoutStatus::Paid => {
+                // `false`: a concurrent refund won, which is this refund done.
+                self.storage
+                    .set_sandbox_checkout_status(
+                        &id,
+                        SandboxCheckoutStatus::Paid,
+                        SandboxCheckoutStatus::Refunded,
+                    )
+                    .await
+                    .map_err(unavailable)?;
+            }
+            SandboxCheckoutStatus::Refunded => {}
             other => {
                 return Err(ProviderError::Permanent(format!(
                     "checkout {id} is {other}, not paid: nothing to refund"
@@ -150,7 +187,7 @@ impl PaymentProvider for SandboxProvider {
     }
 }
 
-/// Sandbox checkout ids: this prefix and 24 hex digits.
+/// Sandbox checkout ids: this prefix and 32 hex digits.
 const CHECKOUT_PREFIX: &str = "cs_sandbox_";
 /// Sandbox payment intent ids: this prefix and the same digits as their checkout.
 const PAYMENT_INTENT_PREFIX: &str = "pi_sandbox_";

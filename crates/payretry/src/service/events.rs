@@ -9,6 +9,10 @@
 //! - A failure counts only for the attempt whose checkout is current; an older attempt's
 //!   failure is ignored. A later failure of the current attempt updates the reason.
 //! - Each event id is applied once, recorded in the same transaction as its effect.
+//! - An event about a checkout is matched to the attempt that created that checkout: a
+//!   checkout payretry never made, or one whose `retry_attempt` metadata names another
+//!   attempt, is ignored. A payment always names its checkout. So even a correctly signed
+//!   event cannot invent an attempt (a success "for attempt 4294967295").
 
 use super::{Payments, ServiceError, ServiceResult};
 use crate::storage::{
@@ -57,6 +61,10 @@ struct PaidBy<'a> {
 impl Payments {
     /// Applies a verified provider event.
     pub async fn apply_event(&self, event: &ProviderEvent) -> ServiceResult<EventEffect> {
+        let Some(event) = self.match_to_attempt(event).await? else {
+            return Ok(EventEffect::Ignored);
+        };
+        let event = &event;
         let outcome = self
             .transition(&event.session_id, |session, now| {
                 let decided = match &event.kind {
@@ -108,6 +116,40 @@ impl Payments {
         }
         emit(followup);
         Ok(effect)
+    }
+
+    /// The event with its attempt taken from the checkout it is about; `None` when it is
+    /// about no checkout of this session that payretry created.
+    async fn match_to_attempt(
+        &self,
+        event: &ProviderEvent,
+    ) -> ServiceResult<Option<ProviderEvent>> {
+        let Some(checkout) = &event.provider_session_id else {
+            // Payment intent events name no checkout; they only ever count for the current
+            // attempt (see `decide_failed`). A payment must name its checkout.
+            return Ok((event.kind != EventKind::Paid).then(|| event.clone()));
+        };
+        let created_by = self
+            .storage
+            .checkout_attempt(&event.session_id, checkout)
+            .await?;
+        match created_by {
+            Some(attempt) if event.attempt.is_none_or(|claimed| claimed == attempt) => {
+                Ok(Some(ProviderEvent {
+                    attempt: Some(attempt),
+                    ..event.clone()
+                }))
+            }
+            _ => {
+                tracing::warn!(
+                    session_id = %event.session_id,
+                    provider_session_id = %checkout,
+                    claimed_attempt = event.attempt.map(|a| a.get()),
+                    "event about a checkout no attempt of this session created: ignored"
+                );
+                Ok(None)
+            }
+        }
     }
 
     /// Records a payment the worker found by asking the provider (reconciliation).

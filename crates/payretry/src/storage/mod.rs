@@ -378,8 +378,53 @@ pub struct SandboxCheckout {
     pub success_url: String,
     pub cancel_url: String,
     pub expires_at: DateTime<Utc>,
-    /// `open`, `paid`, `expired` or `refunded`.
-    pub status: String,
+    pub status: SandboxCheckoutStatus,
+}
+
+/// Where a sandbox checkout stands. Only `Open` can be paid or declined, and only once: a
+/// declined checkout is closed, so an anonymous visitor cannot append declines without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxCheckoutStatus {
+    Open,
+    Paid,
+    /// The buyer pressed Decline: the card was refused and this checkout is closed.
+    Declined,
+    Expired,
+    /// Paid, then refunded (a duplicate payment).
+    Refunded,
+}
+
+impl SandboxCheckoutStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Paid => "paid",
+            Self::Declined => "declined",
+            Self::Expired => "expired",
+            Self::Refunded => "refunded",
+        }
+    }
+}
+
+impl std::fmt::Display for SandboxCheckoutStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SandboxCheckoutStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "paid" => Ok(Self::Paid),
+            "declined" => Ok(Self::Declined),
+            "expired" => Ok(Self::Expired),
+            "refunded" => Ok(Self::Refunded),
+            other => Err(format!("unknown sandbox checkout status `{other}`")),
+        }
+    }
 }
 
 /// The repository of payment sessions and everything attached to them.
@@ -492,6 +537,14 @@ pub trait Storage: Send + Sync + 'static {
         audit: Option<&NewAuditEntry>,
     ) -> StorageResult<bool>;
 
+    /// Which attempt of `session` created the provider checkout `checkout`; `None` when no
+    /// attempt did (an event about a checkout payretry never made).
+    async fn checkout_attempt(
+        &self,
+        session: &PaymentSessionId,
+        checkout: &ProviderSessionId,
+    ) -> StorageResult<Option<AttemptNumber>>;
+
     async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> StorageResult<()>;
 
     async fn sandbox_checkout(
@@ -499,11 +552,14 @@ pub trait Storage: Send + Sync + 'static {
         id: &ProviderSessionId,
     ) -> StorageResult<Option<SandboxCheckout>>;
 
+    /// Moves a sandbox checkout from `from` to `to`; `false` when it was not in `from` (it
+    /// moved on, or does not exist), so of two concurrent presses exactly one wins.
     async fn set_sandbox_checkout_status(
         &self,
         id: &ProviderSessionId,
-        status: &str,
-    ) -> StorageResult<()>;
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> StorageResult<bool>;
 }
 
 /// The `status`, `refund_id` and `last_error` columns a settlement writes.

@@ -144,7 +144,10 @@ fn sandbox_checkout_from_row(row: &PgRow) -> StorageResult<SandboxCheckout> {
         success_url: row.try_get("success_url")?,
         cancel_url: row.try_get("cancel_url")?,
         expires_at: from_millis(row.try_get("expires_at")?)?,
-        status: row.try_get("status")?,
+        status: row
+            .try_get::<String, _>("status")?
+            .parse()
+            .map_err(corrupt)?,
     })
 }
 
@@ -772,6 +775,22 @@ impl Storage for PostgresStorage {
         Ok(true)
     }
 
+    async fn checkout_attempt(
+        &self,
+        session: &PaymentSessionId,
+        checkout: &ProviderSessionId,
+    ) -> StorageResult<Option<AttemptNumber>> {
+        let number: Option<i64> = sqlx::query_scalar(
+            "SELECT attempt_number FROM payment_attempts
+             WHERE session_id = $1 AND provider_session_id = $2",
+        )
+        .bind(session.as_str())
+        .bind(checkout.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(number.map(attempt))
+    }
+
     async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
         sqlx::query(
             "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
@@ -787,7 +806,7 @@ impl Storage for PostgresStorage {
         .bind(&c.success_url)
         .bind(&c.cancel_url)
         .bind(to_millis(c.expires_at))
-        .bind(&c.status)
+        .bind(c.status.as_str())
         .bind(to_millis(Utc::now()))
         .execute(&self.pool)
         .await?;
@@ -808,14 +827,17 @@ impl Storage for PostgresStorage {
     async fn set_sandbox_checkout_status(
         &self,
         id: &ProviderSessionId,
-        status: &str,
-    ) -> StorageResult<()> {
-        sqlx::query("UPDATE sandbox_checkouts SET status = $1 WHERE id = $2")
-            .bind(status)
-            .bind(id.as_str())
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> StorageResult<bool> {
+        let done =
+            sqlx::query("UPDATE sandbox_checkouts SET status = $1 WHERE id = $2 AND status = $3")
+                .bind(to.as_str())
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

@@ -709,6 +709,22 @@ impl Storage for SqliteStorage {
         Ok(true)
     }
 
+    async fn checkout_attempt(
+        &self,
+        session: &PaymentSessionId,
+        checkout: &ProviderSessionId,
+    ) -> StorageResult<Option<AttemptNumber>> {
+        let number: Option<i64> = sqlx::query_scalar(
+            "SELECT attempt_number FROM payment_attempts
+             WHERE session_id = ? AND provider_session_id = ?",
+        )
+        .bind(session.as_str())
+        .bind(checkout.as_str())
+        .fetch_optional(&self.reader)
+        .await?;
+        Ok(number.map(attempt))
+    }
+
     async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
         sqlx::query(
             "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
@@ -724,7 +740,7 @@ impl Storage for SqliteStorage {
         .bind(&c.success_url)
         .bind(&c.cancel_url)
         .bind(to_millis(c.expires_at))
-        .bind(&c.status)
+        .bind(c.status.as_str())
         .bind(to_millis(Utc::now()))
         .execute(&self.writer)
         .await?;
@@ -751,21 +767,27 @@ impl Storage for SqliteStorage {
             success_url: row.try_get("success_url")?,
             cancel_url: row.try_get("cancel_url")?,
             expires_at: from_millis(row.try_get("expires_at")?)?,
-            status: row.try_get("status")?,
+            status: row
+                .try_get::<String, _>("status")?
+                .parse()
+                .map_err(corrupt)?,
         }))
     }
 
     async fn set_sandbox_checkout_status(
         &self,
         id: &ProviderSessionId,
-        status: &str,
-    ) -> StorageResult<()> {
-        sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ?")
-            .bind(status)
-            .bind(id.as_str())
-            .execute(&self.writer)
-            .await?;
-        Ok(())
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> StorageResult<bool> {
+        let done =
+            sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ? AND status = ?")
+                .bind(to.as_str())
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .execute(&self.writer)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

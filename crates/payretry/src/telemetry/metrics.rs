@@ -1,5 +1,9 @@
 //! The service-level metrics of DESIGN.md §6. Metric names and tags are a contract that
 //! dashboards depend on: they are written only here.
+//!
+//! Tag values are bounded: an attempt number past the most a policy allows and a failure
+//! code Stripe does not document are tagged `other`, so no input can grow the number of
+//! time series without limit.
 
 use payretry_domain::{AttemptNumber, FailureReason};
 
@@ -10,6 +14,27 @@ pub const ABANDONED_COUNT: &str = "payments.retry.abandoned_count";
 pub const DEAD_LETTER_COUNT: &str = "payments.retry.dead_letter_count";
 pub const SCHEDULE_LAG_SECONDS: &str = "payments.retry.schedule_lag_seconds";
 pub const DOUBLE_PAYMENT_COUNT: &str = "payments.retry.double_payment_count";
+
+/// The most retries a policy may allow (`PAYRETRY_MAX_ATTEMPTS` is at most 20).
+const MAX_TAGGED_ATTEMPT: u32 = 20;
+
+/// The `retry_attempt` tag.
+fn attempt_tag(attempt: AttemptNumber) -> String {
+    if attempt.get() <= MAX_TAGGED_ATTEMPT {
+        attempt.to_string()
+    } else {
+        "other".to_owned()
+    }
+}
+
+/// The `failure_reason` tag.
+fn reason_tag(reason: Option<&FailureReason>) -> String {
+    match reason {
+        None => FailureReason::UNKNOWN.to_owned(),
+        Some(reason) if reason.is_known() => reason.as_str().to_owned(),
+        Some(_) => "other".to_owned(),
+    }
+}
 
 /// Why a retry was dropped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,23 +56,23 @@ impl AbandonReason {
 pub fn retry_checkout_created(attempt: AttemptNumber, reason: Option<&FailureReason>) {
     metrics::counter!(
         ATTEMPT_COUNT,
-        "retry_attempt" => attempt.to_string(),
-        "failure_reason" => reason.map_or("unknown", FailureReason::as_str).to_owned()
+        "retry_attempt" => attempt_tag(attempt),
+        "failure_reason" => reason_tag(reason)
     )
     .increment(1);
 }
 
 /// A retried checkout ended: paid or failed (with the new reason).
 pub fn retry_finished(attempt: AttemptNumber, failure: Option<&FailureReason>) {
-    let rate = metrics::histogram!(SUCCESS_RATE, "retry_attempt" => attempt.to_string());
+    let rate = metrics::histogram!(SUCCESS_RATE, "retry_attempt" => attempt_tag(attempt));
     match failure {
         None => rate.record(1.0),
         Some(reason) => {
             rate.record(0.0);
             metrics::counter!(
                 FAILURE_COUNT,
-                "retry_attempt" => attempt.to_string(),
-                "failure_reason" => reason.as_str().to_owned()
+                "retry_attempt" => attempt_tag(attempt),
+                "failure_reason" => reason_tag(Some(reason))
             )
             .increment(1);
         }
@@ -68,7 +93,7 @@ pub fn retry_dead_lettered() {
 pub fn double_payment_detected(duplicate_attempt: AttemptNumber) {
     metrics::counter!(
         DOUBLE_PAYMENT_COUNT,
-        "retry_attempt" => duplicate_attempt.to_string()
+        "retry_attempt" => attempt_tag(duplicate_attempt)
     )
     .increment(1);
 }
@@ -114,4 +139,21 @@ pub fn install(
         tracing::warn!("a metrics recorder was already installed");
     }
     Ok(HANDLE.get_or_init(|| handle).clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tag_values_are_bounded() {
+        assert_eq!(attempt_tag(AttemptNumber::new(3)), "3");
+        assert_eq!(attempt_tag(AttemptNumber::new(20)), "20");
+        assert_eq!(attempt_tag(AttemptNumber::new(u32::MAX)), "other");
+        let known = FailureReason::from_code("insufficient_funds");
+        assert_eq!(reason_tag(Some(&known)), "insufficient_funds");
+        let invented = FailureReason::from_code("x_1234567");
+        assert_eq!(reason_tag(Some(&invented)), "other");
+        assert_eq!(reason_tag(None), "unknown");
+    }
 }

@@ -5,4 +5,8 @@ mod connections;
 #[path = "../support/mod.rs"]
 mod support;
 
+mod auth;
+mod events;
 mod rate_limits;
+mod sandbox;
+mod settings;
