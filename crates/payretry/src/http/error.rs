@@ -43,7 +43,7 @@ pub enum ApiError {
     /// 405 `method_not_allowed`: the route exists, the method does not.
     #[error("this route does not accept that method")]
     MethodNotAllowed,
-    /// 408 `request_timeout`: the request's headers did not arrive in time.
+    /// 408 `request_timeout`: the request's head or body did not arrive in time.
     #[error("the request headers were not received in time")]
     RequestTimeout,
     /// 409 / 410: the retry refusals of DESIGN.md §2.

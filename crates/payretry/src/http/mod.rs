@@ -65,11 +65,28 @@ impl<S: Send + Sync> FromRequest<S> for RequestBody {
             .map_err(|rejection| {
                 if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     ApiError::PayloadTooLarge
+                } else if caused_by_body_timeout(&rejection) {
+                    ApiError::RequestTimeout
                 } else {
                     ApiError::InvalidRequest("the request body could not be read".to_owned())
                 }
             })
     }
+}
+
+/// A request body must arrive within this long of its head: with the head's own timeout
+/// (see `server`), what bounds a client trickling its body to hold a connection.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn caused_by_body_timeout(rejection: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(rejection);
+    while let Some(error) = cause {
+        if error.is::<tower_http::timeout::TimeoutError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 /// A body a JSON route reads: [`RequestBody`], refused with 415 `unsupported_media_type`
@@ -207,6 +224,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            BODY_READ_TIMEOUT,
+        ))
         .layer(middleware::from_fn(limit_declared_length))
         .route_layer(middleware::from_fn(trace_request))
         .with_state(state)

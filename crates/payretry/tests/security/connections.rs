@@ -502,3 +502,32 @@ async fn a_newcomer_is_answered_503_when_every_connection_is_inside_a_request() 
         "/healthz never answered after the busy connections closed"
     );
 }
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_is_answered_408_and_creates_nothing() {
+    // Arrange: a complete head that promises 100 bytes of body, then only 10 of them.
+    let app = TestApp::spawn().await;
+    let token = app.buyer();
+    let head = format!(
+        "POST /payments/checkout HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"amount\":"
+    );
+    let mut stream = connect(&app).await;
+    let started = Instant::now();
+    stream.write_all(head.as_bytes()).await.expect("write");
+
+    // Act: wait for the server's answer while sending nothing more.
+    let response = tokio::time::timeout(BOUND, read_response(&mut stream))
+        .await
+        .expect("an answer in time")
+        .expect("an answer, not a bare close");
+
+    // Assert
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_secs(9) && elapsed < Duration::from_secs(25),
+        "answered after {elapsed:?}"
+    );
+    response.assert_problem(408, "request_timeout");
+    assert_eq!(sessions(&app).await, 0);
+}
