@@ -99,30 +99,54 @@ pub fn sqs_endpoint() -> String {
             wait_until_listening(&endpoint);
             return Moto { endpoint, _child: None };
         }
-        let venv = format!("{}/.cache/payretry-venv/bin/moto_server", std::env::var("HOME").unwrap_or_default());
-        let binary = ["moto_server", venv.as_str()]
-            .into_iter()
-            .find(|b| Command::new(b).arg("--help").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok())
-            .unwrap_or_else(|| {
-                panic!(
-                    "moto's SQS server is not available: set PAYRETRY_TEST_SQS_ENDPOINT, or install it \
-                     (scripts/test.sh does: python3 -m venv ~/.cache/payretry-venv && \
-                     ~/.cache/payretry-venv/bin/pip install 'moto[server]'). These tests never skip."
-                )
-            });
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(binary)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
+        let child = moto_command(port).spawn().expect("start moto's SQS server");
         let endpoint = format!("http://127.0.0.1:{port}");
         wait_until_listening(&endpoint);
         Moto { endpoint, _child: Some(child) }
     })
     .endpoint
     .clone()
+}
+
+/// The Python that has moto (the venv scripts/test.sh creates, else the one on PATH).
+fn moto_python() -> String {
+    let venv = format!(
+        "{}/.cache/payretry-venv/bin/python",
+        std::env::var("HOME").unwrap_or_default()
+    );
+    let python = [venv.as_str(), "python3"]
+        .into_iter()
+        .find(|python| {
+            Command::new(python)
+                .args(["-c", "import moto.server"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|status| status.success())
+        });
+    python.map(str::to_owned).unwrap_or_else(|| {
+        panic!(
+            "moto's SQS server is not available: set PAYRETRY_TEST_SQS_ENDPOINT, or install it \
+             (scripts/test.sh does: python3 -m venv ~/.cache/payretry-venv && \
+             ~/.cache/payretry-venv/bin/pip install 'moto[server]'). These tests never skip."
+        )
+    })
+}
+
+/// moto's server through `scripts/moto_sqs.py`, which makes its message deletion
+/// thread-safe (see that file: without it moto can lose an accepted message).
+fn moto_command(port: u16) -> Command {
+    static PYTHON: OnceLock<String> = OnceLock::new();
+    let python = PYTHON.get_or_init(moto_python);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/moto_sqs.py");
+    let mut command = Command::new(python);
+    command
+        .arg(script)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
 }
 
 fn wait_until_listening(endpoint: &str) {
@@ -169,18 +193,6 @@ impl MotoServer {
         server
     }
 
-    fn binary() -> String {
-        let venv = format!(
-            "{}/.cache/payretry-venv/bin/moto_server",
-            std::env::var("HOME").unwrap_or_default()
-        );
-        if std::path::Path::new(&venv).exists() {
-            venv
-        } else {
-            "moto_server".to_owned()
-        }
-    }
-
     /// Kills the server: requests fail until [`MotoServer::restart`].
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -198,12 +210,9 @@ impl MotoServer {
     /// Starts a fresh (empty) server on the same port.
     pub fn restart(&mut self) {
         self.stop();
-        let child = Command::new(Self::binary())
-            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
+        let child = moto_command(self.port)
             .spawn()
-            .expect("start moto_server");
+            .expect("start moto's SQS server");
         self.child = Some(child);
         wait_until_listening(&self.endpoint);
     }
