@@ -102,7 +102,8 @@ async fn an_sqs_outage_of_a_minute_loses_nothing_and_the_backlog_drains() {
     assert!(stripe.violations().is_empty(), "{:?}", stripe.violations());
     // The relay deletes the rows SQS accepted just after the send: wait for it (bounded).
     assert_eq!(
-        app.settled_count("SELECT COUNT(*) FROM retry_jobs", 0).await,
+        app.settled_count("SELECT COUNT(*) FROM retry_jobs", 0)
+            .await,
         0,
         "the outbox drained"
     );

@@ -31,7 +31,8 @@ fn start_with(vars: &[(&str, &str)]) -> (Option<i32>, Vec<String>) {
     )
 }
 
-fn assert_refused(vars: &[(&str, &str)], var: &str) {
+/// Asserts that start-up with `vars` stops with exit code 2 and one line naming `var`.
+pub(crate) fn assert_refused(vars: &[(&str, &str)], var: &str) {
     let (code, lines) = start_with(vars);
     assert_eq!(code, Some(2), "{vars:?}: {lines:?}");
     assert_eq!(lines.len(), 1, "{lines:?}");

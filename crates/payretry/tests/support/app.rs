@@ -306,6 +306,16 @@ impl TestApp {
         panic!("session {id} never became {wanted}; last status {last}");
     }
 
+    /// One admin list route's items (`field` of its body), as an admin reads them.
+    pub async fn admin_list(&self, path: &str, field: &str) -> Vec<Value> {
+        let response = self
+            .request(Method::GET, path, Some(&self.admin()), None, None)
+            .await;
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let body: Value = response.json().await.unwrap();
+        body[field].as_array().expect(field).clone()
+    }
+
     /// The audit log's actions, oldest first.
     pub async fn audit_actions(&self, id: &str) -> Vec<String> {
         let response = self

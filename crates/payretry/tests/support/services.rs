@@ -89,7 +89,11 @@ struct Moto {
 pub fn sqs_endpoint() -> String {
     static MOTO: OnceLock<Moto> = OnceLock::new();
     MOTO.get_or_init(|| {
-        for (key, value) in [("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_REGION", "us-east-1")] {
+        for (key, value) in [
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_REGION", "us-east-1"),
+        ] {
             if std::env::var_os(key).is_none() {
                 // SAFETY: set once, before any SQS client reads the environment.
                 unsafe { std::env::set_var(key, value) };
@@ -97,13 +101,23 @@ pub fn sqs_endpoint() -> String {
         }
         if let Ok(endpoint) = std::env::var("PAYRETRY_TEST_SQS_ENDPOINT") {
             wait_until_listening(&endpoint);
-            return Moto { endpoint, _child: None };
+            return Moto {
+                endpoint,
+                _child: None,
+            };
         }
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let child = moto_command(port).spawn().expect("start moto's SQS server");
         let endpoint = format!("http://127.0.0.1:{port}");
         wait_until_listening(&endpoint);
-        Moto { endpoint, _child: Some(child) }
+        Moto {
+            endpoint,
+            _child: Some(child),
+        }
     })
     .endpoint
     .clone()
@@ -115,16 +129,14 @@ fn moto_python() -> String {
         "{}/.cache/payretry-venv/bin/python",
         std::env::var("HOME").unwrap_or_default()
     );
-    let python = [venv.as_str(), "python3"]
-        .into_iter()
-        .find(|python| {
-            Command::new(python)
-                .args(["-c", "import moto.server"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|status| status.success())
-        });
+    let python = [venv.as_str(), "python3"].into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", "import moto.server"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|status| status.success())
+    });
     python.map(str::to_owned).unwrap_or_else(|| {
         panic!(
             "moto's SQS server is not available: set PAYRETRY_TEST_SQS_ENDPOINT, or install it \
