@@ -98,11 +98,15 @@ impl CreateCheckout {
     }
 }
 
-/// The body of `GET /payments/checkout/{sessionId}/audit`, oldest entry first.
+/// The body of `GET /payments/checkout/{sessionId}/audit`: one page of the log, oldest
+/// entry first.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct AuditLog {
     pub entries: Vec<AuditEntry>,
+    /// The opaque cursor of the next page; `None` on the last page. Send it back as it is.
+    #[serde(default)]
+    pub next_cursor: Option<String>,
 }
 
 /// One line of a session's append-only audit log.
@@ -268,5 +272,10 @@ mod tests {
         );
         assert_eq!(log.entries[1].attempt_number, Some(AttemptNumber::new(1)));
         assert_eq!(log.entries[2].details, serde_json::Value::Null);
+        assert_eq!(log.next_cursor, None);
+
+        let page: AuditLog =
+            serde_json::from_value(json!({"entries": [], "nextCursor": "v1.42"})).unwrap();
+        assert_eq!(page.next_cursor.as_deref(), Some("v1.42"));
     }
 }

@@ -124,9 +124,43 @@ impl Client {
         self.send(builder).await
     }
 
-    /// `GET /payments/checkout/{sessionId}/audit` (support and admin only), oldest first.
+    /// The whole audit log of a session (support and admin only), oldest first: every page
+    /// of `GET /payments/checkout/{sessionId}/audit`, 100 entries at a time, followed to the
+    /// end. The result's `next_cursor` is `None`.
     pub async fn audit(&self, session_id: &PaymentSessionId) -> Result<AuditLog, ClientError> {
-        let url = self.url(&["payments", "checkout", session_id.as_str(), "audit"]);
+        let mut log = self.audit_page(session_id, Some(100), None).await?;
+        while let Some(cursor) = log.next_cursor.take() {
+            let mut page = self
+                .audit_page(session_id, Some(100), Some(&cursor))
+                .await?;
+            log.entries.append(&mut page.entries);
+            log.next_cursor = page.next_cursor;
+        }
+        Ok(log)
+    }
+
+    /// One page of `GET /payments/checkout/{sessionId}/audit?limit=&cursor=` (support and
+    /// admin only), oldest first. `limit` is 1 to 100 (the server's default is 50); `cursor`
+    /// is the `next_cursor` of the previous page, absent for the first.
+    pub async fn audit_page(
+        &self,
+        session_id: &PaymentSessionId,
+        limit: Option<u32>,
+        cursor: Option<&str>,
+    ) -> Result<AuditLog, ClientError> {
+        let mut url = self.url(&["payments", "checkout", session_id.as_str(), "audit"]);
+        {
+            let mut query = url.query_pairs_mut();
+            if let Some(limit) = limit {
+                query.append_pair("limit", &limit.to_string());
+            }
+            if let Some(cursor) = cursor {
+                query.append_pair("cursor", cursor);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
         self.send(self.http.get(url)).await
     }
 

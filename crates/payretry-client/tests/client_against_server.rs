@@ -2,7 +2,7 @@
 //! payretry API bound to 127.0.0.1:0 that records the headers it receives, answers with
 //! contract-shaped bodies, and keeps idempotency records like the real service.
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, Query, Request, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
@@ -29,6 +29,7 @@ const TOKEN: &str = "test.jwt.token";
 struct Seen {
     method: String,
     path: String,
+    query: Option<String>,
     authorization: Option<String>,
     idempotency_key: Option<String>,
 }
@@ -79,6 +80,7 @@ async fn record_and_authenticate(
     let seen = Seen {
         method: request.method().to_string(),
         path: request.uri().path().to_owned(),
+        query: request.uri().query().map(str::to_owned),
         authorization: header(headers, "authorization"),
         idempotency_key: header(headers, "idempotency-key"),
     };
@@ -186,12 +188,21 @@ async fn retry(State(fake): State<Fake>, Path(id): Path<String>, headers: Header
     (StatusCode::ACCEPTED, Json(body)).into_response()
 }
 
-async fn audit(Path(_id): Path<String>) -> Json<Value> {
-    Json(json!({"entries": [
-        {"at": "2027-01-15T08:00:00Z", "action": "checkout_created", "attemptNumber": 0, "actor": "buyer-1:buyer", "details": {}},
-        {"at": "2027-01-15T08:00:30Z", "action": "payment_failed", "attemptNumber": 0, "actor": "provider", "details": {"failureReason": "insufficient_funds"}},
-        {"at": "2027-01-15T08:01:00Z", "action": "retry_requested", "attemptNumber": 1, "actor": "buyer-1:buyer", "details": {"delayMinutes": 1}}
-    ]}))
+/// The audit log in two pages, as the service pages it: the first ends with a cursor.
+async fn audit(
+    Path(_id): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Json<Value> {
+    match query.get("cursor").map(String::as_str) {
+        None => Json(json!({"entries": [
+            {"at": "2027-01-15T08:00:00Z", "action": "checkout_created", "attemptNumber": 0, "actor": "buyer-1:buyer", "details": {}},
+            {"at": "2027-01-15T08:00:30Z", "action": "payment_failed", "attemptNumber": 0, "actor": "provider", "details": {"failureReason": "insufficient_funds"}}
+        ], "nextCursor": "v1.2"})),
+        Some("v1.2") => Json(json!({"entries": [
+            {"at": "2027-01-15T08:01:00Z", "action": "retry_requested", "attemptNumber": 1, "actor": "buyer-1:buyer", "details": {"delayMinutes": 1}}
+        ], "nextCursor": null})),
+        Some(_) => Json(json!({"entries": [], "nextCursor": null})),
+    }
 }
 
 fn app(fake: Fake) -> Router {
@@ -404,7 +415,31 @@ async fn audit_reads_the_entries_oldest_first() {
     );
     assert_eq!(log.entries[2].attempt_number, Some(AttemptNumber::new(1)));
     assert_eq!(log.entries[1].actor, "provider");
-    assert_eq!(fake.seen()[0].path, "/payments/checkout/ps_abc/audit");
+    assert_eq!(log.next_cursor, None);
+    let seen = fake.seen();
+    assert_eq!(seen.len(), 2, "both pages were read");
+    assert_eq!(seen[0].path, "/payments/checkout/ps_abc/audit");
+    assert_eq!(seen[0].query.as_deref(), Some("limit=100"));
+    assert_eq!(seen[1].path, "/payments/checkout/ps_abc/audit");
+    assert_eq!(seen[1].query.as_deref(), Some("limit=100&cursor=v1.2"));
+}
+
+#[tokio::test]
+async fn audit_page_reads_one_page_and_its_cursor() {
+    let (fake, client) = spawn_fake().await;
+
+    let first = client.audit_page(&id("ps_abc"), None, None).await.unwrap();
+    let next = first.next_cursor.clone().expect("a next page");
+    let last = client
+        .audit_page(&id("ps_abc"), Some(2), Some(&next))
+        .await
+        .unwrap();
+
+    assert_eq!(first.entries.len(), 2);
+    assert_eq!(last.entries.len(), 1);
+    assert_eq!(last.next_cursor, None);
+    let queries: Vec<Option<String>> = fake.seen().into_iter().map(|s| s.query).collect();
+    assert_eq!(queries, [None, Some("limit=2&cursor=v1.2".to_owned())]);
 }
 
 #[tokio::test]

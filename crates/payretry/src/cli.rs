@@ -5,6 +5,7 @@ use crate::config::Config;
 use crate::http::admin::DeadLetterView;
 use crate::http::auth::JwtKeys;
 use crate::shutdown;
+use crate::storage::Page;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use payretry_domain::{Principal, Role, UserId};
@@ -90,7 +91,7 @@ pub enum SqsAction {
 
 #[derive(Debug, Subcommand)]
 pub enum DeadLetterAction {
-    /// List dead letters as JSON lines.
+    /// List every dead letter as JSON lines, oldest first (read a page of 100 at a time).
     List,
     /// Queue a dead letter again.
     Redrive { id: String },
@@ -139,8 +140,16 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             let payments = &app.state.payments;
             match action {
                 DeadLetterAction::List => {
-                    for dead in payments.dead_letters().await? {
-                        println!("{}", serde_json::to_string(&DeadLetterView::from(&dead))?);
+                    let mut page = Page::first(Page::MAX_LIMIT);
+                    loop {
+                        let dead = payments.dead_letters(page).await?;
+                        for dead in &dead.items {
+                            println!("{}", serde_json::to_string(&DeadLetterView::from(dead))?);
+                        }
+                        match dead.next {
+                            Some(after) => page.after = Some(after),
+                            None => break,
+                        }
                     }
                 }
                 DeadLetterAction::Redrive { id } => {

@@ -13,10 +13,10 @@ use payretry::queue::{Delivery, JobQueue, Outbox};
 use payretry::storage::postgres::PostgresStorage;
 use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
-    AnalyticsEvent, AttemptChange, AttemptStatus, Committed, IdempotencyBegin,
-    IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter, NewSession,
-    SandboxCheckout, SandboxCheckoutStatus, SessionRecord, SessionState, Storage, StoredResponse,
-    Transition,
+    AnalyticsEvent, AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus,
+    IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter,
+    NewDuplicatePayment, NewSession, Page, Paged, SandboxCheckout, SandboxCheckoutStatus,
+    SessionRecord, SessionState, Storage, StoredResponse, Transition,
 };
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
@@ -92,6 +92,9 @@ conformance!(
     sandbox_checkouts,
     purge_expired_removes_old_records,
     analytics_outbox,
+    audit_log_pages_by_id,
+    dead_letters_page_by_id,
+    duplicate_payments_page_by_id,
 );
 
 // ----- backends --------------------------------------------------------------------------
@@ -155,6 +158,9 @@ where
 }
 
 // ----- fixtures --------------------------------------------------------------------------
+
+/// A page large enough for every list these tests build (each holds fewer than 100 rows).
+const ALL: Page = Page::first(Page::MAX_LIMIT);
 
 /// Now, at the millisecond precision the backends store.
 fn now_ms() -> DateTime<Utc> {
@@ -334,7 +340,7 @@ async fn session_round_trip(db: Store) {
             paid_attempt: None,
         }
     );
-    let log = db.audit_log(&new.id).await.expect("audit log");
+    let log = db.audit_log(&new.id, ALL).await.expect("audit log").items;
     assert_eq!(log.len(), 1);
     assert_eq!(log[0].at, new.created_at);
     assert_eq!(log[0].action, "checkout_created");
@@ -375,9 +381,10 @@ async fn session_round_trip(db: Store) {
     assert_eq!(after.version, 1);
     assert_eq!(after.created_at, new.created_at);
     let actions: Vec<String> = db
-        .audit_log(&new.id)
+        .audit_log(&new.id, ALL)
         .await
         .expect("audit log")
+        .items
         .into_iter()
         .map(|e| e.action)
         .collect();
@@ -432,10 +439,23 @@ async fn stale_version_conflicts_and_writes_nothing(db: Store) {
         now.state.failure_reason,
         Some(FailureReason::from_code("first"))
     );
-    assert_eq!(db.audit_log(&session.id).await.expect("audit").len(), 2);
+    assert_eq!(
+        db.audit_log(&session.id, ALL)
+            .await
+            .expect("audit")
+            .items
+            .len(),
+        2
+    );
     assert_eq!(db.next_due().await.expect("next due"), None);
     assert!(receive(&db, 10, Duration::from_secs(30)).await.is_empty());
-    assert!(db.dead_letters().await.expect("dead letters").is_empty());
+    assert!(
+        db.dead_letters(ALL)
+            .await
+            .expect("dead letters")
+            .items
+            .is_empty()
+    );
     assert!(db.analytics_batch(10).await.expect("analytics").is_empty());
     // The event id was rolled back with the rest, so the event can still be applied.
     let mut retry = Transition::new(&now, now.state.clone());
@@ -469,7 +489,14 @@ async fn duplicate_webhook_event_writes_nothing(db: Store) {
     let after = reload(&db, &session.id).await;
     assert_eq!(after.version, 1);
     assert_eq!(after.state, current.state);
-    assert_eq!(db.audit_log(&session.id).await.expect("audit").len(), 2);
+    assert_eq!(
+        db.audit_log(&session.id, ALL)
+            .await
+            .expect("audit")
+            .items
+            .len(),
+        2
+    );
     assert_eq!(db.next_due().await.expect("next due"), None);
 
     // Event ids are global: the same id on another session is a duplicate as well.
@@ -514,7 +541,14 @@ async fn concurrent_commits_have_one_winner(db: Store) {
         after.state.failure_reason,
         Some(FailureReason::from_code(&format!("writer_{}", winners[0])))
     );
-    assert_eq!(db.audit_log(&session.id).await.expect("audit").len(), 2);
+    assert_eq!(
+        db.audit_log(&session.id, ALL)
+            .await
+            .expect("audit")
+            .items
+            .len(),
+        2
+    );
 }
 
 // ----- idempotency -----------------------------------------------------------------------
@@ -718,7 +752,12 @@ async fn a_second_response_for_one_key_rolls_its_transaction_back(db: Store) {
     .expect("the first response is stored");
 
     let session = open_session(&db).await;
-    let audit_before = db.audit_log(&session.id).await.expect("audit").len();
+    let audit_before = db
+        .audit_log(&session.id, ALL)
+        .await
+        .expect("audit")
+        .items
+        .len();
     let mut t = Transition::new(
         &session,
         SessionState {
@@ -746,7 +785,11 @@ async fn a_second_response_for_one_key_rolls_its_transaction_back(db: Store) {
     assert_eq!(after.version, session.version, "the session did not change");
     assert_eq!(after.state, session.state);
     assert_eq!(
-        db.audit_log(&session.id).await.expect("audit").len(),
+        db.audit_log(&session.id, ALL)
+            .await
+            .expect("audit")
+            .items
+            .len(),
         audit_before,
         "no audit entry"
     );
@@ -1133,7 +1176,7 @@ async fn dead_letter_and_redrive(db: Store) {
     assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
     let after = now_ms();
 
-    let listed = db.dead_letters().await.expect("dead letters");
+    let listed = db.dead_letters(ALL).await.expect("dead letters").items;
     assert_eq!(listed.len(), 1);
     let dead = &listed[0];
     assert_eq!(dead.job, dead_job);
@@ -1167,7 +1210,13 @@ async fn dead_letter_and_redrive(db: Store) {
     t.enqueue = Some(job(&session.id, 1, now_ms() - TimeDelta::seconds(1)));
     t.audit.push(audit(AuditAction::RetryRedriven, 1));
     assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
-    assert!(db.dead_letters().await.expect("dead letters").is_empty());
+    assert!(
+        db.dead_letters(ALL)
+            .await
+            .expect("dead letters")
+            .items
+            .is_empty()
+    );
     assert_eq!(db.dead_letter(&dead.id).await.expect("dead letter"), None);
     let redelivered = receive(&db, 10, Duration::from_secs(60)).await;
     assert_eq!(redelivered.len(), 1);
@@ -1398,4 +1447,167 @@ async fn analytics_outbox(db: Store) {
         .await
         .expect("delivered");
     assert!(db.analytics_batch(10).await.expect("batch").is_empty());
+}
+
+// ----- paging ----------------------------------------------------------------------------
+
+/// Reads a list page by page (`limit` rows each) until a page says none follow; returns
+/// every page. Each page but the last must be full and name the id to continue after.
+async fn all_pages<T, F, Fut>(limit: u32, mut read: F) -> Vec<Vec<T>>
+where
+    F: FnMut(Page) -> Fut,
+    Fut: Future<Output = Paged<T>>,
+{
+    let mut page = Page::first(limit);
+    let mut pages = Vec::new();
+    loop {
+        let paged = read(page).await;
+        assert!(paged.items.len() <= limit as usize, "a page over its limit");
+        pages.push(paged.items);
+        match paged.next {
+            Some(after) => {
+                assert_eq!(pages.last().map(Vec::len), Some(limit as usize));
+                assert!(page.after < Some(after), "the cursor moves forward");
+                page.after = Some(after);
+            }
+            None => return pages,
+        }
+        assert!(pages.len() < 100, "paging never ends");
+    }
+}
+
+async fn audit_log_pages_by_id(db: Store) {
+    let mine = open_session(&db).await;
+    let theirs = open_session(&db).await;
+    // Interleave another session's entries: a page holds this session's only.
+    let commit = |session: SessionRecord, attempts: std::ops::RangeInclusive<u32>| {
+        let db = db.clone();
+        async move {
+            let mut t = Transition::new(&session, session.state.clone());
+            t.audit = attempts
+                .map(|n| audit(AuditAction::RetryRequested, n))
+                .collect();
+            assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+        }
+    };
+    commit(reload(&db, &mine.id).await, 1..=3).await;
+    commit(reload(&db, &theirs.id).await, 1..=2).await;
+    commit(reload(&db, &mine.id).await, 4..=6).await;
+
+    // 7 entries (checkout_created, then attempts 1 to 6) in pages of 3: 3, 3, 1.
+    let pages = all_pages(3, |page| {
+        let db = db.clone();
+        let id = mine.id.clone();
+        async move { db.audit_log(&id, page).await.expect("audit page") }
+    })
+    .await;
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [3, 3, 1]);
+    let attempts: Vec<u32> = pages
+        .iter()
+        .flatten()
+        .map(|e| e.attempt.expect("attempt").get())
+        .collect();
+    assert_eq!(attempts, [0, 1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        pages.concat(),
+        db.audit_log(&mine.id, ALL).await.expect("audit").items
+    );
+
+    // A list that fills its last page exactly ends there, without an empty page after it.
+    let pages = all_pages(3, |page| {
+        let db = db.clone();
+        let id = theirs.id.clone();
+        async move { db.audit_log(&id, page).await.expect("audit page") }
+    })
+    .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [3]);
+    let only = db
+        .audit_log(&theirs.id, Page::first(1))
+        .await
+        .expect("audit");
+    assert_eq!(only.items.len(), 1);
+    assert!(only.next.is_some());
+    let empty = db
+        .audit_log(&new_session_id(), Page::first(10))
+        .await
+        .expect("audit");
+    assert_eq!(
+        empty,
+        Paged {
+            items: Vec::new(),
+            next: None
+        }
+    );
+}
+
+async fn dead_letters_page_by_id(db: Store) {
+    let mut expected = Vec::new();
+    for n in 1..=5u32 {
+        let session = open_session(&db).await;
+        let mut t = Transition::new(
+            &session,
+            with_status(&session, SessionStatus::Failed, "retry_processing_failed"),
+        );
+        t.dead_letter = Some(NewDeadLetter {
+            job: job(&session.id, 1, now_ms()),
+            receive_count: n,
+            last_error: format!("failure {n}"),
+        });
+        assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+        expected.push(n);
+    }
+
+    let pages = all_pages(2, |page| {
+        let db = db.clone();
+        async move { db.dead_letters(page).await.expect("dead letters page") }
+    })
+    .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    let seen: Vec<u32> = pages.iter().flatten().map(|d| d.receive_count).collect();
+    assert_eq!(seen, expected, "every dead letter once, oldest first");
+    let ids: Vec<i64> = pages
+        .iter()
+        .flatten()
+        .map(|d| d.id.parse().expect("numeric id"))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]));
+    assert_eq!(
+        pages.concat(),
+        db.dead_letters(ALL).await.expect("dead letters").items
+    );
+}
+
+async fn duplicate_payments_page_by_id(db: Store) {
+    let mut sessions = Vec::new();
+    for _ in 0..5 {
+        let session = open_session(&db).await;
+        let mut t = Transition::new(&session, session.state.clone());
+        t.duplicate_payment = Some(NewDuplicatePayment {
+            paid_attempt: AttemptNumber::new(1),
+            duplicate_attempt: AttemptNumber::ORIGINAL,
+            provider_session_id: None,
+            payment_intent: Some(format!("pi_{}", session.id.as_str())),
+            status: DuplicatePaymentStatus::Detected,
+        });
+        assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+        sessions.push(session.id);
+    }
+
+    let pages = all_pages(2, |page| {
+        let db = db.clone();
+        async move { db.duplicate_payments(page).await.expect("duplicates page") }
+    })
+    .await;
+    assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
+    let seen: Vec<PaymentSessionId> = pages
+        .iter()
+        .flatten()
+        .map(|d| d.session_id.clone())
+        .collect();
+    assert_eq!(seen, sessions, "every double payment once, oldest first");
+    assert_eq!(
+        pages.concat(),
+        db.duplicate_payments(ALL).await.expect("duplicates").items
+    );
 }

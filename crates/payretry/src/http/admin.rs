@@ -3,6 +3,7 @@
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
+use super::pagination::{self, PageParams, PageQuery};
 use crate::storage::{DeadLetter, DuplicatePayment};
 use axum::Json;
 use axum::extract::{Path, State};
@@ -39,22 +40,30 @@ impl From<&DeadLetter> for DeadLetterView {
 #[serde(rename_all = "camelCase")]
 pub struct DeadLettersView {
     pub dead_letters: Vec<DeadLetterView>,
+    /// Pass as `cursor` for the next page; null on the last page. Opaque.
+    pub next_cursor: Option<String>,
 }
 
-/// Retry jobs that kept failing.
+/// Retry jobs that kept failing, oldest first, one page at a time.
 #[utoipa::path(get, path = "/admin/dead-letters", tag = "admin",
+    params(PageParams),
     responses((status = 200, body = DeadLettersView),
+        (status = 400, description = "`limit` or `cursor` is not valid (`invalid_request`)",
+            body = super::error::Problem, content_type = "application/problem+json"),
         (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
         (status = 403, body = super::error::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
+    page: Result<PageQuery, ApiError>,
 ) -> Result<Json<DeadLettersView>, ApiError> {
     caller.require(&[Role::Admin])?;
-    let dead = state.payments.dead_letters().await?;
+    let PageQuery(page) = page?;
+    let dead = state.payments.dead_letters(page).await?;
     Ok(Json(DeadLettersView {
-        dead_letters: dead.iter().map(DeadLetterView::from).collect(),
+        dead_letters: dead.items.iter().map(DeadLetterView::from).collect(),
+        next_cursor: pagination::next_cursor(dead.next),
     }))
 }
 
@@ -119,21 +128,34 @@ impl From<&DuplicatePayment> for DuplicatePaymentView {
 #[serde(rename_all = "camelCase")]
 pub struct DuplicatePaymentsView {
     pub duplicate_payments: Vec<DuplicatePaymentView>,
+    /// Pass as `cursor` for the next page; null on the last page. Opaque.
+    pub next_cursor: Option<String>,
 }
 
-/// Buyers charged twice (a late payment of an older checkout), oldest first.
+/// Buyers charged twice (a late payment of an older checkout), oldest first, one page at a
+/// time.
 #[utoipa::path(get, path = "/admin/duplicate-payments", tag = "admin",
+    params(PageParams),
     responses((status = 200, body = DuplicatePaymentsView),
+        (status = 400, description = "`limit` or `cursor` is not valid (`invalid_request`)",
+            body = super::error::Problem, content_type = "application/problem+json"),
         (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
         (status = 403, body = super::error::Problem, content_type = "application/problem+json")),
     security(("bearer" = [])))]
 pub async fn duplicate_payments(
     State(state): State<AppState>,
     caller: Caller,
+    page: Result<PageQuery, ApiError>,
 ) -> Result<Json<DuplicatePaymentsView>, ApiError> {
     caller.require(&[Role::Support, Role::Admin])?;
-    let duplicates = state.payments.duplicate_payments().await?;
+    let PageQuery(page) = page?;
+    let duplicates = state.payments.duplicate_payments(page).await?;
     Ok(Json(DuplicatePaymentsView {
-        duplicate_payments: duplicates.iter().map(DuplicatePaymentView::from).collect(),
+        duplicate_payments: duplicates
+            .items
+            .iter()
+            .map(DuplicatePaymentView::from)
+            .collect(),
+        next_cursor: pagination::next_cursor(duplicates.next),
     }))
 }

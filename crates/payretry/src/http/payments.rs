@@ -5,6 +5,7 @@ use super::auth::Caller;
 use super::client_ip::ClientIp;
 use super::error::ApiError;
 use super::idempotency;
+use super::pagination::{self, PageParams, PageQuery};
 use super::{AppState, JsonBody};
 use crate::service::checkout::NewCheckout;
 use crate::service::views::{RetryAcceptedView, StatusView};
@@ -217,16 +218,22 @@ pub struct AuditEntryView {
     pub details: Value,
 }
 
+/// One page of a session's audit log.
 #[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
 pub struct AuditLogView {
     pub entries: Vec<AuditEntryView>,
+    /// Pass as `cursor` for the next page; null on the last page. Opaque.
+    pub next_cursor: Option<String>,
 }
 
-/// A session's audit log, oldest first (support and admin).
+/// A session's audit log, oldest first, one page at a time (support and admin).
 #[utoipa::path(get, path = "/payments/checkout/{sessionId}/audit", tag = "payments",
-    params(("sessionId" = String, Path)),
+    params(("sessionId" = String, Path), PageParams),
     responses(
         (status = 200, body = AuditLogView),
+        (status = 400, description = "`limit` or `cursor` is not valid (`invalid_request`)",
+            body = super::error::Problem, content_type = "application/problem+json"),
         (status = 401, body = super::error::Problem, content_type = "application/problem+json"),
         (status = 403, body = super::error::Problem, content_type = "application/problem+json"),
         (status = 404, body = super::error::Problem, content_type = "application/problem+json"),
@@ -236,13 +243,17 @@ pub async fn audit(
     State(state): State<AppState>,
     caller: Caller,
     Path(raw_id): Path<String>,
+    page: Result<PageQuery, ApiError>,
 ) -> Result<Json<AuditLogView>, ApiError> {
     let caller = caller.require(&[Role::Support, Role::Admin])?;
+    let PageQuery(page) = page?;
     let id = session_id(&raw_id)?;
     state.payments.visible_session(&id, caller).await?;
-    let entries = state.payments.storage.audit_log(&id).await?;
+    let entries = state.payments.storage.audit_log(&id, page).await?;
     Ok(Json(AuditLogView {
+        next_cursor: pagination::next_cursor(entries.next),
         entries: entries
+            .items
             .into_iter()
             .map(|e| AuditEntryView {
                 at: e.at,

@@ -4,7 +4,7 @@
 
 use super::{Payments, ServiceError, ServiceResult};
 use crate::storage::{
-    AttemptChange, AttemptStatus, DeadLetter, NewAuditEntry, SessionState, Transition,
+    AttemptChange, AttemptStatus, DeadLetter, NewAuditEntry, Page, Paged, SessionState, Transition,
 };
 use payretry_domain::{
     AuditAction, PaymentSessionId, Principal, RetryJob, RetryRefusal, SessionStatus,
@@ -13,8 +13,9 @@ use payretry_domain::{
 use serde_json::json;
 
 impl Payments {
-    pub async fn dead_letters(&self) -> ServiceResult<Vec<DeadLetter>> {
-        Ok(self.storage.dead_letters().await?)
+    /// One page of the dead letters, oldest first.
+    pub async fn dead_letters(&self, page: Page) -> ServiceResult<Paged<DeadLetter>> {
+        Ok(self.storage.dead_letters(page).await?)
     }
 
     /// Re-enqueues a dead-lettered job for immediate processing.

@@ -20,7 +20,9 @@
 
 use super::{Payments, ServiceResult};
 use crate::provider::{ProviderError, duplicate_refund_key};
-use crate::storage::{DuplicatePayment, DuplicatePaymentStatus, NewAuditEntry, RefundSettlement};
+use crate::storage::{
+    DuplicatePayment, DuplicatePaymentStatus, NewAuditEntry, Page, Paged, RefundSettlement,
+};
 use chrono::{DateTime, TimeDelta, Utc};
 use payretry_domain::{Actor, AttemptNumber, AuditAction, PaymentSessionId};
 use serde_json::json;
@@ -48,9 +50,9 @@ pub enum RefundAttempt {
 }
 
 impl Payments {
-    /// Every recorded double payment, oldest first.
-    pub async fn duplicate_payments(&self) -> ServiceResult<Vec<DuplicatePayment>> {
-        Ok(self.storage.duplicate_payments().await?)
+    /// One page of the recorded double payments, oldest first.
+    pub async fn duplicate_payments(&self, page: Page) -> ServiceResult<Paged<DuplicatePayment>> {
+        Ok(self.storage.duplicate_payments(page).await?)
     }
 
     /// Refunds the duplicate charge of `session_id`'s `attempt` if a refund is owed. Called

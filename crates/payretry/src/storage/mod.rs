@@ -151,6 +151,63 @@ pub struct AuditEntry {
     pub details: Value,
 }
 
+/// Which page of a list to read: the rows whose id is greater than `after` (from the start
+/// when `None`), oldest first, at most `limit` of them. Every list (audit log, dead letters,
+/// double payments) pages this way, by its integer primary key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Page {
+    pub after: Option<i64>,
+    pub limit: u32,
+}
+
+impl Page {
+    /// The most rows one page may hold.
+    pub const MAX_LIMIT: u32 = 100;
+    /// Rows per page when the caller does not say.
+    pub const DEFAULT_LIMIT: u32 = 50;
+
+    /// The first page, `limit` rows long.
+    pub const fn first(limit: u32) -> Self {
+        Self { after: None, limit }
+    }
+
+    /// The lower bound to bind in `WHERE id > ?`.
+    pub fn after_id(self) -> i64 {
+        self.after.unwrap_or(i64::MIN)
+    }
+
+    /// How many rows to fetch: one more than the page, to learn whether another follows.
+    pub fn fetch(self) -> i64 {
+        i64::from(self.limit) + 1
+    }
+}
+
+/// One page of a list, and the id to continue after when another page follows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paged<T> {
+    pub items: Vec<T>,
+    /// The id of the last item here when more rows follow; `None` on the last page.
+    pub next: Option<i64>,
+}
+
+impl<T> Paged<T> {
+    /// The page from the up to `page.limit + 1` rows (with their ids) a query fetched.
+    pub fn from_rows(page: Page, rows: Vec<(i64, T)>) -> Self {
+        let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+        let more = rows.len() > limit;
+        let mut items = Vec::with_capacity(rows.len().min(limit));
+        let mut last = None;
+        for (id, item) in rows.into_iter().take(limit) {
+            last = Some(id);
+            items.push(item);
+        }
+        Self {
+            items,
+            next: if more { last } else { None },
+        }
+    }
+}
+
 /// The response of an idempotent request, stored for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -443,8 +500,12 @@ pub trait Storage: Send + Sync + 'static {
     /// Commits a transition atomically (see the module doc).
     async fn commit(&self, transition: Transition) -> StorageResult<Committed>;
 
-    /// The session's audit log, oldest first.
-    async fn audit_log(&self, id: &PaymentSessionId) -> StorageResult<Vec<AuditEntry>>;
+    /// One page of the session's audit log, oldest first.
+    async fn audit_log(
+        &self,
+        id: &PaymentSessionId,
+        page: Page,
+    ) -> StorageResult<Paged<AuditEntry>>;
 
     /// Sessions still live (open, failed, retry scheduled) whose window closed by `now`.
     async fn sessions_past_window(
@@ -484,7 +545,8 @@ pub trait Storage: Send + Sync + 'static {
     /// Deletes idempotency records and processed event ids older than `before`.
     async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64>;
 
-    async fn dead_letters(&self) -> StorageResult<Vec<DeadLetter>>;
+    /// One page of the dead letters, oldest first.
+    async fn dead_letters(&self, page: Page) -> StorageResult<Paged<DeadLetter>>;
 
     async fn dead_letter(&self, id: &str) -> StorageResult<Option<DeadLetter>>;
 
@@ -508,8 +570,8 @@ pub trait Storage: Send + Sync + 'static {
     /// Resolves when this process committed analytics events (so the relay need not poll).
     async fn analytics_enqueued(&self);
 
-    /// Every recorded double payment, oldest first.
-    async fn duplicate_payments(&self) -> StorageResult<Vec<DuplicatePayment>>;
+    /// One page of the recorded double payments, oldest first.
+    async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>>;
 
     /// The double payment recorded for this session's `attempt`, if any.
     async fn duplicate_payment(

@@ -471,18 +471,25 @@ impl Storage for PostgresStorage {
         Ok(Committed::Applied)
     }
 
-    async fn audit_log(&self, id: &PaymentSessionId) -> StorageResult<Vec<AuditEntry>> {
+    async fn audit_log(
+        &self,
+        id: &PaymentSessionId,
+        page: Page,
+    ) -> StorageResult<Paged<AuditEntry>> {
         let rows = sqlx::query(
-            "SELECT at, action, attempt_number, actor, details FROM audit_log
-             WHERE session_id = $1 ORDER BY id",
+            "SELECT id, at, action, attempt_number, actor, details FROM audit_log
+             WHERE session_id = $1 AND id > $2 ORDER BY id LIMIT $3",
         )
         .bind(id.as_str())
+        .bind(page.after_id())
+        .bind(page.fetch())
         .fetch_all(&self.pool)
         .await?;
-        rows.iter()
+        let rows = rows
+            .iter()
             .map(|row| {
                 let details: String = row.try_get("details")?;
-                Ok(AuditEntry {
+                let entry = AuditEntry {
                     at: from_millis(row.try_get("at")?)?,
                     action: row.try_get("action")?,
                     attempt: row
@@ -490,9 +497,11 @@ impl Storage for PostgresStorage {
                         .map(attempt),
                     actor: row.try_get("actor")?,
                     details: serde_json::from_str(&details).map_err(corrupt)?,
-                })
+                };
+                Ok((row.try_get::<i64, _>("id")?, entry))
             })
-            .collect()
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(Paged::from_rows(page, rows))
     }
 
     async fn sessions_past_window(
@@ -615,11 +624,17 @@ impl Storage for PostgresStorage {
         Ok(keys.rows_affected() + events.rows_affected())
     }
 
-    async fn dead_letters(&self) -> StorageResult<Vec<DeadLetter>> {
-        let rows = sqlx::query("SELECT * FROM dead_letters ORDER BY id")
+    async fn dead_letters(&self, page: Page) -> StorageResult<Paged<DeadLetter>> {
+        let rows = sqlx::query("SELECT * FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2")
+            .bind(page.after_id())
+            .bind(page.fetch())
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(dead_letter_from_row).collect()
+        let rows = rows
+            .iter()
+            .map(|row| Ok((row.try_get::<i64, _>("id")?, dead_letter_from_row(row)?)))
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(Paged::from_rows(page, rows))
     }
 
     async fn dead_letter(&self, id: &str) -> StorageResult<Option<DeadLetter>> {
@@ -701,11 +716,23 @@ impl Storage for PostgresStorage {
         self.wakeups.analytics_written().await;
     }
 
-    async fn duplicate_payments(&self) -> StorageResult<Vec<DuplicatePayment>> {
-        let rows = sqlx::query("SELECT * FROM duplicate_payments ORDER BY id")
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(duplicate_payment_from_row).collect()
+    async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
+        let rows =
+            sqlx::query("SELECT * FROM duplicate_payments WHERE id > $1 ORDER BY id LIMIT $2")
+                .bind(page.after_id())
+                .bind(page.fetch())
+                .fetch_all(&self.pool)
+                .await?;
+        let rows = rows
+            .iter()
+            .map(|row| {
+                Ok((
+                    row.try_get::<i64, _>("id")?,
+                    duplicate_payment_from_row(row)?,
+                ))
+            })
+            .collect::<StorageResult<Vec<_>>>()?;
+        Ok(Paged::from_rows(page, rows))
     }
 
     async fn duplicate_payment(

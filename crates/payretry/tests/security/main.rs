@@ -2,6 +2,7 @@
 //! the real server on an ephemeral port. One module per concern.
 
 mod connections;
+mod lists;
 #[path = "../support/mod.rs"]
 mod support;
 

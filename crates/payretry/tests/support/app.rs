@@ -316,25 +316,30 @@ impl TestApp {
         body[field].as_array().expect(field).clone()
     }
 
-    /// The audit log's actions, oldest first.
+    /// The audit log's actions, oldest first: every page, followed to the end.
     pub async fn audit_actions(&self, id: &str) -> Vec<String> {
-        let response = self
-            .request(
-                Method::GET,
-                &format!("/payments/checkout/{id}/audit"),
-                Some(&self.admin()),
-                None,
-                None,
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::OK);
-        let body: Value = response.json().await.unwrap();
-        body["entries"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["action"].as_str().unwrap().to_owned())
-            .collect()
+        let mut actions = Vec::new();
+        let mut path = format!("/payments/checkout/{id}/audit?limit=100");
+        loop {
+            let response = self
+                .request(Method::GET, &path, Some(&self.admin()), None, None)
+                .await;
+            assert_eq!(response.status(), StatusCode::OK);
+            let body: Value = response.json().await.unwrap();
+            actions.extend(
+                body["entries"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|e| e["action"].as_str().unwrap().to_owned()),
+            );
+            match body["nextCursor"].as_str() {
+                Some(cursor) => {
+                    path = format!("/payments/checkout/{id}/audit?limit=100&cursor={cursor}");
+                }
+                None => return actions,
+            }
+        }
     }
 
     /// Polls [`TestApp::count`] until it reads `wanted` (for up to five seconds)

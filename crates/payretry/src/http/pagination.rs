@@ -1,0 +1,153 @@
+//! How every list route pages (DESIGN.md §3): `?limit=` (1 to 100, 50 by default) and
+//! `?cursor=` (the `nextCursor` of the previous page), answered with one page oldest first
+//! and `nextCursor`, null on the last page.
+//!
+//! A cursor is opaque to clients: today it is `v1.` followed by the id of the last row of the
+//! page it came from, but only a value this server handed out is meaningful, and the format
+//! may change. Anything that is not a cursor is refused with 400 `invalid_request`.
+
+use super::error::ApiError;
+use crate::storage::Page;
+use axum::extract::{FromRequestParts, Query};
+use axum::http::request::Parts;
+use serde::Deserialize;
+use utoipa::IntoParams;
+
+/// The query parameters of a list route, as documented in the OpenAPI document.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PageParams {
+    /// Rows per page, 1 to 100; 50 when absent.
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100, default = 50)]
+    pub limit: Option<String>,
+    /// The `nextCursor` of the previous page, as received (opaque); absent for the first page.
+    pub cursor: Option<String>,
+}
+
+/// The page a list request asks for. Rejects a bad `limit` or `cursor` with 400
+/// `invalid_request` naming the parameter; other query parameters are ignored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery(pub Page);
+
+const CURSOR_PREFIX: &str = "v1.";
+
+impl PageParams {
+    /// Validates the parameters into a storage page.
+    pub fn page(&self) -> Result<Page, ApiError> {
+        let limit = match self.limit.as_deref() {
+            None => Page::DEFAULT_LIMIT,
+            Some(raw) => parse_limit(raw).ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "`limit` must be a whole number from 1 to {}",
+                    Page::MAX_LIMIT
+                ))
+            })?,
+        };
+        let after = match self.cursor.as_deref() {
+            None => None,
+            Some(raw) => Some(parse_cursor(raw).ok_or_else(|| {
+                ApiError::InvalidRequest(
+                    "`cursor` is not a cursor this server returned as `nextCursor`".to_owned(),
+                )
+            })?),
+        };
+        Ok(Page { after, limit })
+    }
+}
+
+fn parse_limit(raw: &str) -> Option<u32> {
+    if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let limit: u32 = raw.parse().ok()?;
+    (1..=Page::MAX_LIMIT).contains(&limit).then_some(limit)
+}
+
+fn parse_cursor(raw: &str) -> Option<i64> {
+    let digits = raw.strip_prefix(CURSOR_PREFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The `nextCursor` for a page whose storage read said to continue after `next`.
+pub fn next_cursor(next: Option<i64>) -> Option<String> {
+    next.map(|id| format!("{CURSOR_PREFIX}{id}"))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for PageQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Query(params) = Query::<PageParams>::from_request_parts(parts, state)
+            .await
+            .map_err(|_| {
+                ApiError::InvalidRequest(
+                    "the query string is malformed (`limit` and `cursor` may appear once each)"
+                        .to_owned(),
+                )
+            })?;
+        params.page().map(Self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(limit: Option<&str>, cursor: Option<&str>) -> Result<Page, ApiError> {
+        PageParams {
+            limit: limit.map(str::to_owned),
+            cursor: cursor.map(str::to_owned),
+        }
+        .page()
+    }
+
+    #[test]
+    fn defaults_to_the_first_page_of_fifty() {
+        assert_eq!(page(None, None).unwrap(), Page::first(50));
+    }
+
+    #[test]
+    fn accepts_limits_from_one_to_a_hundred() {
+        assert_eq!(page(Some("1"), None).unwrap().limit, 1);
+        assert_eq!(page(Some("100"), None).unwrap().limit, 100);
+        for bad in [
+            "0",
+            "101",
+            "abc",
+            "",
+            "-1",
+            "+5",
+            " 5",
+            "5.0",
+            "99999999999",
+        ] {
+            let error = page(Some(bad), None).unwrap_err();
+            assert_eq!(error.code(), "invalid_request", "{bad:?}");
+            assert!(error.to_string().contains("`limit`"), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_cursor_round_trips_and_anything_else_is_refused() {
+        let cursor = next_cursor(Some(1742)).unwrap();
+        assert_eq!(page(None, Some(&cursor)).unwrap().after, Some(1742));
+        assert_eq!(next_cursor(None), None);
+        for bad in [
+            "",
+            "garbage",
+            "1742",
+            "v1.",
+            "v1.-3",
+            "v1.12a",
+            "v2.5",
+            "v1.99999999999999999999",
+        ] {
+            let error = page(None, Some(bad)).unwrap_err();
+            assert_eq!(error.code(), "invalid_request", "{bad:?}");
+            assert!(error.to_string().contains("`cursor`"), "{bad:?}");
+        }
+    }
+}
