@@ -46,6 +46,14 @@ async fn readyz_answers_503_while_the_database_is_gone() {
             None,
         )
         .await;
+    assert_eq!(
+        status
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2"),
+        "a 503 says when to come back"
+    );
     let problem = assert_problem(status, 503, "unavailable").await;
     let text = problem.to_string().to_lowercase();
     for internal in ["sql", "database", "postgres", "payretry_t_", "connection"] {

@@ -77,7 +77,7 @@ pub enum ApiError {
     /// with a request (`http::server`).
     #[error("the server is at its connection limit; try again")]
     AtCapacity,
-    /// 503 `unavailable`: storage is unreachable or contended.
+    /// 503 `unavailable`, with `Retry-After`: storage is unreachable or contended.
     #[error("the service is temporarily unavailable; try again")]
     Unavailable(String),
 }
@@ -186,6 +186,10 @@ pub const PROBLEM_JSON: &str = "application/problem+json";
 /// `Retry-After` of [`ApiError::AtCapacity`]: connections free up within seconds.
 pub const AT_CAPACITY_RETRY_SECS: u64 = 1;
 
+/// `Retry-After` of [`ApiError::Unavailable`]: a database failover or a contended session
+/// settles within seconds, and clients should not hammer it sooner.
+pub const UNAVAILABLE_RETRY_SECS: u64 = 2;
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
@@ -204,6 +208,12 @@ impl IntoResponse for ApiError {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(AT_CAPACITY_RETRY_SECS),
+            );
+        }
+        if let Self::Unavailable(_) = self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(UNAVAILABLE_RETRY_SECS),
             );
         }
         response
