@@ -7,7 +7,8 @@
 #
 # What it does:
 #   1. creates/reuses a Python venv at ${PAYRETRY_VENV:-$HOME/.cache/payretry-venv} and
-#      installs schemathesis into it (pip, PyPI);
+#      installs schemathesis and openapi-spec-validator into it (pip, PyPI); the served
+#      /openapi.json must pass the validator before any case is generated;
 #   2. builds target/debug/payretry if it is missing (`cargo build -p payretry`);
 #      set SCHEMATHESIS_BUILD=1 to rebuild it even when present;
 #   3. starts `payretry serve` on a free loopback port with a throw-away SQLite database,
@@ -67,6 +68,10 @@ if ! "$VENV/bin/python" -c 'import schemathesis' 2>/dev/null; then
     log "installing schemathesis into $VENV"
     "$VENV/bin/pip" install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
 fi
+if ! "$VENV/bin/python" -c 'import openapi_spec_validator' 2>/dev/null; then
+    log "installing openapi-spec-validator into $VENV"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check 'openapi-spec-validator>=0.7'
+fi
 ST="$VENV/bin/schemathesis"
 log "$("$ST" --version)"
 
@@ -124,6 +129,13 @@ for _ in $(seq 1 300); do
     sleep 0.1
 done
 curl -fsS "$BASE/readyz" >/dev/null || { log "the server never became ready"; exit 1; }
+
+# The document itself first, with the reference validator of the OpenAPI specification.
+curl -fsS "$BASE/openapi.json" >"$WORK/openapi.json"
+"$VENV/bin/openapi-spec-validator" "$WORK/openapi.json" || {
+    log "/openapi.json is not a valid OpenAPI document"
+    exit 1
+}
 
 # Operations tested: every one in the document but /webhooks/stripe and /metrics.
 OPERATIONS=$(curl -fsS "$BASE/openapi.json" | "$VENV/bin/python" -c '

@@ -31,7 +31,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::DuplicatePaymentView,
         super::error::Problem,
     )),
-    modifiers(&BearerAuth, &CommonResponses)
+    modifiers(&BearerAuth, &CommonResponses, &ResponseDescriptions)
 )]
 pub struct ApiDoc;
 
@@ -113,6 +113,70 @@ impl Modify for CommonResponses {
                         .responses
                         .entry("502".to_owned())
                         .or_insert_with(|| problem("the payment provider failed").into());
+                }
+            }
+        }
+    }
+}
+
+/// OpenAPI requires a `description` on every response: where a handler declared none, the
+/// contract's meaning of that status (DESIGN.md §3) is filled in.
+struct ResponseDescriptions;
+
+impl ResponseDescriptions {
+    fn for_status(status: &str) -> &'static str {
+        match status {
+            "200" => "OK",
+            "201" => "the payment session, created",
+            "202" => "accepted",
+            "400" => {
+                "invalid request (`code` says what: invalid_request, idempotency_key_missing, idempotency_key_invalid, invalid_signature)"
+            }
+            "401" => "unauthenticated: a missing, malformed, expired or forged bearer token",
+            "403" => "forbidden: the caller's role may not use this route",
+            "404" => "not found (a session the caller may not see is not found either)",
+            "409" => {
+                "refused: the state of the session or of the Idempotency-Key does not allow it"
+            }
+            "410" => "payment_window_expired",
+            "422" => "idempotency_key_reused: the same key was used for a different request",
+            "429" => "rate_limited, with Retry-After",
+            "503" => "unavailable, with Retry-After",
+            _ => "see the problem's code",
+        }
+    }
+}
+
+impl Modify for ResponseDescriptions {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::RefOr;
+        for item in openapi.paths.paths.values_mut() {
+            let operations = [&mut item.get, &mut item.post].into_iter().flatten();
+            for operation in operations {
+                for (status, response) in operation.responses.responses.iter_mut() {
+                    if let RefOr::T(response) = response
+                        && response.description.is_empty()
+                    {
+                        response.description = Self::for_status(status).to_owned();
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_response_has_a_description() {
+        let doc = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                for (status, response) in operation["responses"].as_object().unwrap() {
+                    let description = response["description"].as_str().unwrap_or("");
+                    assert!(!description.is_empty(), "{method} {path} {status}");
                 }
             }
         }
