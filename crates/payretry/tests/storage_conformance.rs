@@ -85,6 +85,7 @@ conformance!(
     extend_keeps_the_receipt_valid,
     defer_requeues_until_scheduled_for,
     outbox_relay_claims_jobs_before_they_are_due,
+    outbox_rows_are_deleted_and_released_in_batches,
     next_due_follows_run_at_and_leases,
     dead_letter_and_redrive,
     window_queries_see_live_sessions_only,
@@ -1129,7 +1130,55 @@ async fn outbox_relay_claims_jobs_before_they_are_due(db: Store) {
             .is_empty(),
         "a claimed row is leased to its relay"
     );
-    db.delete_outbox(&claimed[0]).await.expect("delete");
+    db.delete_outbox(&claimed).await.expect("delete");
+    assert_eq!(db.next_due().await.expect("next due"), None);
+}
+
+async fn outbox_rows_are_deleted_and_released_in_batches(db: Store) {
+    let session = open_session(&db).await;
+    for attempt in 1..=4 {
+        enqueue(
+            &db,
+            job(&session.id, attempt, now_ms() + TimeDelta::hours(1)),
+        )
+        .await;
+    }
+    let attempts = |rows: &[Delivery]| {
+        let mut numbers: Vec<u32> = rows.iter().map(|d| d.job.attempt_number.get()).collect();
+        numbers.sort_unstable();
+        numbers
+    };
+    let claimed = db
+        .claim_outbox(10, Duration::from_secs(60))
+        .await
+        .expect("claim");
+    assert_eq!(attempts(&claimed), [1, 2, 3, 4]);
+
+    // Act: the external queue took two rows and refused two.
+    db.delete_outbox(&claimed[..2]).await.expect("delete");
+    db.release_outbox(&claimed[2..]).await.expect("release");
+
+    // Assert: the refused rows are claimable at once, the taken ones are gone.
+    let again = db
+        .claim_outbox(10, Duration::from_secs(61))
+        .await
+        .expect("claim again");
+    assert_eq!(attempts(&again), attempts(&claimed[2..]));
+    // The first claim's receipts are stale now: they delete and release nothing.
+    db.delete_outbox(&claimed[2..]).await.expect("stale delete");
+    db.release_outbox(&claimed[2..])
+        .await
+        .expect("stale release");
+    assert!(
+        db.claim_outbox(10, Duration::from_secs(60))
+            .await
+            .expect("claim")
+            .is_empty(),
+        "still leased to the second claim"
+    );
+    db.delete_outbox(&again).await.expect("delete");
+    db.delete_outbox(&[]).await.expect("nothing to delete");
+    db.release_outbox(&[]).await.expect("nothing to release");
     assert_eq!(db.next_due().await.expect("next due"), None);
 }
 

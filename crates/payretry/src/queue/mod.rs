@@ -70,11 +70,12 @@ pub trait Outbox: Send + Sync + 'static {
     /// `lease` (a relay that dies mid-send leaves them to be claimed again).
     async fn claim_outbox(&self, max: u32, lease: Duration) -> Result<Vec<Delivery>, StorageError>;
 
-    /// The external queue accepted the row: delete it.
-    async fn delete_outbox(&self, delivery: &Delivery) -> Result<(), StorageError>;
+    /// The external queue accepted these rows: delete them, in one statement. Each delete
+    /// is guarded by its claim's lease, so a row claimed again since is kept.
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> Result<(), StorageError>;
 
-    /// The external queue did not take the row: make it claimable again at once.
-    async fn release_outbox(&self, delivery: &Delivery) -> Result<(), StorageError>;
+    /// The external queue did not take these rows: make them claimable again at once.
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> Result<(), StorageError>;
 
     /// Resolves when this process wrote to the outbox.
     async fn outbox_written(&self);

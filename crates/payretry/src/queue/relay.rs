@@ -36,13 +36,22 @@ impl SqsRelay {
         let jobs: Vec<_> = rows.iter().map(|d| d.job.clone()).collect();
         let (accepted, failure) = self.sqs.send(&jobs).await;
         let accepted: std::collections::HashSet<usize> = accepted.into_iter().collect();
-        for (index, row) in rows.iter().enumerate() {
-            if accepted.contains(&index) {
-                self.outbox.delete_outbox(row).await?;
-            } else {
-                self.outbox.release_outbox(row).await?;
-            }
+        let (sent, refused): (Vec<_>, Vec<_>) = rows
+            .into_iter()
+            .enumerate()
+            .partition(|(index, _)| accepted.contains(index));
+        let sent: Vec<_> = sent.into_iter().map(|(_, row)| row).collect();
+        let refused: Vec<_> = refused.into_iter().map(|(_, row)| row).collect();
+        // Both, whatever the other's outcome: a failed delete leaves its rows leased (sent
+        // again after the lease, which the worker's attempt check makes harmless), and must
+        // not keep the refused rows from being released now.
+        let deleted = self.outbox.delete_outbox(&sent).await;
+        let released = self.outbox.release_outbox(&refused).await;
+        if let Err(error) = &deleted {
+            tracing::warn!(%error, rows = sent.len(), "could not delete relayed outbox rows; they are sent again after their lease");
         }
+        deleted?;
+        released?;
         match failure {
             Some(error) if accepted.is_empty() => Err(error),
             _ => Ok(accepted.len()),

@@ -737,6 +737,16 @@ pub(crate) fn corrupt(what: impl std::fmt::Display) -> StorageError {
 
 /// A queue receipt is `{job id}:{locked_until}`: the lease end identifies the delivery, so
 /// a worker whose lease ran out cannot settle a job another worker now holds.
+/// The `(id, lease)` pairs of `deliveries`' receipts.
+pub(crate) fn parse_receipts(
+    deliveries: &[crate::queue::Delivery],
+) -> StorageResult<(Vec<i64>, Vec<i64>)> {
+    deliveries
+        .iter()
+        .map(|delivery| parse_receipt(&delivery.receipt))
+        .collect()
+}
+
 pub(crate) fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
     let (id, lease) = receipt.split_once(':').ok_or_else(|| corrupt("receipt"))?;
     Ok((

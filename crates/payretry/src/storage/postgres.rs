@@ -868,6 +868,22 @@ impl Storage for PostgresStorage {
     }
 }
 
+impl PostgresStorage {
+    /// Runs `sql` over the `(id, lease)` pairs of `deliveries`, bound as two arrays.
+    async fn settle_outbox(&self, sql: &'static str, deliveries: &[Delivery]) -> StorageResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let (ids, leases) = parse_receipts(deliveries)?;
+        sqlx::query(sql)
+            .bind(ids)
+            .bind(leases)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
 /// The embedded queue: the outbox table itself, claimed with a lease, as with SQLite.
 #[async_trait]
 impl JobQueue for PostgresStorage {
@@ -997,20 +1013,22 @@ impl Outbox for PostgresStorage {
         self.claim(max, lease, false).await
     }
 
-    async fn delete_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
-        self.ack(delivery).await
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
+        self.settle_outbox(
+            "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
+                SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))",
+            deliveries,
+        )
+        .await
     }
 
-    async fn release_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
-        let (id, lease) = parse_receipt(&delivery.receipt)?;
-        sqlx::query(
-            "UPDATE retry_jobs SET locked_until = NULL WHERE id = $1 AND locked_until = $2",
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
+        self.settle_outbox(
+            "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
+                SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))",
+            deliveries,
         )
-        .bind(id)
-        .bind(lease)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 
     async fn outbox_written(&self) {

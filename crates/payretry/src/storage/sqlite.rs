@@ -817,6 +817,27 @@ impl Storage for SqliteStorage {
     }
 }
 
+impl SqliteStorage {
+    /// Runs `sql` over the `(id, lease)` pairs of `deliveries`, bound as one JSON array
+    /// (`[[id, lease], …]`), in one write transaction.
+    async fn settle_outbox(&self, sql: &'static str, deliveries: &[Delivery]) -> StorageResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let (ids, leases) = parse_receipts(deliveries)?;
+        let pairs: Vec<[i64; 2]> = ids
+            .into_iter()
+            .zip(leases)
+            .map(|(id, lease)| [id, lease])
+            .collect();
+        let pairs = serde_json::to_string(&pairs).map_err(corrupt)?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(sql).bind(pairs).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// The embedded queue: the outbox table itself, claimed with a lease.
 #[async_trait]
 impl JobQueue for SqliteStorage {
@@ -945,20 +966,22 @@ impl Outbox for SqliteStorage {
         self.claim(max, lease, false).await
     }
 
-    async fn delete_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
-        self.ack(delivery).await
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
+        self.settle_outbox(
+            "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
+                SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+            deliveries,
+        )
+        .await
     }
 
-    async fn release_outbox(&self, delivery: &Delivery) -> StorageResult<()> {
-        let (id, lease) = parse_receipt(&delivery.receipt)?;
-        let mut tx = self.begin_write().await?;
-        sqlx::query("UPDATE retry_jobs SET locked_until = NULL WHERE id = ? AND locked_until = ?")
-            .bind(id)
-            .bind(lease)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(())
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
+        self.settle_outbox(
+            "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
+                SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+            deliveries,
+        )
+        .await
     }
 
     async fn outbox_written(&self) {
