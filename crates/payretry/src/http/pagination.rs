@@ -21,6 +21,9 @@ pub struct PageParams {
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100, default = 50)]
     pub limit: Option<String>,
     /// The `nextCursor` of the previous page, as received (opaque); absent for the first page.
+    /// The pattern documents the cursors this server hands out, so that a generated request
+    /// that matches it is one the server accepts.
+    #[param(pattern = r"^v1\.[0-9]{1,18}$")]
     pub cursor: Option<String>,
 }
 
