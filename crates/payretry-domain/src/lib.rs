@@ -7,6 +7,7 @@
 //! - [`failure`]: provider failure reasons (decline codes) as a value.
 //! - [`policy`]: the retry policy (delays, attempt cap, window, non-retryable reasons).
 //! - [`eligibility`]: the single place that decides whether a retry may be scheduled.
+//! - [`lifecycle`]: the session's state and what each event does to it, with its effects.
 //! - [`audit`]: roles, actors and the audit log's actions.
 //! - [`job`]: the queue message shared by every queue backend.
 //!
@@ -18,6 +19,7 @@ pub mod eligibility;
 pub mod failure;
 pub mod ids;
 pub mod job;
+pub mod lifecycle;
 pub mod money;
 pub mod policy;
 pub mod status;
@@ -27,6 +29,7 @@ pub use eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
 pub use failure::FailureReason;
 pub use ids::{AttemptNumber, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId};
 pub use job::RetryJob;
+pub use lifecycle::{Change, Effects, Lifecycle, SessionState};
 pub use money::{Amount, Currency, Money};
 pub use policy::RetryPolicy;
 pub use status::{RetryUnavailableReason, SessionStatus};

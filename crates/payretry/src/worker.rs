@@ -8,17 +8,13 @@
 
 use crate::provider::{CheckoutRequest, CheckoutState, ProviderError, checkout_expires_at};
 use crate::queue::{Delivery, JobQueue};
-use crate::service::{Payments, ServiceError};
+use crate::service::{Payments, ServiceError, record};
 use crate::shutdown::Shutdown;
-use crate::storage::{
-    AttemptChange, AttemptStatus, NewAuditEntry, NewDeadLetter, SessionState, StorageError,
-    Transition,
-};
-use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
+use crate::storage::{SessionRecord, StorageError};
 use crate::telemetry::metrics;
 use chrono::{DateTime, Utc};
-use payretry_domain::{Actor, AuditAction, FailureReason, SessionStatus};
-use serde_json::json;
+use payretry_domain::ProviderSessionId;
+use payretry_domain::lifecycle::{self, JobStep};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -109,6 +105,7 @@ impl Worker {
         }
     }
 
+    /// The decision is [`lifecycle::plan_job`]'s; this only reads the session and performs it.
     async fn try_process(
         &self,
         delivery: &Delivery,
@@ -116,38 +113,59 @@ impl Worker {
     ) -> Result<Outcome, ServiceError> {
         let job = &delivery.job;
         let now = Utc::now();
-        if job.scheduled_for - now > chrono::TimeDelta::seconds(1) {
+        if !lifecycle::job_is_due(job, now) {
             return Ok(Outcome::NotDue);
         }
         metrics::schedule_lag((now - job.scheduled_for).num_milliseconds() as f64 / 1000.0);
-        let Some(session) = self
+        let session = self
             .payments
             .storage
             .session(&job.payment_session_id)
-            .await?
-        else {
-            return Ok(Outcome::Dropped("unknown session"));
-        };
-        let state = &session.state;
-        if state.status != SessionStatus::RetryScheduled
-            || state.retry_attempts != job.attempt_number.get()
-        {
-            return Ok(Outcome::Dropped("session moved on"));
-        }
-        if now >= session.expires_at {
-            self.payments.expire_if_window_passed(&session.id).await?;
-            return Ok(Outcome::Abandoned);
-        }
-        if let Some(current) = &state.provider_session_id {
-            match self.payments.provider.retrieve_checkout(current).await {
-                Ok(CheckoutState::Paid) => {
+            .await?;
+        let read = session.as_ref().map(SessionRecord::lifecycle);
+        match (lifecycle::plan_job(job, read.as_ref(), now), session) {
+            (JobStep::Drop(why), _) => Ok(Outcome::Dropped(why)),
+            (JobStep::Abandon, _) => {
+                self.payments
+                    .expire_if_window_passed(&job.payment_session_id)
+                    .await?;
+                Ok(Outcome::Abandoned)
+            }
+            (JobStep::OpenCheckout { check_paid }, Some(session)) => {
+                if let Some(current) = &check_paid
+                    && self.paid_meanwhile(current).await?
+                {
                     self.payments.record_reconciled_payment(&session).await?;
                     return Ok(Outcome::Reconciled);
                 }
-                Ok(_) | Err(ProviderError::Permanent(_)) => {}
-                Err(transient) => return Err(transient.into()),
+                self.open_retry_checkout(delivery, session, settle_in_transition)
+                    .await
             }
+            (JobStep::OpenCheckout { .. }, None) => Ok(Outcome::Dropped("unknown session")),
         }
+    }
+
+    /// Whether the provider says `checkout` was paid without telling us. Only a transient
+    /// failure to ask is an error (retry later); a permanent one means "not paid".
+    async fn paid_meanwhile(&self, checkout: &ProviderSessionId) -> Result<bool, ServiceError> {
+        match self.payments.provider.retrieve_checkout(checkout).await {
+            Ok(state) => Ok(state == CheckoutState::Paid),
+            Err(ProviderError::Permanent(_)) => Ok(false),
+            Err(transient) => Err(transient.into()),
+        }
+    }
+
+    /// Creates the retry's checkout and opens the session on it
+    /// ([`Lifecycle::retry_checkout_opened`]), then closes whichever checkout is left unused.
+    ///
+    /// [`Lifecycle::retry_checkout_opened`]: payretry_domain::Lifecycle::retry_checkout_opened
+    async fn open_retry_checkout(
+        &self,
+        delivery: &Delivery,
+        session: SessionRecord,
+        settle_in_transition: bool,
+    ) -> Result<Outcome, ServiceError> {
+        let job = &delivery.job;
         let checkout = self
             .payments
             .provider
@@ -162,66 +180,27 @@ impl Worker {
             })
             .await?;
         crate::crash_point!("worker-after-checkout-created");
-        let attempt = job.attempt_number;
+        let id = session.id.clone();
         let committed = self
             .payments
-            .transition_on(&session.id, Some(session.clone()), |s, now| {
-                if s.state.status != SessionStatus::RetryScheduled
-                    || s.state.retry_attempts != attempt.get()
-                {
-                    return Ok(None);
-                }
-                let mut t = Transition::new(
-                    s,
-                    SessionState {
-                        status: SessionStatus::Open,
-                        next_retry_at: None,
-                        current_attempt: attempt,
-                        provider_session_id: Some(checkout.id.clone()),
-                        checkout_url: Some(checkout.url.clone()),
-                        ..s.state.clone()
-                    },
-                );
-                t.attempt = Some(AttemptChange {
-                    attempt,
-                    status: AttemptStatus::Open,
-                    provider_session_id: Some(checkout.id.clone()),
-                    failure_reason: None,
-                    scheduled_for: None,
-                });
-                t.audit.push(NewAuditEntry {
-                    action: AuditAction::RetryInitiated,
-                    attempt: Some(attempt),
-                    actor: Actor::System.to_string(),
-                    details: json!({
-                        "providerSessionId": checkout.id.as_str(),
-                        "retryReason": s.state.retry_reason.as_ref().map(ToString::to_string),
-                        "checkoutExpiresAt": checkout.expires_at,
-                        "receiveCount": delivery.receive_count,
-                    }),
-                });
-                if settle_in_transition {
-                    t.settles = Some(delivery.receipt.clone());
-                }
-                t.analytics.push(AnalyticsEvent::track(
-                    TrackEvent::Initiated,
-                    &s.buyer,
-                    &s.id,
-                    attempt,
-                    json!({
-                        "failureReason": s.state.retry_reason.as_ref().map(ToString::to_string),
-                        "delayMinutes": job.delay_minutes,
-                    }),
-                    now,
-                ));
-                Ok(Some((t, s.state.clone())))
+            .transition_on(&id, Some(session), |s, now| {
+                let opened =
+                    s.lifecycle()
+                        .retry_checkout_opened(job, &checkout, delivery.receive_count);
+                Ok(opened.map(|change| {
+                    let (mut t, metrics) = record::transition(s, change, now);
+                    if settle_in_transition {
+                        t.settles = Some(delivery.receipt.clone());
+                    }
+                    (t, metrics)
+                }))
             })
             .await?;
-        let Some((_, before)) = committed else {
+        let Some((before, metrics)) = committed else {
             // Another delivery of this same job may have won with this very checkout (the
             // idempotency key makes the provider return it again): it is live, keep it.
             // Otherwise the session was paid or expired meanwhile: close the unused one.
-            let current = self.payments.storage.session(&session.id).await?;
+            let current = self.payments.storage.session(&id).await?;
             let still_live =
                 current.is_some_and(|s| s.state.provider_session_id.as_ref() == Some(&checkout.id));
             if !still_live {
@@ -231,8 +210,12 @@ impl Worker {
                 "session moved on during checkout creation",
             ));
         };
-        metrics::retry_checkout_created(attempt, before.retry_reason.as_ref());
-        if let Some(previous) = before.provider_session_id.filter(|p| *p != checkout.id) {
+        record::emit(&metrics);
+        if let Some(previous) = before
+            .state
+            .provider_session_id
+            .filter(|p| *p != checkout.id)
+        {
             self.close_checkout(&previous).await;
         }
         Ok(Outcome::CheckoutCreated)
@@ -240,7 +223,7 @@ impl Worker {
 
     /// Closes a checkout nobody should pay any more. Best effort: a payment on it would
     /// still be recorded (success from any attempt wins).
-    async fn close_checkout(&self, id: &payretry_domain::ProviderSessionId) {
+    async fn close_checkout(&self, id: &ProviderSessionId) {
         if let Err(error) = self.payments.provider.expire_checkout(id).await {
             tracing::warn!(provider_session_id = %id, %error, "could not close a superseded checkout");
         }
@@ -315,47 +298,15 @@ impl Worker {
         let job = &delivery.job;
         let result = self
             .payments
-            .transition(&job.payment_session_id, |s, _now| {
-                if s.state.status != SessionStatus::RetryScheduled
-                    || s.state.retry_attempts != job.attempt_number.get()
-                {
-                    return Ok(None);
-                }
-                let mut t = Transition::new(
-                    s,
-                    SessionState {
-                        status: SessionStatus::Failed,
-                        failure_reason: Some(FailureReason::from_code(
-                            FailureReason::RETRY_PROCESSING_FAILED,
-                        )),
-                        next_retry_at: None,
-                        ..s.state.clone()
-                    },
-                );
-                t.attempt = Some(AttemptChange {
-                    attempt: job.attempt_number,
-                    status: AttemptStatus::DeadLettered,
-                    provider_session_id: None,
-                    failure_reason: None,
-                    scheduled_for: None,
-                });
-                t.audit.push(NewAuditEntry {
-                    action: AuditAction::RetryDeadLettered,
-                    attempt: Some(job.attempt_number),
-                    actor: Actor::System.to_string(),
-                    details: json!({"lastError": error, "receiveCount": delivery.receive_count}),
-                });
-                t.dead_letter = Some(NewDeadLetter {
-                    job: job.clone(),
-                    receive_count: delivery.receive_count,
-                    last_error: error.to_owned(),
-                });
-                Ok(Some((t, ())))
+            .transition(&job.payment_session_id, |s, now| {
+                Ok(s.lifecycle()
+                    .dead_lettered(job, delivery.receive_count, error)
+                    .map(|change| record::transition(s, change, now)))
             })
             .await;
         match result {
-            Ok(Some(_)) => {
-                metrics::retry_dead_lettered();
+            Ok(Some((_, metrics))) => {
+                record::emit(&metrics);
                 tracing::error!(session_id = %job.payment_session_id, attempt = %job.attempt_number, %error, "retry job dead-lettered");
                 Ok(())
             }

@@ -34,14 +34,8 @@ impl CheckoutRequest {
     }
 }
 
-/// A checkout the provider created.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ProviderCheckout {
-    pub id: ProviderSessionId,
-    /// The hosted page the buyer pays on.
-    pub url: String,
-    pub expires_at: DateTime<Utc>,
-}
+/// A checkout the provider created (a domain value: the lifecycle records it).
+pub use payretry_domain::lifecycle::ProviderCheckout;
 
 /// What the provider says about an existing checkout (used to reconcile before retrying).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2,15 +2,9 @@
 //! into `retry_scheduled` for the same attempt and queues the job again, in one commit that
 //! also removes the dead letter.
 
-use super::{Payments, ServiceError, ServiceResult};
-use crate::storage::{
-    AttemptChange, AttemptStatus, DeadLetter, NewAuditEntry, Page, Paged, SessionState, Transition,
-};
-use payretry_domain::{
-    AuditAction, PaymentSessionId, Principal, RetryJob, RetryRefusal, SessionStatus,
-    eligibility::effective_status,
-};
-use serde_json::json;
+use super::{Payments, ServiceError, ServiceResult, record};
+use crate::storage::{DeadLetter, Page, Paged};
+use payretry_domain::{PaymentSessionId, Principal};
 
 impl Payments {
     /// One page of the dead letters, oldest first.
@@ -28,42 +22,14 @@ impl Payments {
         let session_id: PaymentSessionId = dead.job.payment_session_id.clone();
         let attempt = dead.job.attempt_number;
         self.transition(&session_id, |session, now| {
-            match effective_status(&session.snapshot(), now) {
-                SessionStatus::Succeeded => {
-                    return Err(RetryRefusal::PaymentAlreadySucceeded.into());
-                }
-                SessionStatus::Expired => return Err(RetryRefusal::WindowExpired.into()),
-                _ => {}
-            }
-            let state = &session.state;
-            if state.status != SessionStatus::Failed || state.retry_attempts != attempt.get() {
-                return Err(RetryRefusal::RetryAlreadyScheduled.into());
-            }
-            let mut t = Transition::new(
-                session,
-                SessionState {
-                    status: SessionStatus::RetryScheduled,
-                    next_retry_at: Some(now),
-                    failure_reason: state.retry_reason.clone(),
-                    ..state.clone()
-                },
-            );
-            t.attempt = Some(AttemptChange {
+            let change = session.lifecycle().redriven(
                 attempt,
-                status: AttemptStatus::Scheduled,
-                provider_session_id: None,
-                failure_reason: None,
-                scheduled_for: Some(now),
-            });
-            t.audit.push(NewAuditEntry {
-                action: AuditAction::RetryRedriven,
-                attempt: Some(attempt),
-                actor: admin.actor().to_string(),
-                details: json!({"deadLetterId": dead.id, "lastError": dead.last_error}),
-            });
-            t.enqueue = Some(RetryJob::new(session.id.clone(), attempt, 0, now, now));
-            t.redrive = Some(dead.id.clone());
-            Ok(Some((t, ())))
+                &dead.id,
+                &dead.last_error,
+                admin.actor(),
+                now,
+            )?;
+            Ok(Some(record::transition(session, change, now)))
         })
         .await?
         .ok_or(ServiceError::Contended)?;

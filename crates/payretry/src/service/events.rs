@@ -14,49 +14,15 @@
 //!   attempt, is ignored. A payment always names its checkout. So even a correctly signed
 //!   event cannot invent an attempt (a success "for attempt 4294967295").
 
-use super::{Payments, ServiceError, ServiceResult};
-use crate::storage::{
-    AttemptChange, AttemptStatus, DuplicatePaymentStatus, NewAuditEntry, NewDuplicatePayment,
-    SessionRecord, SessionState, Transition,
-};
-use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
-use crate::telemetry::metrics::{self, AbandonReason};
+use super::{Payments, ServiceError, ServiceResult, record};
+use crate::storage::SessionRecord;
 use crate::webhook::event::{EventKind, ProviderEvent};
-use chrono::{DateTime, Utc};
-use payretry_domain::{
-    Actor, AttemptNumber, AuditAction, FailureReason, ProviderSessionId, SessionStatus,
-};
+use payretry_domain::lifecycle::Payment;
+use payretry_domain::{AttemptNumber, Change};
 use serde_json::json;
 
 /// What an event did, for logs and tests.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EventEffect {
-    Succeeded,
-    Failed,
-    /// A later decline of an already failed attempt: only the reason changed.
-    ReasonUpdated,
-    /// A second payment on a session already paid by another attempt's checkout.
-    DuplicatePayment,
-    Expired,
-    /// Nothing to do: an older attempt, an unknown session, a repeated event.
-    Ignored,
-}
-
-/// Metrics to emit once a transition is committed (never for a lost race).
-enum Followup {
-    None,
-    RetryFinished(AttemptNumber, Option<FailureReason>, bool),
-    /// A double payment through this attempt's checkout; `true`: a refund is owed.
-    DoublePayment(AttemptNumber, bool),
-}
-
-/// The payment an event (or reconciliation) reports.
-struct PaidBy<'a> {
-    /// `None`: the provider did not echo the attempt; the current one is assumed.
-    attempt: Option<AttemptNumber>,
-    provider_session_id: Option<&'a ProviderSessionId>,
-    payment_intent: Option<&'a str>,
-}
+pub use payretry_domain::lifecycle::EventEffect;
 
 impl Payments {
     /// Applies a verified provider event.
@@ -67,35 +33,30 @@ impl Payments {
         let event = &event;
         let outcome = self
             .transition(&event.session_id, |session, now| {
+                let lifecycle = session.lifecycle();
                 let decided = match &event.kind {
-                    EventKind::Paid => decide_paid(
-                        session,
-                        &PaidBy {
+                    EventKind::Paid => lifecycle.paid(
+                        &Payment {
                             attempt: event.attempt,
                             provider_session_id: event.provider_session_id.as_ref(),
                             payment_intent: event.payment_intent.as_deref(),
                         },
                         now,
-                        &Actor::System,
                         self.auto_refund_duplicates,
                     ),
-                    EventKind::Failed(reason) => decide_failed(
-                        session,
-                        event.attempt,
-                        reason,
-                        self.policy.max_attempts,
-                        now,
-                    ),
-                    EventKind::CheckoutExpired => {
-                        decide_checkout_expired(session, event.attempt, now)
+                    EventKind::Failed(reason) => {
+                        lifecycle.failed(event.attempt, reason, self.policy.max_attempts)
                     }
+                    EventKind::CheckoutExpired => lifecycle.checkout_expired(event.attempt, now),
                 };
-                Ok(decided.map(|(mut t, effect, followup)| {
+                Ok(decided.map(|(change, effect)| {
+                    let refund = owed_refund(session, &change, self.auto_refund_duplicates);
+                    let (mut t, metrics) = record::transition(session, change, now);
                     t.webhook_event_id = Some(event.id.clone());
                     for entry in &mut t.audit {
                         entry.details["eventId"] = json!(event.id);
                     }
-                    (t, (effect, followup))
+                    (t, (effect, metrics, refund))
                 }))
             })
             .await;
@@ -105,16 +66,16 @@ impl Payments {
             Err(ServiceError::SessionNotFound) => return Ok(EventEffect::Ignored),
             other => other?,
         };
-        let Some((_, (effect, followup))) = outcome else {
+        let Some((_, (effect, metrics, refund))) = outcome else {
             return Ok(EventEffect::Ignored);
         };
-        if let Followup::DoublePayment(attempt, true) = followup {
+        if let Some(attempt) = refund {
             // After the commit, never inside it: a provider call must not hold the database
             // transaction, and the committed `refund_requested` row is what makes a crash
             // right here safe (the periodic retry finds it).
             self.refund_owed_duplicate(&event.session_id, attempt).await;
         }
-        emit(followup);
+        record::emit(&metrics);
         Ok(effect)
     }
 
@@ -160,24 +121,23 @@ impl Payments {
         let attempt = Some(session.state.current_attempt);
         let outcome = self
             .transition(&session.id, |s, now| {
-                let paid = PaidBy {
+                let paid = Payment {
                     attempt,
                     provider_session_id: s.state.provider_session_id.as_ref(),
                     payment_intent: None,
                 };
-                Ok(
-                    decide_paid(s, &paid, now, &Actor::System, false).map(|(mut t, effect, f)| {
-                        for entry in &mut t.audit {
-                            entry.details["reconciled"] = json!(true);
-                        }
-                        (t, (effect, f))
-                    }),
-                )
+                Ok(s.lifecycle().paid(&paid, now, false).map(|(change, _)| {
+                    let (mut t, metrics) = record::transition(s, change, now);
+                    for entry in &mut t.audit {
+                        entry.details["reconciled"] = json!(true);
+                    }
+                    (t, metrics)
+                }))
             })
             .await?;
         Ok(match outcome {
-            Some((_, (_, followup))) => {
-                emit(followup);
+            Some((_, metrics)) => {
+                record::emit(&metrics);
                 true
             }
             None => false,
@@ -185,248 +145,22 @@ impl Payments {
     }
 }
 
-fn emit(followup: Followup) {
-    match followup {
-        Followup::None => {}
-        Followup::RetryFinished(attempt, failure, exhausted) => {
-            metrics::retry_finished(attempt, failure.as_ref());
-            if exhausted {
-                metrics::retry_abandoned(AbandonReason::AttemptsExhausted);
-            }
-        }
-        Followup::DoublePayment(attempt, _) => metrics::double_payment_detected(attempt),
-    }
-}
-
-type Decision = Option<(Transition, EventEffect, Followup)>;
-
-fn decide_paid(
+/// The duplicate attempt whose refund `change` owes, if any. A double payment that should be
+/// refunded but names no charge is only recorded, for support to find the charge.
+fn owed_refund(
     session: &SessionRecord,
-    paid: &PaidBy<'_>,
-    now: DateTime<Utc>,
-    actor: &Actor,
+    change: &Change,
     auto_refund: bool,
-) -> Decision {
-    let attempt = paid.attempt.unwrap_or(session.state.current_attempt);
-    let state = &session.state;
-    if state.status == SessionStatus::Succeeded {
-        return decide_double_payment(session, attempt, paid, actor, auto_refund);
-    }
-    let after_window = now >= session.expires_at;
-    let new_state = SessionState {
-        status: SessionStatus::Succeeded,
-        next_retry_at: None,
-        paid_attempt: Some(attempt),
-        ..state.clone()
-    };
-    let mut t = Transition::new(session, new_state);
-    t.attempt = Some(AttemptChange {
-        attempt,
-        status: AttemptStatus::Succeeded,
-        provider_session_id: None,
-        failure_reason: None,
-        scheduled_for: None,
-    });
-    t.audit.push(NewAuditEntry {
-        action: AuditAction::PaymentSucceeded,
-        attempt: Some(attempt),
-        actor: actor.to_string(),
-        details: json!({
-            "afterWindow": after_window,
-            "droppedScheduledRetry": (state.status == SessionStatus::RetryScheduled)
-                .then_some(state.retry_attempts),
-        }),
-    });
-    let followup = if attempt.is_retry() {
-        t.analytics.push(AnalyticsEvent::track(
-            TrackEvent::Completed,
-            &session.buyer,
-            &session.id,
-            attempt,
-            json!({"success": true, "failureReason": state.retry_reason.as_ref().map(ToString::to_string)}),
-            now,
-        ));
-        Followup::RetryFinished(attempt, None, false)
-    } else {
-        Followup::None
-    };
-    Some((t, EventEffect::Succeeded, followup))
-}
-
-/// Money moved twice: the first success stands, the second is made visible to support and,
-/// when asked, refunded. The refund is only decided here (`refund_requested`, in the same
-/// commit as the detection); it is made after the commit.
-fn decide_double_payment(
-    session: &SessionRecord,
-    attempt: AttemptNumber,
-    paid: &PaidBy<'_>,
-    actor: &Actor,
-    auto_refund: bool,
-) -> Decision {
-    let state = &session.state;
-    let paid_attempt = state.paid_attempt.unwrap_or(state.current_attempt);
-    if paid_attempt == attempt {
-        // The payment already recorded, reported again.
-        return None;
-    }
-    // Without the payment intent there is nothing to refund by: support must find the charge.
-    let refund = auto_refund && paid.payment_intent.is_some();
-    if auto_refund && !refund {
+) -> Option<AttemptNumber> {
+    let duplicate = change.effects.duplicate.as_ref()?;
+    if auto_refund && !duplicate.refund_requested {
         tracing::warn!(
             session_id = %session.id,
-            duplicate_attempt = attempt.get(),
+            duplicate_attempt = duplicate.duplicate_attempt.get(),
             "double payment without a payment intent: recorded, not refunded"
         );
     }
-    let mut t = Transition::new(session, state.clone());
-    t.audit.push(NewAuditEntry {
-        action: AuditAction::DoublePaymentDetected,
-        attempt: Some(attempt),
-        actor: actor.to_string(),
-        details: json!({
-            "paidAttempt": paid_attempt.get(),
-            "duplicateAttempt": attempt.get(),
-            "providerSessionId": paid.provider_session_id.map(ProviderSessionId::as_str),
-            "paymentIntent": paid.payment_intent,
-            "refundRequested": refund,
-        }),
-    });
-    t.duplicate_payment = Some(NewDuplicatePayment {
-        paid_attempt,
-        duplicate_attempt: attempt,
-        provider_session_id: paid.provider_session_id.cloned(),
-        payment_intent: paid.payment_intent.map(str::to_owned),
-        status: if refund {
-            DuplicatePaymentStatus::RefundRequested
-        } else {
-            DuplicatePaymentStatus::Detected
-        },
-    });
-    Some((
-        t,
-        EventEffect::DuplicatePayment,
-        Followup::DoublePayment(attempt, refund),
-    ))
-}
-
-fn decide_failed(
-    session: &SessionRecord,
-    attempt: Option<AttemptNumber>,
-    reason: &FailureReason,
-    max_attempts: u32,
-    now: DateTime<Utc>,
-) -> Decision {
-    let state = &session.state;
-    let attempt = attempt?;
-    if attempt != state.current_attempt {
-        return None;
-    }
-    let entry = NewAuditEntry {
-        action: AuditAction::PaymentFailed,
-        attempt: Some(attempt),
-        actor: Actor::System.to_string(),
-        details: json!({"failureReason": reason.as_str()}),
-    };
-    match state.status {
-        SessionStatus::Open => {
-            let new_state = SessionState {
-                status: SessionStatus::Failed,
-                failure_reason: Some(reason.clone()),
-                ..state.clone()
-            };
-            let mut t = Transition::new(session, new_state);
-            t.attempt = Some(AttemptChange {
-                attempt,
-                status: AttemptStatus::Failed,
-                provider_session_id: None,
-                failure_reason: Some(reason.clone()),
-                scheduled_for: None,
-            });
-            t.audit.push(entry);
-            let exhausted = attempt.is_retry() && state.retry_attempts >= max_attempts;
-            if exhausted {
-                t.audit.push(NewAuditEntry {
-                    action: AuditAction::RetryAbandoned,
-                    attempt: Some(attempt),
-                    actor: Actor::System.to_string(),
-                    details: json!({"reason": AbandonReason::AttemptsExhausted.as_str()}),
-                });
-            }
-            if attempt.is_retry() {
-                let track = |event, properties| {
-                    AnalyticsEvent::track(
-                        event,
-                        &session.buyer,
-                        &session.id,
-                        attempt,
-                        properties,
-                        now,
-                    )
-                };
-                t.analytics.push(track(
-                    TrackEvent::Completed,
-                    json!({"success": false, "failureReason": reason.as_str()}),
-                ));
-                if exhausted {
-                    t.analytics.push(track(
-                        TrackEvent::Abandoned,
-                        json!({"reason": AbandonReason::AttemptsExhausted.as_str(), "failureReason": reason.as_str()}),
-                    ));
-                }
-            }
-            let followup = if attempt.is_retry() {
-                Followup::RetryFinished(attempt, Some(reason.clone()), exhausted)
-            } else {
-                Followup::None
-            };
-            Some((t, EventEffect::Failed, followup))
-        }
-        SessionStatus::Failed => {
-            // The latest decline stands.
-            let new_state = SessionState {
-                failure_reason: Some(reason.clone()),
-                ..state.clone()
-            };
-            let mut t = Transition::new(session, new_state);
-            t.audit.push(entry);
-            Some((t, EventEffect::ReasonUpdated, Followup::None))
-        }
-        _ => None,
-    }
-}
-
-fn decide_checkout_expired(
-    session: &SessionRecord,
-    attempt: Option<AttemptNumber>,
-    now: DateTime<Utc>,
-) -> Decision {
-    let state = &session.state;
-    if attempt != Some(state.current_attempt) || state.status != SessionStatus::Open {
-        return None;
-    }
-    if now >= session.expires_at {
-        // The window closed: the sweeper expires the session with its own audit entries.
-        return None;
-    }
-    let reason = FailureReason::from_code(FailureReason::CHECKOUT_EXPIRED);
-    let new_state = SessionState {
-        status: SessionStatus::Failed,
-        failure_reason: Some(reason.clone()),
-        ..state.clone()
-    };
-    let mut t = Transition::new(session, new_state);
-    t.attempt = Some(AttemptChange {
-        attempt: state.current_attempt,
-        status: AttemptStatus::Failed,
-        provider_session_id: None,
-        failure_reason: Some(reason.clone()),
-        scheduled_for: None,
-    });
-    t.audit.push(NewAuditEntry {
-        action: AuditAction::PaymentFailed,
-        attempt: Some(state.current_attempt),
-        actor: Actor::System.to_string(),
-        details: json!({"failureReason": reason.as_str()}),
-    });
-    Some((t, EventEffect::Expired, Followup::None))
+    duplicate
+        .refund_requested
+        .then_some(duplicate.duplicate_attempt)
 }

@@ -9,12 +9,16 @@
 //! - [`dead_letters`]: listing and redriving jobs that kept failing.
 //! - [`duplicates`]: double payments for support, and refunding them.
 //! - [`views`]: the status and retry objects of the HTTP contract.
+//!
+//! What each operation does to a session is decided by the domain's lifecycle rules
+//! ([`payretry_domain::lifecycle`]); `record` turns a decision into a storage transition.
 
 pub mod checkout;
 pub mod dead_letters;
 pub mod duplicates;
 pub mod events;
 pub mod expiry;
+pub(crate) mod record;
 pub mod retry;
 pub mod views;
 

@@ -4,16 +4,9 @@
 //! exactly one wins; the losers re-read and get the refusal the new state implies.
 
 use super::views::RetryAcceptedView;
-use super::{Payments, ServiceError, ServiceResult, completion, json_response};
-use crate::storage::{
-    AttemptChange, AttemptStatus, IdempotencyScope, NewAuditEntry, SessionState, StoredResponse,
-    Transition,
-};
-use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
-use payretry_domain::{
-    AuditAction, PaymentSessionId, Principal, RetryJob, SessionStatus, check_retry,
-};
-use serde_json::json;
+use super::{Payments, ServiceError, ServiceResult, completion, json_response, record};
+use crate::storage::{IdempotencyScope, StoredResponse};
+use payretry_domain::{PaymentSessionId, Principal};
 
 impl Payments {
     /// Schedules the next retry of a failed session; returns the 202 response, already
@@ -29,54 +22,13 @@ impl Payments {
                 if !caller.can_see(&session.buyer) {
                     return Err(ServiceError::SessionNotFound);
                 }
-                let plan = check_retry(&session.snapshot(), &self.policy, now)?;
+                let (change, plan) =
+                    session
+                        .lifecycle()
+                        .request_retry(&self.policy, now, caller.actor())?;
                 let response = json_response(202, &RetryAcceptedView::of(session, &plan));
-                let reason = session.state.failure_reason.clone();
-                let state = SessionState {
-                    status: SessionStatus::RetryScheduled,
-                    retry_attempts: plan.attempt.get(),
-                    last_retry_at: Some(now),
-                    retry_reason: reason.clone(),
-                    next_retry_at: Some(plan.scheduled_for),
-                    ..session.state.clone()
-                };
-                let mut t = Transition::new(session, state);
-                t.attempt = Some(AttemptChange {
-                    attempt: plan.attempt,
-                    status: AttemptStatus::Scheduled,
-                    provider_session_id: None,
-                    failure_reason: None,
-                    scheduled_for: Some(plan.scheduled_for),
-                });
-                t.audit.push(NewAuditEntry {
-                    action: AuditAction::RetryRequested,
-                    attempt: Some(plan.attempt),
-                    actor: caller.actor().to_string(),
-                    details: json!({
-                        "failureReason": reason.as_ref().map(ToString::to_string),
-                        "delaySeconds": plan.delay.as_secs(),
-                        "scheduledFor": plan.scheduled_for,
-                    }),
-                });
-                t.enqueue = Some(RetryJob::new(
-                    session.id.clone(),
-                    plan.attempt,
-                    plan.delay.as_secs(),
-                    plan.scheduled_for,
-                    now,
-                ));
+                let (mut t, _) = record::transition(session, change, now);
                 t.idempotency = completion(Some(idempotency), &response);
-                t.analytics.push(AnalyticsEvent::track(
-                    TrackEvent::Scheduled,
-                    &session.buyer,
-                    &session.id,
-                    plan.attempt,
-                    json!({
-                        "failureReason": reason.as_ref().map(ToString::to_string),
-                        "delayMinutes": plan.delay.as_secs_f64() / 60.0,
-                    }),
-                    now,
-                ));
                 Ok(Some((t, response)))
             })
             .await?;

@@ -15,8 +15,8 @@ use wakeups::Wakeups;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use payretry_domain::{
-    AttemptNumber, AuditAction, FailureReason, Money, PaymentSessionId, ProviderSessionId,
-    RetryJob, SessionStatus, UserId, eligibility::SessionSnapshot,
+    AttemptNumber, AuditAction, Lifecycle, Money, PaymentSessionId, ProviderSessionId, RetryJob,
+    UserId, eligibility::SessionSnapshot,
 };
 use serde_json::Value;
 
@@ -49,26 +49,8 @@ pub enum StorageError {
 
 pub type StorageResult<T> = Result<T, StorageError>;
 
-/// The mutable part of a session: what a [`Transition`] replaces as a whole.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionState {
-    pub status: SessionStatus,
-    /// The latest failure (the latest decline stands).
-    pub failure_reason: Option<FailureReason>,
-    /// Retries spent (the original checkout is not one).
-    pub retry_attempts: u32,
-    pub last_retry_at: Option<DateTime<Utc>>,
-    /// The failure reason the latest retry was requested for.
-    pub retry_reason: Option<FailureReason>,
-    /// When the scheduled retry's checkout is due.
-    pub next_retry_at: Option<DateTime<Utc>>,
-    /// The attempt whose checkout is live (or was last live).
-    pub current_attempt: AttemptNumber,
-    pub provider_session_id: Option<ProviderSessionId>,
-    pub checkout_url: Option<String>,
-    /// Which attempt's checkout was paid.
-    pub paid_attempt: Option<AttemptNumber>,
-}
+/// The mutable part of a session, and the attempt rows: the domain's lifecycle types.
+pub use payretry_domain::lifecycle::{AttemptChange, AttemptStatus, SessionState};
 
 /// A payment session as stored.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,48 +69,14 @@ pub struct SessionRecord {
 }
 
 impl SessionRecord {
+    /// The session as the lifecycle rules see it.
+    pub fn lifecycle(&self) -> Lifecycle<'_> {
+        Lifecycle::new(&self.id, self.expires_at, &self.state)
+    }
+
     pub fn snapshot(&self) -> SessionSnapshot {
-        SessionSnapshot {
-            status: self.state.status,
-            retry_attempts: self.state.retry_attempts,
-            failure_reason: self.state.failure_reason.clone(),
-            expires_at: self.expires_at,
-        }
+        self.lifecycle().snapshot()
     }
-}
-
-/// Where one attempt (one provider checkout) stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptStatus {
-    Scheduled,
-    Open,
-    Failed,
-    Succeeded,
-    Abandoned,
-    DeadLettered,
-}
-
-impl AttemptStatus {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Scheduled => "scheduled",
-            Self::Open => "open",
-            Self::Failed => "failed",
-            Self::Succeeded => "succeeded",
-            Self::Abandoned => "abandoned",
-            Self::DeadLettered => "dead_lettered",
-        }
-    }
-}
-
-/// Insert-or-update of one attempt row.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AttemptChange {
-    pub attempt: AttemptNumber,
-    pub status: AttemptStatus,
-    pub provider_session_id: Option<ProviderSessionId>,
-    pub failure_reason: Option<FailureReason>,
-    pub scheduled_for: Option<DateTime<Utc>>,
 }
 
 /// An audit entry to append.

@@ -25,7 +25,7 @@
 
 use super::*;
 use crate::queue::{Delivery, JobQueue, Outbox};
-use payretry_domain::{Amount, Currency};
+use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;

@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::queue::{Delivery, JobQueue, Outbox};
-use payretry_domain::{Amount, Currency};
+use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,

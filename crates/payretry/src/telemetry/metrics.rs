@@ -36,21 +36,8 @@ fn reason_tag(reason: Option<&FailureReason>) -> String {
     }
 }
 
-/// Why a retry was dropped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AbandonReason {
-    WindowExpired,
-    AttemptsExhausted,
-}
-
-impl AbandonReason {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::WindowExpired => "window_expired",
-            Self::AttemptsExhausted => "attempts_exhausted",
-        }
-    }
-}
+/// Why a retry was dropped (the domain's lifecycle decides).
+pub use payretry_domain::lifecycle::AbandonReason;
 
 /// The worker created the checkout of retry `attempt`, retrying `reason`.
 pub fn retry_checkout_created(attempt: AttemptNumber, reason: Option<&FailureReason>) {

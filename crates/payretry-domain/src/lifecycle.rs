@@ -1,0 +1,876 @@
+//! What each event does to a payment session (DESIGN.md §1, §2, §4, §5): one pure rule per
+//! event, each returning the session's new state and the effects to record with it.
+//!
+//! The service loads a session, calls the rule, turns the [`Change`] into one storage
+//! transition and commits it; it decides nothing itself. A rule that returns `None` means
+//! "nothing to do for the session as it now is" (an older attempt, a repeated payment, a job
+//! that is no longer current).
+//!
+//! The rules, by event:
+//! - [`open_checkout`]: a new session with its first checkout (attempt 0).
+//! - [`Lifecycle::paid`]: a payment from ANY attempt's checkout wins, also after the window
+//!   (money moved; flagged `afterWindow`); a second payment of a paid session is a double
+//!   payment, and the session stays `succeeded`.
+//! - [`Lifecycle::failed`]: a failure of the current attempt; an older attempt's is ignored.
+//!   The last allowed retry failing abandons the retry (`attempts_exhausted`).
+//! - [`Lifecycle::checkout_expired`]: the provider closed the current checkout unpaid.
+//! - [`Lifecycle::request_retry`]: the buyer's retry, after [`check_retry`].
+//! - [`Lifecycle::retry_checkout_opened`]: the worker created the retry's checkout.
+//! - [`Lifecycle::window_closed`]: the window passed (sweeper or worker, whichever first).
+//! - [`Lifecycle::dead_lettered`] and [`Lifecycle::redriven`]: a job that kept failing, and
+//!   an admin sending it again.
+//! - [`job_standing`]: whether a retry job is still the session's current one; the single
+//!   check every job-driven rule starts from. [`plan_job`] is the worker's whole decision.
+
+use crate::audit::{Actor, AuditAction};
+use crate::eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
+use crate::failure::FailureReason;
+use crate::ids::{AttemptNumber, PaymentSessionId, ProviderSessionId};
+use crate::job::RetryJob;
+use crate::money::Money;
+use crate::policy::RetryPolicy;
+use crate::status::SessionStatus;
+use chrono::{DateTime, TimeDelta, Utc};
+
+/// The mutable part of a session: what one transition replaces as a whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub status: SessionStatus,
+    /// The latest failure (the latest decline stands).
+    pub failure_reason: Option<FailureReason>,
+    /// Retries spent (the original checkout is not one).
+    pub retry_attempts: u32,
+    pub last_retry_at: Option<DateTime<Utc>>,
+    /// The failure reason the latest retry was requested for.
+    pub retry_reason: Option<FailureReason>,
+    /// When the scheduled retry's checkout is due.
+    pub next_retry_at: Option<DateTime<Utc>>,
+    /// The attempt whose checkout is live (or was last live).
+    pub current_attempt: AttemptNumber,
+    pub provider_session_id: Option<ProviderSessionId>,
+    pub checkout_url: Option<String>,
+    /// Which attempt's checkout was paid.
+    pub paid_attempt: Option<AttemptNumber>,
+}
+
+impl SessionState {
+    /// A session whose first checkout (attempt 0) is live.
+    pub fn opened(checkout: &ProviderCheckout) -> Self {
+        Self {
+            status: SessionStatus::Open,
+            failure_reason: None,
+            retry_attempts: 0,
+            last_retry_at: None,
+            retry_reason: None,
+            next_retry_at: None,
+            current_attempt: AttemptNumber::ORIGINAL,
+            provider_session_id: Some(checkout.id.clone()),
+            checkout_url: Some(checkout.url.clone()),
+            paid_attempt: None,
+        }
+    }
+}
+
+/// Where one attempt (one provider checkout) stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptStatus {
+    Scheduled,
+    Open,
+    Failed,
+    Succeeded,
+    Abandoned,
+    DeadLettered,
+}
+
+impl AttemptStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Scheduled => "scheduled",
+            Self::Open => "open",
+            Self::Failed => "failed",
+            Self::Succeeded => "succeeded",
+            Self::Abandoned => "abandoned",
+            Self::DeadLettered => "dead_lettered",
+        }
+    }
+}
+
+/// Insert-or-update of one attempt row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptChange {
+    pub attempt: AttemptNumber,
+    pub status: AttemptStatus,
+    pub provider_session_id: Option<ProviderSessionId>,
+    pub failure_reason: Option<FailureReason>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+}
+
+impl AttemptChange {
+    fn new(attempt: AttemptNumber, status: AttemptStatus) -> Self {
+        Self {
+            attempt,
+            status,
+            provider_session_id: None,
+            failure_reason: None,
+            scheduled_for: None,
+        }
+    }
+}
+
+/// Why a retry was dropped (the `reason` of `retry_abandoned`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbandonReason {
+    WindowExpired,
+    AttemptsExhausted,
+}
+
+impl AbandonReason {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::WindowExpired => "window_expired",
+            Self::AttemptsExhausted => "attempts_exhausted",
+        }
+    }
+}
+
+/// A provider checkout as created: its id, the page the buyer pays on, when it closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderCheckout {
+    pub id: ProviderSessionId,
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// What an audit entry says, one variant per kind of entry; the service writes it as the
+/// entry's JSON `details`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AuditDetails {
+    CheckoutCreated {
+        provider_session_id: ProviderSessionId,
+        money: Money,
+        expires_at: DateTime<Utc>,
+    },
+    PaymentFailed {
+        failure_reason: FailureReason,
+    },
+    RetryRequested {
+        failure_reason: Option<FailureReason>,
+        delay_seconds: u64,
+        scheduled_for: DateTime<Utc>,
+    },
+    RetryInitiated {
+        provider_session_id: ProviderSessionId,
+        retry_reason: Option<FailureReason>,
+        checkout_expires_at: DateTime<Utc>,
+        receive_count: u32,
+    },
+    RetryAbandoned {
+        reason: AbandonReason,
+    },
+    PaymentSucceeded {
+        after_window: bool,
+        /// The scheduled retry the payment made unnecessary (its attempt number).
+        dropped_scheduled_retry: Option<u32>,
+    },
+    RetryDeadLettered {
+        last_error: String,
+        receive_count: u32,
+    },
+    RetryRedriven {
+        dead_letter_id: String,
+        last_error: String,
+    },
+    SessionExpired {
+        expires_at: DateTime<Utc>,
+        previous_status: SessionStatus,
+    },
+    DoublePaymentDetected {
+        paid_attempt: AttemptNumber,
+        duplicate_attempt: AttemptNumber,
+        provider_session_id: Option<ProviderSessionId>,
+        payment_intent: Option<String>,
+        refund_requested: bool,
+    },
+}
+
+impl AuditDetails {
+    /// The audit log's action for these details.
+    pub const fn action(&self) -> AuditAction {
+        match self {
+            Self::CheckoutCreated { .. } => AuditAction::CheckoutCreated,
+            Self::PaymentFailed { .. } => AuditAction::PaymentFailed,
+            Self::RetryRequested { .. } => AuditAction::RetryRequested,
+            Self::RetryInitiated { .. } => AuditAction::RetryInitiated,
+            Self::RetryAbandoned { .. } => AuditAction::RetryAbandoned,
+            Self::PaymentSucceeded { .. } => AuditAction::PaymentSucceeded,
+            Self::RetryDeadLettered { .. } => AuditAction::RetryDeadLettered,
+            Self::RetryRedriven { .. } => AuditAction::RetryRedriven,
+            Self::SessionExpired { .. } => AuditAction::SessionExpired,
+            Self::DoublePaymentDetected { .. } => AuditAction::DoublePaymentDetected,
+        }
+    }
+}
+
+/// An audit entry to append.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditNote {
+    pub attempt: Option<AttemptNumber>,
+    pub actor: Actor,
+    pub details: AuditDetails,
+}
+
+/// An analytics (Segment) event to record, with its properties (DESIGN.md §6).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Track {
+    /// `payments.retry.scheduled`: the buyer's retry was accepted.
+    Scheduled {
+        attempt: AttemptNumber,
+        failure_reason: Option<FailureReason>,
+        delay_minutes: f64,
+    },
+    /// `payments.retry.initiated`: the retry's checkout was created.
+    Initiated {
+        attempt: AttemptNumber,
+        failure_reason: Option<FailureReason>,
+        delay_minutes: f64,
+    },
+    /// `payments.retry.completed`: a retried checkout ended.
+    Completed {
+        attempt: AttemptNumber,
+        success: bool,
+        failure_reason: Option<FailureReason>,
+    },
+    /// `payments.retry.abandoned`.
+    Abandoned {
+        attempt: AttemptNumber,
+        reason: AbandonReason,
+        failure_reason: Option<FailureReason>,
+    },
+}
+
+/// A metric to emit once the change is committed (never for a lost race).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricNote {
+    /// The worker created the checkout of retry `attempt`, retrying `reason`.
+    RetryCheckoutCreated {
+        attempt: AttemptNumber,
+        reason: Option<FailureReason>,
+    },
+    /// A retried checkout ended: paid (`failure` none) or failed.
+    RetryFinished {
+        attempt: AttemptNumber,
+        failure: Option<FailureReason>,
+    },
+    RetryAbandoned(AbandonReason),
+    RetryDeadLettered,
+    DoublePaymentDetected {
+        duplicate_attempt: AttemptNumber,
+    },
+}
+
+/// A second payment of an already paid session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DuplicateCharge {
+    /// The attempt whose payment stands.
+    pub paid_attempt: AttemptNumber,
+    /// The attempt whose checkout was paid as well.
+    pub duplicate_attempt: AttemptNumber,
+    pub provider_session_id: Option<ProviderSessionId>,
+    /// The provider's id of the duplicate charge, what a refund needs.
+    pub payment_intent: Option<String>,
+    /// A refund is owed (automatic refunds are on and the charge is identified).
+    pub refund_requested: bool,
+}
+
+/// A retry job moved aside, with why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterNote {
+    pub job: RetryJob,
+    pub receive_count: u32,
+    pub last_error: String,
+}
+
+/// Everything a change records besides the new state.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Effects {
+    pub attempt: Option<AttemptChange>,
+    pub audit: Vec<AuditNote>,
+    pub analytics: Vec<Track>,
+    /// A retry job to queue, due at its `scheduled_for`.
+    pub enqueue: Option<RetryJob>,
+    pub duplicate: Option<DuplicateCharge>,
+    pub dead_letter: Option<DeadLetterNote>,
+    /// The id of a dead letter being redriven: removed with this change.
+    pub redrive: Option<String>,
+    pub metrics: Vec<MetricNote>,
+}
+
+/// A session's new state and what goes with it, committed together.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Change {
+    pub state: SessionState,
+    pub effects: Effects,
+}
+
+impl Change {
+    fn to(state: SessionState) -> Self {
+        Self {
+            state,
+            effects: Effects::default(),
+        }
+    }
+}
+
+/// What a provider event did, for logs and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventEffect {
+    Succeeded,
+    Failed,
+    /// A later decline of an already failed attempt: only the reason changed.
+    ReasonUpdated,
+    /// A second payment on a session already paid by another attempt's checkout.
+    DuplicatePayment,
+    Expired,
+    /// Nothing to do: an older attempt, an unknown session, a repeated event.
+    Ignored,
+}
+
+/// The payment an event (or a reconciliation with the provider) reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Payment<'a> {
+    /// `None`: the provider did not echo the attempt; the current one is assumed.
+    pub attempt: Option<AttemptNumber>,
+    pub provider_session_id: Option<&'a ProviderSessionId>,
+    pub payment_intent: Option<&'a str>,
+}
+
+/// Where a retry job stands against its session: the "is this job still current" rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStanding {
+    /// The session is `retry_scheduled` for exactly this attempt: the job is due work.
+    Scheduled,
+    /// The session is `failed` with this attempt the last one spent: what a dead-lettered
+    /// job leaves behind, and the only state a redrive may start from.
+    Parked,
+    /// The session moved on (paid, expired, another attempt, a checkout opened).
+    MovedOn,
+}
+
+/// Whether the job for retry `attempt` is still the session's current one.
+pub fn job_standing(state: &SessionState, attempt: AttemptNumber) -> JobStanding {
+    if state.retry_attempts != attempt.get() {
+        return JobStanding::MovedOn;
+    }
+    match state.status {
+        SessionStatus::RetryScheduled => JobStanding::Scheduled,
+        SessionStatus::Failed => JobStanding::Parked,
+        _ => JobStanding::MovedOn,
+    }
+}
+
+/// How early a delivered job may be processed (clock skew between processes).
+const DUE_TOLERANCE: TimeDelta = TimeDelta::seconds(1);
+
+/// Whether a delivered job is due; one delivered early (an SQS delay is at most 15 minutes)
+/// is queued again.
+pub fn job_is_due(job: &RetryJob, now: DateTime<Utc>) -> bool {
+    job.scheduled_for - now <= DUE_TOLERANCE
+}
+
+/// What the worker does with a due job, given the session as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobStep {
+    /// Nothing: acknowledge the job.
+    Drop(&'static str),
+    /// The window closed first: expire the session ([`Lifecycle::window_closed`]).
+    Abandon,
+    /// Create the retry's checkout, after asking the provider whether `check_paid` (the
+    /// current checkout) was paid meanwhile.
+    OpenCheckout {
+        check_paid: Option<ProviderSessionId>,
+    },
+}
+
+/// The worker's decision for a due job; `session` is `None` when it does not exist.
+pub fn plan_job(job: &RetryJob, session: Option<&Lifecycle<'_>>, now: DateTime<Utc>) -> JobStep {
+    let Some(session) = session else {
+        return JobStep::Drop("unknown session");
+    };
+    if job_standing(session.state, job.attempt_number) != JobStanding::Scheduled {
+        return JobStep::Drop("session moved on");
+    }
+    if now >= session.expires_at {
+        return JobStep::Abandon;
+    }
+    JobStep::OpenCheckout {
+        check_paid: session.state.provider_session_id.clone(),
+    }
+}
+
+/// A new session's first checkout: its state and the `checkout_created` entry.
+pub fn open_checkout(
+    checkout: &ProviderCheckout,
+    money: &Money,
+    expires_at: DateTime<Utc>,
+    actor: Actor,
+) -> Change {
+    let mut change = Change::to(SessionState::opened(checkout));
+    change.effects.audit.push(AuditNote {
+        attempt: Some(AttemptNumber::ORIGINAL),
+        actor,
+        details: AuditDetails::CheckoutCreated {
+            provider_session_id: checkout.id.clone(),
+            money: money.clone(),
+            expires_at,
+        },
+    });
+    change
+}
+
+/// A stored session as the rules see it.
+#[derive(Debug, Clone, Copy)]
+pub struct Lifecycle<'a> {
+    pub id: &'a PaymentSessionId,
+    /// The payment window's end.
+    pub expires_at: DateTime<Utc>,
+    pub state: &'a SessionState,
+}
+
+impl<'a> Lifecycle<'a> {
+    pub fn new(
+        id: &'a PaymentSessionId,
+        expires_at: DateTime<Utc>,
+        state: &'a SessionState,
+    ) -> Self {
+        Self {
+            id,
+            expires_at,
+            state,
+        }
+    }
+
+    /// What eligibility needs.
+    pub fn snapshot(&self) -> SessionSnapshot {
+        SessionSnapshot {
+            status: self.state.status,
+            retry_attempts: self.state.retry_attempts,
+            failure_reason: self.state.failure_reason.clone(),
+            expires_at: self.expires_at,
+        }
+    }
+
+    fn system(&self, attempt: AttemptNumber, details: AuditDetails) -> AuditNote {
+        AuditNote {
+            attempt: Some(attempt),
+            actor: Actor::System,
+            details,
+        }
+    }
+
+    /// A payment through some attempt's checkout. `auto_refund`: a double payment is to be
+    /// refunded (when the charge is identified).
+    pub fn paid(
+        &self,
+        payment: &Payment<'_>,
+        now: DateTime<Utc>,
+        auto_refund: bool,
+    ) -> Option<(Change, EventEffect)> {
+        let state = self.state;
+        let attempt = payment.attempt.unwrap_or(state.current_attempt);
+        if state.status == SessionStatus::Succeeded {
+            return self.paid_twice(attempt, payment, auto_refund);
+        }
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::Succeeded,
+            next_retry_at: None,
+            paid_attempt: Some(attempt),
+            ..state.clone()
+        });
+        let effects = &mut change.effects;
+        effects.attempt = Some(AttemptChange::new(attempt, AttemptStatus::Succeeded));
+        effects.audit.push(self.system(
+            attempt,
+            AuditDetails::PaymentSucceeded {
+                after_window: now >= self.expires_at,
+                dropped_scheduled_retry:
+                    (state.status == SessionStatus::RetryScheduled).then_some(state.retry_attempts),
+            },
+        ));
+        if attempt.is_retry() {
+            effects.analytics.push(Track::Completed {
+                attempt,
+                success: true,
+                failure_reason: state.retry_reason.clone(),
+            });
+            effects.metrics.push(MetricNote::RetryFinished {
+                attempt,
+                failure: None,
+            });
+        }
+        Some((change, EventEffect::Succeeded))
+    }
+
+    /// Money moved twice: the first success stands, the second is recorded for support and,
+    /// when asked and possible, a refund is owed (made after the commit).
+    fn paid_twice(
+        &self,
+        attempt: AttemptNumber,
+        payment: &Payment<'_>,
+        auto_refund: bool,
+    ) -> Option<(Change, EventEffect)> {
+        let state = self.state;
+        let paid_attempt = state.paid_attempt.unwrap_or(state.current_attempt);
+        if paid_attempt == attempt {
+            // The payment already recorded, reported again.
+            return None;
+        }
+        // Without the payment intent there is nothing to refund by.
+        let refund_requested = auto_refund && payment.payment_intent.is_some();
+        let mut change = Change::to(state.clone());
+        let effects = &mut change.effects;
+        effects.audit.push(self.system(
+            attempt,
+            AuditDetails::DoublePaymentDetected {
+                paid_attempt,
+                duplicate_attempt: attempt,
+                provider_session_id: payment.provider_session_id.cloned(),
+                payment_intent: payment.payment_intent.map(str::to_owned),
+                refund_requested,
+            },
+        ));
+        effects.duplicate = Some(DuplicateCharge {
+            paid_attempt,
+            duplicate_attempt: attempt,
+            provider_session_id: payment.provider_session_id.cloned(),
+            payment_intent: payment.payment_intent.map(str::to_owned),
+            refund_requested,
+        });
+        effects.metrics.push(MetricNote::DoublePaymentDetected {
+            duplicate_attempt: attempt,
+        });
+        Some((change, EventEffect::DuplicatePayment))
+    }
+
+    /// A failed payment of `attempt` (`None`: an event that names no attempt, ignored).
+    pub fn failed(
+        &self,
+        attempt: Option<AttemptNumber>,
+        reason: &FailureReason,
+        max_attempts: u32,
+    ) -> Option<(Change, EventEffect)> {
+        let state = self.state;
+        let attempt = attempt?;
+        if attempt != state.current_attempt {
+            return None;
+        }
+        let entry = self.system(
+            attempt,
+            AuditDetails::PaymentFailed {
+                failure_reason: reason.clone(),
+            },
+        );
+        match state.status {
+            SessionStatus::Open => {
+                let mut change = Change::to(SessionState {
+                    status: SessionStatus::Failed,
+                    failure_reason: Some(reason.clone()),
+                    ..state.clone()
+                });
+                let effects = &mut change.effects;
+                effects.attempt = Some(AttemptChange {
+                    failure_reason: Some(reason.clone()),
+                    ..AttemptChange::new(attempt, AttemptStatus::Failed)
+                });
+                effects.audit.push(entry);
+                if attempt.is_retry() {
+                    let exhausted = state.retry_attempts >= max_attempts;
+                    effects.analytics.push(Track::Completed {
+                        attempt,
+                        success: false,
+                        failure_reason: Some(reason.clone()),
+                    });
+                    effects.metrics.push(MetricNote::RetryFinished {
+                        attempt,
+                        failure: Some(reason.clone()),
+                    });
+                    if exhausted {
+                        self.abandon(effects, attempt, AbandonReason::AttemptsExhausted, reason);
+                    }
+                }
+                Some((change, EventEffect::Failed))
+            }
+            SessionStatus::Failed => {
+                // The latest decline stands.
+                let mut change = Change::to(SessionState {
+                    failure_reason: Some(reason.clone()),
+                    ..state.clone()
+                });
+                change.effects.audit.push(entry);
+                Some((change, EventEffect::ReasonUpdated))
+            }
+            _ => None,
+        }
+    }
+
+    /// The last allowed retry failed: no retry is left.
+    fn abandon(
+        &self,
+        effects: &mut Effects,
+        attempt: AttemptNumber,
+        reason: AbandonReason,
+        failure: &FailureReason,
+    ) {
+        effects
+            .audit
+            .push(self.system(attempt, AuditDetails::RetryAbandoned { reason }));
+        effects.analytics.push(Track::Abandoned {
+            attempt,
+            reason,
+            failure_reason: Some(failure.clone()),
+        });
+        effects.metrics.push(MetricNote::RetryAbandoned(reason));
+    }
+
+    /// The provider closed `attempt`'s checkout unpaid. Counts only for the current, open
+    /// checkout inside the window (after it, the window's own rule expires the session).
+    pub fn checkout_expired(
+        &self,
+        attempt: Option<AttemptNumber>,
+        now: DateTime<Utc>,
+    ) -> Option<(Change, EventEffect)> {
+        let state = self.state;
+        if attempt != Some(state.current_attempt)
+            || state.status != SessionStatus::Open
+            || now >= self.expires_at
+        {
+            return None;
+        }
+        let reason = FailureReason::from_code(FailureReason::CHECKOUT_EXPIRED);
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::Failed,
+            failure_reason: Some(reason.clone()),
+            ..state.clone()
+        });
+        change.effects.attempt = Some(AttemptChange {
+            failure_reason: Some(reason.clone()),
+            ..AttemptChange::new(state.current_attempt, AttemptStatus::Failed)
+        });
+        change.effects.audit.push(self.system(
+            state.current_attempt,
+            AuditDetails::PaymentFailed {
+                failure_reason: reason,
+            },
+        ));
+        Some((change, EventEffect::Expired))
+    }
+
+    /// The buyer's retry: refused as [`check_retry`] says, or the attempt spent and the job
+    /// queued.
+    pub fn request_retry(
+        &self,
+        policy: &RetryPolicy,
+        now: DateTime<Utc>,
+        actor: Actor,
+    ) -> Result<(Change, RetryPlan), RetryRefusal> {
+        let plan = check_retry(&self.snapshot(), policy, now)?;
+        let reason = self.state.failure_reason.clone();
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::RetryScheduled,
+            retry_attempts: plan.attempt.get(),
+            last_retry_at: Some(now),
+            retry_reason: reason.clone(),
+            next_retry_at: Some(plan.scheduled_for),
+            ..self.state.clone()
+        });
+        let effects = &mut change.effects;
+        effects.attempt = Some(AttemptChange {
+            scheduled_for: Some(plan.scheduled_for),
+            ..AttemptChange::new(plan.attempt, AttemptStatus::Scheduled)
+        });
+        effects.audit.push(AuditNote {
+            attempt: Some(plan.attempt),
+            actor,
+            details: AuditDetails::RetryRequested {
+                failure_reason: reason.clone(),
+                delay_seconds: plan.delay.as_secs(),
+                scheduled_for: plan.scheduled_for,
+            },
+        });
+        effects.enqueue = Some(RetryJob::new(
+            self.id.clone(),
+            plan.attempt,
+            plan.delay.as_secs(),
+            plan.scheduled_for,
+            now,
+        ));
+        effects.analytics.push(Track::Scheduled {
+            attempt: plan.attempt,
+            failure_reason: reason,
+            delay_minutes: plan.delay.as_secs_f64() / 60.0,
+        });
+        Ok((change, plan))
+    }
+
+    /// The worker created `job`'s checkout: the session is open on it. `None` when the job
+    /// is no longer current.
+    pub fn retry_checkout_opened(
+        &self,
+        job: &RetryJob,
+        checkout: &ProviderCheckout,
+        receive_count: u32,
+    ) -> Option<Change> {
+        if job_standing(self.state, job.attempt_number) != JobStanding::Scheduled {
+            return None;
+        }
+        let state = self.state;
+        let attempt = job.attempt_number;
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::Open,
+            next_retry_at: None,
+            current_attempt: attempt,
+            provider_session_id: Some(checkout.id.clone()),
+            checkout_url: Some(checkout.url.clone()),
+            ..state.clone()
+        });
+        let effects = &mut change.effects;
+        effects.attempt = Some(AttemptChange {
+            provider_session_id: Some(checkout.id.clone()),
+            ..AttemptChange::new(attempt, AttemptStatus::Open)
+        });
+        effects.audit.push(self.system(
+            attempt,
+            AuditDetails::RetryInitiated {
+                provider_session_id: checkout.id.clone(),
+                retry_reason: state.retry_reason.clone(),
+                checkout_expires_at: checkout.expires_at,
+                receive_count,
+            },
+        ));
+        effects.analytics.push(Track::Initiated {
+            attempt,
+            failure_reason: state.retry_reason.clone(),
+            delay_minutes: job.delay_minutes,
+        });
+        effects.metrics.push(MetricNote::RetryCheckoutCreated {
+            attempt,
+            reason: state.retry_reason.clone(),
+        });
+        Some(change)
+    }
+
+    /// The payment window passed: a live session expires, and a scheduled retry is
+    /// abandoned (`window_expired`). `None` when the window is open or the session is final.
+    pub fn window_closed(&self, now: DateTime<Utc>) -> Option<Change> {
+        let state = self.state;
+        if state.status.is_terminal() || now < self.expires_at {
+            return None;
+        }
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::Expired,
+            next_retry_at: None,
+            ..state.clone()
+        });
+        let effects = &mut change.effects;
+        if state.status == SessionStatus::RetryScheduled {
+            let attempt = AttemptNumber::new(state.retry_attempts);
+            let reason = AbandonReason::WindowExpired;
+            effects.attempt = Some(AttemptChange::new(attempt, AttemptStatus::Abandoned));
+            effects
+                .audit
+                .push(self.system(attempt, AuditDetails::RetryAbandoned { reason }));
+            effects.analytics.push(Track::Abandoned {
+                attempt,
+                reason,
+                failure_reason: state.retry_reason.clone(),
+            });
+            effects.metrics.push(MetricNote::RetryAbandoned(reason));
+        }
+        effects.audit.push(self.system(
+            state.current_attempt,
+            AuditDetails::SessionExpired {
+                expires_at: self.expires_at,
+                previous_status: state.status,
+            },
+        ));
+        Some(change)
+    }
+
+    /// The job kept failing: it is moved aside and the session handed back to the buyer
+    /// (`failed`, `retry_processing_failed`; the attempt stays spent). `None` when the job is
+    /// no longer current.
+    pub fn dead_lettered(&self, job: &RetryJob, receive_count: u32, error: &str) -> Option<Change> {
+        if job_standing(self.state, job.attempt_number) != JobStanding::Scheduled {
+            return None;
+        }
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::Failed,
+            failure_reason: Some(FailureReason::from_code(
+                FailureReason::RETRY_PROCESSING_FAILED,
+            )),
+            next_retry_at: None,
+            ..self.state.clone()
+        });
+        let effects = &mut change.effects;
+        effects.attempt = Some(AttemptChange::new(
+            job.attempt_number,
+            AttemptStatus::DeadLettered,
+        ));
+        effects.audit.push(self.system(
+            job.attempt_number,
+            AuditDetails::RetryDeadLettered {
+                last_error: error.to_owned(),
+                receive_count,
+            },
+        ));
+        effects.dead_letter = Some(DeadLetterNote {
+            job: job.clone(),
+            receive_count,
+            last_error: error.to_owned(),
+        });
+        effects.metrics.push(MetricNote::RetryDeadLettered);
+        Some(change)
+    }
+
+    /// An admin sends dead letter `dead_letter_id` (retry `attempt`) again: the session is
+    /// back in `retry_scheduled` for that attempt, due now. Refused when the session has
+    /// moved on or the window has passed.
+    pub fn redriven(
+        &self,
+        attempt: AttemptNumber,
+        dead_letter_id: &str,
+        last_error: &str,
+        actor: Actor,
+        now: DateTime<Utc>,
+    ) -> Result<Change, RetryRefusal> {
+        match crate::eligibility::effective_status(&self.snapshot(), now) {
+            SessionStatus::Succeeded => return Err(RetryRefusal::PaymentAlreadySucceeded),
+            SessionStatus::Expired => return Err(RetryRefusal::WindowExpired),
+            _ => {}
+        }
+        if job_standing(self.state, attempt) != JobStanding::Parked {
+            return Err(RetryRefusal::RetryAlreadyScheduled);
+        }
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::RetryScheduled,
+            next_retry_at: Some(now),
+            failure_reason: self.state.retry_reason.clone(),
+            ..self.state.clone()
+        });
+        let effects = &mut change.effects;
+        effects.attempt = Some(AttemptChange {
+            scheduled_for: Some(now),
+            ..AttemptChange::new(attempt, AttemptStatus::Scheduled)
+        });
+        effects.audit.push(AuditNote {
+            attempt: Some(attempt),
+            actor,
+            details: AuditDetails::RetryRedriven {
+                dead_letter_id: dead_letter_id.to_owned(),
+                last_error: last_error.to_owned(),
+            },
+        });
+        effects.enqueue = Some(RetryJob::new(self.id.clone(), attempt, 0, now, now));
+        effects.redrive = Some(dead_letter_id.to_owned());
+        Ok(change)
+    }
+}
