@@ -135,6 +135,18 @@ pub fn check_retry(
     })
 }
 
+/// The status object's `retryUnavailableReason`: `None` exactly when [`check_retry`] would
+/// let the buyer retry now, otherwise the reason of its refusal.
+pub fn retry_unavailable_reason(
+    snapshot: &SessionSnapshot,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> Option<RetryUnavailableReason> {
+    check_retry(snapshot, policy, now)
+        .err()
+        .map(RetryRefusal::unavailable_reason)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

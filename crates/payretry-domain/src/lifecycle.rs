@@ -874,3 +874,443 @@ impl<'a> Lifecycle<'a> {
         Ok(change)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Random sequences of events and clock steps, applied through the rules as the service
+    //! applies them, with the lifecycle's invariants checked after every step.
+
+    use super::*;
+    use crate::eligibility::retry_unavailable_reason;
+    use crate::status::RetryUnavailableReason;
+    use proptest::prelude::*;
+    use std::time::Duration;
+
+    const MAX_ATTEMPTS: u32 = 3;
+
+    fn policy() -> RetryPolicy {
+        RetryPolicy::new(
+            vec![
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+                Duration::from_secs(900),
+            ],
+            MAX_ATTEMPTS,
+            Duration::from_secs(2 * 3600),
+            vec![FailureReason::from_code("stolen_card")],
+        )
+        .unwrap()
+    }
+
+    fn start() -> DateTime<Utc> {
+        DateTime::from_timestamp(1_800_000_000, 0).unwrap()
+    }
+
+    fn checkout(attempt: AttemptNumber, now: DateTime<Utc>) -> ProviderCheckout {
+        ProviderCheckout {
+            id: ProviderSessionId::new(format!("cs_{attempt}")),
+            url: format!("https://pay.example/cs_{attempt}"),
+            expires_at: now + TimeDelta::hours(1),
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Event {
+        /// The clock moves on this many minutes.
+        Clock(i64),
+        /// A payment through the checkout of one of the attempts that have one.
+        Paid {
+            attempt: usize,
+            intent: bool,
+        },
+        Failed {
+            attempt: usize,
+            non_retryable: bool,
+        },
+        CheckoutExpired {
+            attempt: usize,
+        },
+        RequestRetry,
+        /// The worker takes a queued job (delivered when due).
+        RunJob(usize),
+        /// A queued job kept failing.
+        DeadLetter(usize),
+        Redrive(usize),
+        /// The window sweeper runs.
+        Sweep,
+    }
+
+    fn any_event() -> impl Strategy<Value = Event> {
+        prop_oneof![
+            (0i64..90).prop_map(Event::Clock),
+            (0usize..4, any::<bool>())
+                .prop_map(|(attempt, intent)| Event::Paid { attempt, intent }),
+            (0usize..4, prop::bool::weighted(0.2)).prop_map(|(attempt, non_retryable)| {
+                Event::Failed {
+                    attempt,
+                    non_retryable,
+                }
+            }),
+            (0usize..4).prop_map(|attempt| Event::CheckoutExpired { attempt }),
+            Just(Event::RequestRetry),
+            (0usize..3).prop_map(Event::RunJob),
+            (0usize..3).prop_map(Event::DeadLetter),
+            (0usize..3).prop_map(Event::Redrive),
+            Just(Event::Sweep),
+        ]
+    }
+
+    /// How an accepted retry (a request or a redrive) ended.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Ending {
+        CheckoutOpened,
+        Abandoned,
+        DeadLettered,
+        /// The session was paid while the retry waited (DESIGN.md §1: pending retries
+        /// dropped), recorded as `droppedScheduledRetry`.
+        DroppedByPayment,
+    }
+
+    /// One session driven through the rules, as the service would.
+    struct World {
+        id: PaymentSessionId,
+        expires_at: DateTime<Utc>,
+        now: DateTime<Utc>,
+        state: SessionState,
+        /// Attempts that got a checkout (the ones a provider event can be about).
+        checkouts: Vec<AttemptNumber>,
+        queue: Vec<RetryJob>,
+        dead: Vec<(String, RetryJob)>,
+        /// Every accepted retry, in order, with how it ended so far.
+        accepted: Vec<(AttemptNumber, Option<Ending>)>,
+    }
+
+    impl World {
+        fn new() -> Self {
+            let now = start();
+            let expires_at = now + TimeDelta::hours(2);
+            let opened = open_checkout(
+                &checkout(AttemptNumber::ORIGINAL, now),
+                &Money {
+                    amount: crate::money::Amount::new(2500).unwrap(),
+                    currency: crate::money::Currency::parse("usd").unwrap(),
+                },
+                expires_at,
+                Actor::System,
+            );
+            Self {
+                id: PaymentSessionId::parse("ps_prop").unwrap(),
+                expires_at,
+                now,
+                state: opened.state,
+                checkouts: vec![AttemptNumber::ORIGINAL],
+                queue: Vec::new(),
+                dead: Vec::new(),
+                accepted: Vec::new(),
+            }
+        }
+
+        fn lifecycle(&self) -> Lifecycle<'_> {
+            Lifecycle::new(&self.id, self.expires_at, &self.state)
+        }
+
+        fn checkout_of(&self, pick: usize) -> AttemptNumber {
+            self.checkouts[pick % self.checkouts.len()]
+        }
+
+        /// Records a change and checks what must hold across it.
+        fn apply(&mut self, change: Change, paid: bool) -> Result<(), TestCaseError> {
+            let before = self.state.clone();
+            let after = &change.state;
+            prop_assert!(
+                after.retry_attempts <= MAX_ATTEMPTS,
+                "attempts over the cap: {after:?}"
+            );
+            prop_assert!(
+                after.retry_attempts >= before.retry_attempts,
+                "an attempt was given back"
+            );
+            match before.status {
+                // A double payment keeps `succeeded`; nothing else changes a paid session.
+                SessionStatus::Succeeded => {
+                    prop_assert_eq!(after.status, SessionStatus::Succeeded);
+                    prop_assert_eq!(after.paid_attempt, before.paid_attempt);
+                }
+                // Only a payment (money moved) leaves `expired`, flagged as after the window.
+                SessionStatus::Expired => {
+                    prop_assert!(
+                        after.status == SessionStatus::Expired
+                            || (paid && after.status == SessionStatus::Succeeded),
+                        "left expired for {:?}",
+                        after.status
+                    );
+                }
+                _ => {}
+            }
+            for note in &change.effects.audit {
+                if let AuditDetails::PaymentSucceeded {
+                    after_window,
+                    dropped_scheduled_retry,
+                } = &note.details
+                {
+                    prop_assert_eq!(*after_window, self.now >= self.expires_at);
+                    if let Some(n) = dropped_scheduled_retry {
+                        self.end(AttemptNumber::new(*n), Ending::DroppedByPayment)?;
+                    }
+                }
+            }
+            if let Some(attempt) = &change.effects.attempt {
+                let ending = match attempt.status {
+                    AttemptStatus::Open if attempt.attempt.is_retry() => {
+                        self.checkouts.push(attempt.attempt);
+                        Some(Ending::CheckoutOpened)
+                    }
+                    AttemptStatus::Abandoned => Some(Ending::Abandoned),
+                    AttemptStatus::DeadLettered => Some(Ending::DeadLettered),
+                    AttemptStatus::Scheduled => {
+                        self.accepted.push((attempt.attempt, None));
+                        None
+                    }
+                    _ => None,
+                };
+                if let Some(ending) = ending {
+                    self.end(attempt.attempt, ending)?;
+                }
+            }
+            if let Some(job) = change.effects.enqueue {
+                prop_assert_eq!(job.attempt_number.get(), change.state.retry_attempts);
+                self.queue.push(job);
+            }
+            if let Some(dead) = change.effects.dead_letter {
+                self.dead
+                    .push((format!("dl_{}", self.dead.len()), dead.job));
+            }
+            if let Some(id) = &change.effects.redrive {
+                self.dead.retain(|(d, _)| d != id);
+            }
+            self.state = change.state;
+            // At most one queued job is ever the current one.
+            let current = self
+                .queue
+                .iter()
+                .filter(|j| job_standing(&self.state, j.attempt_number) == JobStanding::Scheduled)
+                .count();
+            prop_assert!(current <= 1, "{current} current jobs");
+            Ok(())
+        }
+
+        /// An accepted retry of `attempt` ended: exactly one open acceptance must end.
+        fn end(&mut self, attempt: AttemptNumber, ending: Ending) -> Result<(), TestCaseError> {
+            let open = self
+                .accepted
+                .iter_mut()
+                .find(|(a, end)| *a == attempt && end.is_none());
+            prop_assert!(
+                open.is_some(),
+                "{ending:?} for retry {attempt}, which had no open acceptance: {:?}",
+                self.accepted
+            );
+            if let Some((_, end)) = open {
+                *end = Some(ending);
+            }
+            Ok(())
+        }
+
+        fn step(&mut self, event: &Event) -> Result<(), TestCaseError> {
+            let now = self.now;
+            let policy = policy();
+            match event {
+                Event::Clock(minutes) => self.now += TimeDelta::minutes(*minutes),
+                Event::Paid { attempt, intent } => {
+                    let attempt = self.checkout_of(*attempt);
+                    let id = ProviderSessionId::new(format!("cs_{attempt}"));
+                    let payment = Payment {
+                        attempt: Some(attempt),
+                        provider_session_id: Some(&id),
+                        payment_intent: intent.then_some("pi_1"),
+                    };
+                    if let Some((change, _)) = self.lifecycle().paid(&payment, now, true) {
+                        self.apply(change, true)?;
+                    }
+                }
+                Event::Failed {
+                    attempt,
+                    non_retryable,
+                } => {
+                    let attempt = self.checkout_of(*attempt);
+                    let reason = FailureReason::from_code(if *non_retryable {
+                        "stolen_card"
+                    } else {
+                        "card_declined"
+                    });
+                    let decided = self
+                        .lifecycle()
+                        .failed(Some(attempt), &reason, MAX_ATTEMPTS);
+                    if let Some((change, _)) = decided {
+                        self.apply(change, false)?;
+                    }
+                }
+                Event::CheckoutExpired { attempt } => {
+                    let attempt = self.checkout_of(*attempt);
+                    if let Some((change, _)) = self.lifecycle().checkout_expired(Some(attempt), now)
+                    {
+                        self.apply(change, false)?;
+                    }
+                }
+                Event::RequestRetry => {
+                    if let Ok((change, plan)) =
+                        self.lifecycle().request_retry(&policy, now, Actor::System)
+                    {
+                        prop_assert!(plan.attempt.get() <= MAX_ATTEMPTS);
+                        self.apply(change, false)?;
+                    }
+                }
+                Event::RunJob(pick) => self.run_job(*pick)?,
+                Event::DeadLetter(pick) => {
+                    if !self.queue.is_empty() {
+                        let job = self.queue.remove(pick % self.queue.len());
+                        if let Some(change) =
+                            self.lifecycle().dead_lettered(&job, 5, "provider down")
+                        {
+                            self.apply(change, false)?;
+                        }
+                    }
+                }
+                Event::Redrive(pick) => {
+                    if !self.dead.is_empty() {
+                        let (id, job) = self.dead[pick % self.dead.len()].clone();
+                        let redriven = self.lifecycle().redriven(
+                            job.attempt_number,
+                            &id,
+                            "provider down",
+                            Actor::System,
+                            now,
+                        );
+                        if let Ok(change) = redriven {
+                            self.apply(change, false)?;
+                        }
+                    }
+                }
+                Event::Sweep => self.sweep()?,
+            }
+            self.check_eligibility_agrees(&policy)
+        }
+
+        fn run_job(&mut self, pick: usize) -> Result<(), TestCaseError> {
+            if self.queue.is_empty() {
+                return Ok(());
+            }
+            let job = self.queue.remove(pick % self.queue.len());
+            // Delivered when due (an early delivery is only deferred).
+            self.now = self.now.max(job.scheduled_for);
+            prop_assert!(job_is_due(&job, self.now));
+            let now = self.now;
+            match plan_job(&job, Some(&self.lifecycle()), now) {
+                JobStep::Drop(_) => {}
+                JobStep::Abandon => self.sweep()?,
+                JobStep::OpenCheckout { .. } => {
+                    let opened = self.lifecycle().retry_checkout_opened(
+                        &job,
+                        &checkout(job.attempt_number, now),
+                        1,
+                    );
+                    prop_assert!(
+                        opened.is_some(),
+                        "a current job could not open its checkout"
+                    );
+                    if let Some(change) = opened {
+                        self.apply(change, false)?;
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        fn sweep(&mut self) -> Result<(), TestCaseError> {
+            if let Some(change) = self.lifecycle().window_closed(self.now) {
+                prop_assert_eq!(change.state.status, SessionStatus::Expired);
+                self.apply(change, false)?;
+            }
+            Ok(())
+        }
+
+        /// The status view's `retryUnavailableReason` is what the retry rule decides.
+        fn check_eligibility_agrees(&self, policy: &RetryPolicy) -> Result<(), TestCaseError> {
+            let lifecycle = self.lifecycle();
+            let reason = retry_unavailable_reason(&lifecycle.snapshot(), policy, self.now);
+            match lifecycle.request_retry(policy, self.now, Actor::System) {
+                Ok(_) => prop_assert_eq!(reason, None),
+                Err(refusal) => prop_assert_eq!(reason, Some(refusal.unavailable_reason())),
+            }
+            let state = &self.state;
+            let expected = if state.status == SessionStatus::Succeeded {
+                Some(RetryUnavailableReason::PaymentSucceeded)
+            } else if self.now >= self.expires_at || state.status == SessionStatus::Expired {
+                Some(RetryUnavailableReason::WindowExpired)
+            } else if state.status == SessionStatus::RetryScheduled {
+                Some(RetryUnavailableReason::RetryScheduled)
+            } else if state.status == SessionStatus::Open {
+                Some(RetryUnavailableReason::PaymentNotFailed)
+            } else if state.retry_attempts >= MAX_ATTEMPTS {
+                Some(RetryUnavailableReason::LimitReached)
+            } else {
+                reason
+            };
+            prop_assert_eq!(reason, expected);
+            Ok(())
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn the_lifecycle_keeps_its_invariants(events in prop::collection::vec(any_event(), 0..40)) {
+            let mut world = World::new();
+            for event in &events {
+                world.step(event)?;
+            }
+            // Let everything play out: the window closes, the sweeper and the worker run.
+            world.now = world.expires_at + TimeDelta::minutes(1);
+            world.sweep()?;
+            while !world.queue.is_empty() {
+                world.run_job(0)?;
+            }
+            for (attempt, ending) in &world.accepted {
+                prop_assert!(ending.is_some(), "accepted retry {} never ended: {:?}", attempt, world.accepted);
+            }
+            prop_assert!(world.state.status.is_terminal() || world.state.status == SessionStatus::Failed,
+                "after the window: {:?}", world.state.status);
+        }
+    }
+
+    #[test]
+    fn a_payment_after_the_window_is_recorded_and_flagged() {
+        let mut world = World::new();
+        world.now = world.expires_at + TimeDelta::minutes(5);
+        let change = world.lifecycle().window_closed(world.now).unwrap();
+        world.state = change.state;
+        let id = ProviderSessionId::new("cs_0");
+        let (change, effect) = world
+            .lifecycle()
+            .paid(
+                &Payment {
+                    attempt: Some(AttemptNumber::ORIGINAL),
+                    provider_session_id: Some(&id),
+                    payment_intent: None,
+                },
+                world.now,
+                false,
+            )
+            .unwrap();
+        assert_eq!(effect, EventEffect::Succeeded);
+        assert_eq!(change.state.status, SessionStatus::Succeeded);
+        assert!(matches!(
+            change.effects.audit[0].details,
+            AuditDetails::PaymentSucceeded {
+                after_window: true,
+                ..
+            }
+        ));
+    }
+}

@@ -3,16 +3,12 @@
 //! provider call fails nothing is written; the orphan checkout, if any, expires on its own.
 
 use super::views::StatusView;
-use super::{Payments, ServiceResult, completion, json_response};
+use super::{Payments, ServiceResult, completion, json_response, record};
 use crate::provider::{CheckoutRequest, checkout_expires_at};
-use crate::storage::{
-    IdempotencyScope, NewAuditEntry, NewSession, SessionRecord, SessionState, StoredResponse,
-};
+use crate::storage::{IdempotencyScope, NewSession, SessionRecord, StoredResponse};
 use chrono::{TimeDelta, Utc};
-use payretry_domain::{
-    AttemptNumber, AuditAction, Money, PaymentSessionId, Principal, SessionStatus,
-};
-use serde_json::{Value, json};
+use payretry_domain::{AttemptNumber, Money, PaymentSessionId, Principal, lifecycle};
+use serde_json::Value;
 
 /// A validated checkout request.
 #[derive(Debug, Clone, PartialEq)]
@@ -49,6 +45,9 @@ impl Payments {
         // Stored times have millisecond precision; the response must match what is stored.
         let now = crate::storage::from_millis(now.timestamp_millis())?;
         let expires_at = crate::storage::from_millis(expires_at.timestamp_millis())?;
+        let mut opened =
+            lifecycle::open_checkout(&checkout, &request.money, expires_at, buyer.actor());
+        let audit = record::audit_entry(&opened.effects.audit.remove(0));
         let session = SessionRecord {
             id: id.clone(),
             buyer: buyer.user.clone(),
@@ -59,18 +58,7 @@ impl Payments {
             created_at: now,
             updated_at: now,
             version: 0,
-            state: SessionState {
-                status: SessionStatus::Open,
-                failure_reason: None,
-                retry_attempts: 0,
-                last_retry_at: None,
-                retry_reason: None,
-                next_retry_at: None,
-                current_attempt: AttemptNumber::ORIGINAL,
-                provider_session_id: Some(checkout.id.clone()),
-                checkout_url: Some(checkout.url.clone()),
-                paid_attempt: None,
-            },
+            state: opened.state,
         };
         let response = json_response(201, &StatusView::of(&session, &self.policy, now));
         self.storage
@@ -84,17 +72,7 @@ impl Payments {
                 created_at: now,
                 provider_session_id: checkout.id.clone(),
                 checkout_url: checkout.url,
-                audit: NewAuditEntry {
-                    action: AuditAction::CheckoutCreated,
-                    attempt: Some(AttemptNumber::ORIGINAL),
-                    actor: buyer.actor().to_string(),
-                    details: json!({
-                        "providerSessionId": checkout.id.as_str(),
-                        "amount": session.money.amount.minor_units(),
-                        "currency": session.money.currency.as_str(),
-                        "expiresAt": expires_at,
-                    }),
-                },
+                audit,
                 idempotency: completion(idempotency, &response),
             })
             .await?;

@@ -2,7 +2,7 @@
 
 use crate::storage::SessionRecord;
 use chrono::{DateTime, Utc};
-use payretry_domain::eligibility::{check_retry, effective_status};
+use payretry_domain::eligibility::{effective_status, retry_unavailable_reason};
 use payretry_domain::{RetryPlan, RetryPolicy, SessionStatus};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -38,7 +38,7 @@ impl StatusView {
     pub fn of(session: &SessionRecord, policy: &RetryPolicy, now: DateTime<Utc>) -> Self {
         let snapshot = session.snapshot();
         let status = effective_status(&snapshot, now);
-        let refusal = check_retry(&snapshot, policy, now).err();
+        let unavailable = retry_unavailable_reason(&snapshot, policy, now);
         let state = &session.state;
         Self {
             session_id: session.id.to_string(),
@@ -49,8 +49,8 @@ impl StatusView {
             retry_attempts: state.retry_attempts,
             max_retry_attempts: policy.max_attempts,
             retry_attempts_remaining: policy.max_attempts.saturating_sub(state.retry_attempts),
-            retry_available: refusal.is_none(),
-            retry_unavailable_reason: refusal.map(|r| r.unavailable_reason().as_str().to_owned()),
+            retry_available: unavailable.is_none(),
+            retry_unavailable_reason: unavailable.map(|r| r.as_str().to_owned()),
             next_retry_at: state
                 .next_retry_at
                 .filter(|_| status == SessionStatus::RetryScheduled),
