@@ -1,6 +1,9 @@
-//! With the `stripe` provider, amounts Stripe would refuse are refused by payretry first:
-//! `400 invalid_request` naming the limit, nothing written, no call to Stripe. The sandbox
-//! keeps accepting the contract's whole range.
+//! Stripe's own rules, applied by payretry with the `stripe` provider.
+//!
+//! - Amounts Stripe would refuse are refused by payretry first: `400 invalid_request` naming
+//!   the limit, nothing written, no call to Stripe. The sandbox keeps the contract's range.
+//! - A payment Radar blocks for highest risk is read where Stripe puts its reason in a
+//!   `payment_intent.payment_failed` event (`last_payment_error`).
 
 mod support;
 
@@ -141,4 +144,59 @@ async fn the_sandbox_keeps_the_whole_contract_range() {
             "{amount} {currency}: {created}"
         );
     }
+}
+
+/// `payment_intent.payment_failed` as Stripe sends it for a card payment Radar blocked as
+/// highest risk: the charge's `outcome` (`type` `blocked`, `reason` `highest_risk_level`) is
+/// not in the event; `last_payment_error` names the charge by id only.
+fn radar_block(session: &str, decline_code: Option<&str>) -> Value {
+    let mut error = json!({
+        "type": "card_error", "code": "card_declined",
+        "message": "Your card was declined.", "charge": "ch_test_radar",
+        "payment_method": {"id": "pm_test_radar", "object": "payment_method", "type": "card"}
+    });
+    if let Some(code) = decline_code {
+        error["decline_code"] = json!(code);
+    }
+    json!({
+        "id": format!("evt_test_{:032x}", rand::random::<u128>()), "object": "event", "type": "payment_intent.payment_failed",
+        "data": {"object": {"id": "pi_test_radar", "object": "payment_intent",
+            "status": "requires_payment_method", "latest_charge": "ch_test_radar",
+            "metadata": {"payment_session_id": session, "retry_attempt": "0"},
+            "last_payment_error": error}}
+    })
+}
+
+#[tokio::test]
+async fn a_radar_block_is_judged_by_the_decline_code_the_failure_event_carries() {
+    let app = stripe_app().await;
+    let buyer = app.buyer();
+
+    // Blocked with `decline_code` `fraudulent`: never retried.
+    let blocked = app.create_checkout(&buyer).await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let answer = app
+        .send_event(&radar_block(&blocked, Some("fraudulent")))
+        .await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    let status = app.wait_for_status(&blocked, "failed").await;
+    assert_eq!(status["failureReason"], "fraudulent");
+    assert_eq!(status["retryAvailable"], false);
+    assert_eq!(status["retryUnavailableReason"], "failure_not_retryable");
+
+    // Blocked with no decline code: the reason is the error code, and the default policy
+    // (which no longer lists `highest_risk_level`, a reason no event carries) lets the buyer
+    // try again.
+    let bare = app.create_checkout(&buyer).await["sessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let answer = app.send_event(&radar_block(&bare, None)).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    let status = app.wait_for_status(&bare, "failed").await;
+    assert_eq!(status["failureReason"], "card_declined");
+    assert_eq!(status["retryAvailable"], true);
+    assert_eq!(status["retryUnavailableReason"], Value::Null);
 }
