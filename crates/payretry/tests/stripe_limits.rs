@@ -200,3 +200,50 @@ async fn a_radar_block_is_judged_by_the_decline_code_the_failure_event_carries()
     assert_eq!(status["retryAvailable"], true);
     assert_eq!(status["retryUnavailableReason"], Value::Null);
 }
+
+/// `payretry serve --role {role}` with only `vars` set: its exit code and stderr lines.
+fn serve_with(role: &str, vars: &[(&str, &str)]) -> (Option<i32>, Vec<String>) {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_payretry"))
+        .args(["serve", "--role", role])
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("PAYRETRY_LISTEN", "127.0.0.1:0")
+        .env(
+            "PAYRETRY_DATABASE_URL",
+            format!("sqlite://{}", dir.path().join("payretry.db").display()),
+        )
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run payretry");
+    assert!(
+        !dir.path().join("payretry.db").exists(),
+        "a refused setting must stop start-up before anything is opened"
+    );
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (
+        output.status.code(),
+        stderr.lines().map(str::to_owned).collect(),
+    )
+}
+
+#[test]
+fn stripe_without_a_public_url_stops_start_up_naming_the_variable() {
+    let stripe = [
+        ("PAYRETRY_PROVIDER", "stripe"),
+        ("STRIPE_SECRET_KEY", "sk_test_payretry_limits"),
+        ("STRIPE_WEBHOOK_SECRET", "whsec_payretry_limits"),
+    ];
+    // Buyers would otherwise be sent back to http://127.0.0.1:…, even with one process.
+    for role in ["all", "api", "worker"] {
+        let (code, lines) = serve_with(role, &stripe);
+        assert_eq!(code, Some(2), "{role}: {lines:?}");
+        assert_eq!(lines.len(), 1, "{role}: {lines:?}");
+        assert!(
+            lines[0].starts_with("payretry: configuration error: PAYRETRY_PUBLIC_URL: ")
+                && lines[0].contains("PAYRETRY_PROVIDER=stripe"),
+            "{role}: {lines:?}"
+        );
+    }
+}
