@@ -247,3 +247,30 @@ fn stripe_without_a_public_url_stops_start_up_naming_the_variable() {
         );
     }
 }
+
+/// Stripe renders events in the webhook endpoint's API version, not the request's: the
+/// setup instructions must name the version payretry pins, and follow it when it changes.
+#[tokio::test]
+async fn the_webhook_endpoint_setup_names_the_pinned_stripe_version() {
+    use payretry::provider::stripe::STRIPE_VERSION;
+
+    let readme = include_str!("../../../README.md");
+    assert!(
+        readme.contains(&format!("api_version={STRIPE_VERSION}")),
+        "README's webhook endpoint setup must pass api_version={STRIPE_VERSION}"
+    );
+
+    let app = TestApp::spawn().await;
+    let response = app
+        .request(Method::GET, "/openapi.json", None, None, None)
+        .await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let document: Value = response.json().await.unwrap();
+    let description = document["paths"]["/webhooks/stripe"]["post"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        description.contains(&format!("`api_version` `{STRIPE_VERSION}`")),
+        "{description:?}"
+    );
+}
