@@ -142,6 +142,8 @@ async fn ready(addr: std::net::SocketAddr) -> bool {
 fn stripe_env(stub: &Stub) -> Vec<(&'static str, String)> {
     vec![
         ("PAYRETRY_PROVIDER", "stripe".into()),
+        // `serve` with Stripe needs the address buyers come back to; none come here.
+        ("PAYRETRY_PUBLIC_URL", "https://pay.example.test".into()),
         ("STRIPE_API_BASE", stub.base.clone()),
         ("STRIPE_SECRET_KEY", STRIPE_KEY.into()),
         ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.into()),

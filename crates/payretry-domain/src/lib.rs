@@ -3,6 +3,7 @@
 //! Layout:
 //! - [`ids`]: newtypes for every identifier and key that crosses a boundary.
 //! - [`money`]: amounts in integer minor units with their currency.
+//! - [`charge_limits`]: amounts Stripe refuses to charge (per-currency minimums, decimal rules).
 //! - [`status`]: the session state machine's states and the reasons a retry is unavailable.
 //! - [`failure`]: provider failure reasons (decline codes) as a value.
 //! - [`policy`]: the retry policy (delays, attempt cap, window, non-retryable reasons).
@@ -15,6 +16,7 @@
 //! service crate behind traits this crate does not know.
 
 pub mod audit;
+pub mod charge_limits;
 pub mod eligibility;
 pub mod failure;
 pub mod ids;

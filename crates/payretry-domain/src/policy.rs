@@ -29,13 +29,19 @@ pub enum PolicyError {
 impl RetryPolicy {
     pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
     pub const DEFAULT_WINDOW: Duration = Duration::from_secs(24 * 60 * 60);
-    pub const DEFAULT_NON_RETRYABLE: [&'static str; 6] = [
+    /// Decline codes never retried by default. All are values Stripe puts in a
+    /// `payment_intent.payment_failed` event's `last_payment_error.decline_code`, where
+    /// payretry reads the reason (DESIGN.md §4). Radar's `highest_risk_level` is not among
+    /// them: it is a charge's `outcome.reason`, which that event does not carry
+    /// (`last_payment_error.charge` is only the charge's id, and event payloads are never
+    /// expanded). A payment Radar blocks for highest risk arrives as `card_declined`, with
+    /// `decline_code` `fraudulent` when Stripe gives one — and `fraudulent` is listed.
+    pub const DEFAULT_NON_RETRYABLE: [&'static str; 5] = [
         "fraudulent",
         "stolen_card",
         "lost_card",
         "pickup_card",
         "merchant_blacklist",
-        "highest_risk_level",
     ];
 
     /// A policy; `delays` must not be empty.
@@ -137,6 +143,33 @@ mod tests {
         assert_eq!(policy.window, Duration::from_secs(86_400));
         assert!(!policy.is_retryable(&FailureReason::from_code("stolen_card")));
         assert!(policy.is_retryable(&FailureReason::from_code("insufficient_funds")));
+    }
+
+    #[test]
+    fn the_default_non_retryable_reasons_are_decline_codes_a_failure_event_carries() {
+        let policy = RetryPolicy::default();
+        for code in [
+            "fraudulent",
+            "stolen_card",
+            "lost_card",
+            "pickup_card",
+            "merchant_blacklist",
+        ] {
+            assert!(
+                !policy.is_retryable(&FailureReason::from_code(code)),
+                "{code}"
+            );
+        }
+        // A charge outcome reason, never a failure event's reason: not a default (it can
+        // still be configured through PAYRETRY_NON_RETRYABLE_REASONS).
+        assert_eq!(policy.non_retryable.len(), 5);
+        assert!(
+            !policy
+                .non_retryable
+                .contains(&FailureReason::from_code("highest_risk_level"))
+        );
+        // A Radar block without a decline code arrives as the error code alone.
+        assert!(policy.is_retryable(&FailureReason::from_code("card_declined")));
     }
 
     #[test]

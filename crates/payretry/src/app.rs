@@ -221,6 +221,7 @@ impl App {
             public_url,
             analytics: config.segment_write_key.is_some(),
             auto_refund_duplicates: config.auto_refund_duplicates,
+            stripe_charge_limits: config.provider == ProviderKind::Stripe,
         });
         let state = AppState {
             payments,

@@ -104,7 +104,7 @@ fn parse_role(raw: &str) -> Result<Role, String> {
 pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { role } => {
-            require_shared_public_url(&config, role)?;
+            require_public_url(&config, role)?;
             crate::telemetry::logs::init(config.log_format, "info");
             let listener = TcpListener::bind(config.listen)
                 .await
@@ -190,22 +190,22 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// Stripe's create-checkout parameters include the return links, and a redelivered job
-/// re-sends them under the same Idempotency-Key: every process must derive the same links.
-/// One process (`--role all`) always does; separate API and worker processes listen on
-/// different addresses, so they need the public address spelled out.
-fn require_shared_public_url(
-    config: &Config,
-    role: ServeRole,
-) -> Result<(), crate::config::ConfigError> {
-    let split = role != ServeRole::All;
-    if split
-        && config.provider == crate::config::ProviderKind::Stripe
-        && config.public_url.is_none()
-    {
+/// With Stripe the public address must be spelled out, whatever the role. Stripe sends the
+/// buyer back to the checkout's return links: derived from the listen address they would
+/// point at `http://127.0.0.1:…`, a page no buyer can reach. And a redelivered job re-sends
+/// the create-checkout parameters, links included, under the same Idempotency-Key, so
+/// every process (separate API and worker processes listen on different addresses) must
+/// derive the same links.
+fn require_public_url(config: &Config, role: ServeRole) -> Result<(), crate::config::ConfigError> {
+    if config.provider == crate::config::ProviderKind::Stripe && config.public_url.is_none() {
+        let expected = if role == ServeRole::All {
+            "required with PAYRETRY_PROVIDER=stripe: Stripe sends buyers back to it (expected the http:// or https:// address buyers reach payretry at)"
+        } else {
+            "required with PAYRETRY_PROVIDER=stripe, the same on every process: Stripe sends buyers back to it (expected the http:// or https:// address buyers reach payretry at)"
+        };
         return Err(crate::config::ConfigError {
             var: "PAYRETRY_PUBLIC_URL",
-            expected: "required with PAYRETRY_PROVIDER=stripe when API and worker run as separate processes".to_owned(),
+            expected: expected.to_owned(),
             got: String::new(),
         });
     }
@@ -292,21 +292,32 @@ mod tests {
     }
 
     #[test]
-    fn separate_stripe_processes_need_one_public_url() {
+    fn stripe_needs_a_public_url_in_every_role() {
         let stripe = Config {
             provider: crate::config::ProviderKind::Stripe,
             ..Config::default()
         };
-        assert!(require_shared_public_url(&stripe, ServeRole::All).is_ok());
-        for role in [ServeRole::Api, ServeRole::Worker] {
-            let error = require_shared_public_url(&stripe, role).unwrap_err();
+        for role in [ServeRole::All, ServeRole::Api, ServeRole::Worker] {
+            let error = require_public_url(&stripe, role).unwrap_err();
             assert_eq!(error.var, "PAYRETRY_PUBLIC_URL");
+            let line = error.to_string();
+            assert!(
+                line.starts_with("PAYRETRY_PUBLIC_URL: ")
+                    && line.contains("PAYRETRY_PROVIDER=stripe")
+                    && !line.contains('\n'),
+                "{line}"
+            );
         }
         let with_url = Config {
             public_url: Some("https://pay.example.com".to_owned()),
             ..stripe
         };
-        assert!(require_shared_public_url(&with_url, ServeRole::Worker).is_ok());
-        assert!(require_shared_public_url(&Config::default(), ServeRole::Worker).is_ok());
+        for role in [ServeRole::All, ServeRole::Api, ServeRole::Worker] {
+            assert!(require_public_url(&with_url, role).is_ok());
+        }
+        // The sandbox's links are this process's own pages: the listen address will do.
+        for role in [ServeRole::All, ServeRole::Api, ServeRole::Worker] {
+            assert!(require_public_url(&Config::default(), role).is_ok());
+        }
     }
 }

@@ -65,6 +65,7 @@ impl Server {
             )
             .env("PAYRETRY_RETRY_DELAYS", "1s")
             .env("PAYRETRY_PROVIDER", "stripe")
+            .env("PAYRETRY_PUBLIC_URL", format!("http://127.0.0.1:{port}"))
             .env("STRIPE_API_BASE", stripe_base)
             .env("STRIPE_SECRET_KEY", TEST_SECRET_KEY)
             .env("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET)

@@ -129,7 +129,7 @@ async fn payretry_recovers_from_a_postgresql_restart_under_load_with_nothing_hal
                 "/payments/checkout",
                 Some(&buyer),
                 None,
-                Some(json!({"amount": 1, "currency": "usd"})),
+                Some(json!({"amount": 100, "currency": "usd"})),
             )
             .await;
         if probe.status() == 201 {

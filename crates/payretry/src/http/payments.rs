@@ -22,7 +22,12 @@ use utoipa::ToSchema;
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateCheckoutBody {
-    /// Minor units, 1..=99999999.
+    /// Minor units (cents; whole units for zero-decimal currencies such as `jpy`),
+    /// 1..=99999999. With the `stripe` provider, also what Stripe will charge: at least the
+    /// currency's minimum charge (e.g. 50 for `usd` and `eur`, 30 for `gbp`, 50 for `jpy`),
+    /// a multiple of 10 for three-decimal currencies (`bhd`, `jod`, `kwd`, `omr`, `tnd`) and
+    /// a multiple of 100 for `isk`; otherwise 400 `invalid_request` naming the limit,
+    /// before anything is written or sent to Stripe.
     #[schema(minimum = 1, maximum = 99_999_999, example = 2500)]
     #[serde(deserialize_with = "whole_number")]
     pub amount: i64,
@@ -126,6 +131,10 @@ pub async fn create_checkout(
     let parsed: CreateCheckoutBody = serde_json::from_slice(&body)
         .map_err(|e| ApiError::InvalidRequest(format!("invalid JSON body: {e}")))?;
     let request = NewCheckout::try_from(parsed)?;
+    state
+        .payments
+        .check_charge(&request.money)
+        .map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let storage = state.payments.storage.as_ref();
     let Some(key) = key else {
         let (_, response) = state.payments.create_checkout(buyer, request, None).await?;

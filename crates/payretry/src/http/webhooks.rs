@@ -10,6 +10,14 @@ use axum::http::HeaderMap;
 use serde_json::{Value, json};
 
 /// Receive a provider event.
+///
+/// With the `stripe` provider, create the Stripe webhook endpoint for this URL with
+/// `api_version` `2024-06-20`, the `Stripe-Version` payretry pins on its requests
+/// (`STRIPE_VERSION`): Stripe renders an event in the endpoint's API version (else the
+/// account's default), never in the version of the request that caused it. Events:
+/// `checkout.session.completed`, `checkout.session.async_payment_succeeded`,
+/// `checkout.session.async_payment_failed`, `checkout.session.expired`,
+/// `payment_intent.payment_failed`. Its signing secret is `STRIPE_WEBHOOK_SECRET`.
 #[utoipa::path(post, path = "/webhooks/stripe", tag = "webhooks",
     params(("Stripe-Signature" = String, Header)),
     request_body(content = Object, description = "a Stripe event"),

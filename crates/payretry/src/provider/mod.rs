@@ -110,9 +110,16 @@ pub trait PaymentProvider: Send + Sync + 'static {
     ) -> Result<Refund, ProviderError>;
 }
 
+/// How far under Stripe's 24-hour `expires_at` maximum a checkout stays. Stripe measures
+/// the 24 hours from its own clock when the request arrives: the margin absorbs clock skew
+/// between payretry and Stripe and the request's time in flight, so a create sent right
+/// at `reference` is not refused for closing "more than 24 hours" ahead.
+pub const STRIPE_EXPIRY_MARGIN: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
 /// When a checkout should close: the window's end, within Stripe's bounds (30 minutes to
 /// 24 hours after the request). A checkout for a retry late in the window gets
 /// `max(window end, reference + 45 min)`; payretry closes it itself at the window's end.
+/// The latest is `reference + 24 h − 5 min` ([`STRIPE_EXPIRY_MARGIN`]).
 ///
 /// `reference` must be fixed per attempt (the job's `scheduledFor`, not the clock): a
 /// redelivered job re-sends the create under the same Idempotency-Key, and Stripe refuses a
@@ -120,7 +127,7 @@ pub trait PaymentProvider: Send + Sync + 'static {
 /// before Stripe's 30-minute minimum is reached.
 pub fn checkout_expires_at(window_end: DateTime<Utc>, reference: DateTime<Utc>) -> DateTime<Utc> {
     let earliest = reference + chrono::TimeDelta::minutes(45);
-    let latest = reference + chrono::TimeDelta::hours(24) - chrono::TimeDelta::minutes(1);
+    let latest = reference + chrono::TimeDelta::hours(24) - STRIPE_EXPIRY_MARGIN;
     window_end.max(earliest).min(latest)
 }
 
@@ -142,7 +149,37 @@ mod tests {
         );
         assert_eq!(
             checkout_expires_at(now + TimeDelta::hours(30), now),
-            now + TimeDelta::hours(24) - TimeDelta::minutes(1)
+            now + TimeDelta::hours(24) - TimeDelta::minutes(5)
         );
+        // The default 24 h window ends past the cap: it is capped, 5 minutes short.
+        assert_eq!(
+            checkout_expires_at(now + TimeDelta::hours(24), now),
+            now + TimeDelta::hours(24) - TimeDelta::minutes(5)
+        );
+        assert_eq!(
+            checkout_expires_at(now + TimeDelta::hours(24) - TimeDelta::minutes(5), now),
+            now + TimeDelta::hours(24) - TimeDelta::minutes(5)
+        );
+        assert_eq!(
+            checkout_expires_at(now + TimeDelta::hours(23), now),
+            now + TimeDelta::hours(23)
+        );
+    }
+
+    #[test]
+    fn expires_at_is_a_function_of_the_attempt_alone() {
+        let reference = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        for hours in [0, 1, 12, 23, 24, 25, 48, 720] {
+            let window_end = reference + TimeDelta::hours(hours);
+            let first = checkout_expires_at(window_end, reference);
+            // Same window end and reference, same answer: a redelivered create repeats itself.
+            assert_eq!(checkout_expires_at(window_end, reference), first);
+            // Inside Stripe's bounds, with the margin below its maximum.
+            assert!(first - reference >= TimeDelta::minutes(45), "{hours}h");
+            assert!(
+                first - reference <= TimeDelta::hours(24) - STRIPE_EXPIRY_MARGIN,
+                "{hours}h"
+            );
+        }
     }
 }

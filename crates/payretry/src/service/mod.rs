@@ -28,7 +28,8 @@ use crate::storage::{
     StoredResponse, Transition,
 };
 use chrono::{DateTime, Utc};
-use payretry_domain::{PaymentSessionId, Principal, RetryPolicy, RetryRefusal};
+use payretry_domain::charge_limits::{ChargeLimitError, check_stripe_charge};
+use payretry_domain::{Money, PaymentSessionId, Principal, RetryPolicy, RetryRefusal};
 use serde::Serialize;
 use std::sync::Arc;
 
@@ -67,6 +68,9 @@ pub struct Payments {
     /// Whether a detected double payment is refunded through the provider
     /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`); otherwise it is only recorded for support.
     pub auto_refund_duplicates: bool,
+    /// Whether new checkouts must respect Stripe's charge limits (the `stripe` provider):
+    /// per-currency minimums and decimal rules, checked before anything is written or sent.
+    pub stripe_charge_limits: bool,
 }
 
 impl Payments {
@@ -87,6 +91,16 @@ impl Payments {
             .session(id)
             .await?
             .ok_or(ServiceError::SessionNotFound)
+    }
+
+    /// Refuses an amount the provider would refuse to charge (with `stripe`: below the
+    /// currency's minimum, or breaking its decimal rules). The sandbox takes any amount the
+    /// contract allows.
+    pub fn check_charge(&self, money: &Money) -> Result<(), ChargeLimitError> {
+        if self.stripe_charge_limits {
+            check_stripe_charge(money)?;
+        }
+        Ok(())
     }
 
     /// The buyer-facing page of a session, also the provider's return URL.
