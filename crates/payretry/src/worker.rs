@@ -32,7 +32,8 @@ const MAX_LEASES_PER_JOB: u32 = 5;
 pub enum Outcome {
     /// The retry checkout exists and the session is open on it.
     CheckoutCreated,
-    /// The provider said the current checkout was paid: recorded as success, no retry.
+    /// The provider said the current checkout was completed (paid, or with a payment that
+    /// settles later): recorded as success or processing, no retry.
     Reconciled,
     /// Nothing to do: the session moved on (paid, another attempt, already processed).
     Dropped(&'static str),
@@ -133,9 +134,11 @@ impl Worker {
             }
             (JobStep::OpenCheckout { check_paid }, Some(session)) => {
                 if let Some(current) = &check_paid
-                    && self.paid_meanwhile(current).await?
+                    && let Some(settled) = self.completed_meanwhile(current).await?
                 {
-                    self.payments.record_reconciled_payment(&session).await?;
+                    self.payments
+                        .record_reconciled_checkout(&session, settled)
+                        .await?;
                     return Ok(Outcome::Reconciled);
                 }
                 self.open_retry_checkout(delivery, session, settle_in_transition)
@@ -145,12 +148,19 @@ impl Worker {
         }
     }
 
-    /// Whether the provider says `checkout` was paid without telling us. Only a transient
-    /// failure to ask is an error (retry later); a permanent one means "not paid".
-    async fn paid_meanwhile(&self, checkout: &ProviderSessionId) -> Result<bool, ServiceError> {
+    /// Whether the provider says `checkout` was completed without telling us: paid, or
+    /// completed with a payment that settles later (then no retry may start: money may
+    /// still move). Only a transient failure to ask is an error (retry later); a permanent
+    /// one means "not completed".
+    async fn completed_meanwhile(
+        &self,
+        checkout: &ProviderSessionId,
+    ) -> Result<Option<CheckoutState>, ServiceError> {
         match self.payments.provider.retrieve_checkout(checkout).await {
-            Ok(state) => Ok(state == CheckoutState::Paid),
-            Err(ProviderError::Permanent(_)) => Ok(false),
+            Ok(state @ (CheckoutState::Paid | CheckoutState::CompleteUnpaid)) => Ok(Some(state)),
+            Ok(CheckoutState::Open | CheckoutState::Expired) | Err(ProviderError::Permanent(_)) => {
+                Ok(None)
+            }
             Err(transient) => Err(transient.into()),
         }
     }

@@ -6,9 +6,12 @@
 //!   of that request reuses it, so neither a redelivered queue message nor a retried timeout
 //!   can create a second checkout for one attempt. Refunds of a duplicate payment carry
 //!   `payretry-{sessionId}-refund-attempt-{N}` for the same reason: one refund per charge.
-//! - Transient failures (timeouts, connection errors, 429, 5xx, and anything Stripe marks
+//! - Transient failures (timeouts, connection errors, 409, 429, 5xx, and anything Stripe marks
 //!   `Stripe-Should-Retry: true`) are retried up to `max_tries` with exponential backoff and
-//!   jitter, honouring `Retry-After` up to [`MAX_RETRY_WAIT`]. Other 4xx are permanent at once.
+//!   jitter, honouring `Retry-After` up to [`MAX_RETRY_WAIT`]. Other 4xx, anything marked
+//!   `Stripe-Should-Retry: false`, and a 5xx Stripe replays under the idempotency key
+//!   (`Idempotent-Replayed: true`) are permanent at once: trying again cannot change them.
+//!   See [`classify`].
 //! - Stripe's vocabulary (`status`, `payment_status`) is mapped into [`CheckoutState`] here
 //!   and goes no further.
 //! - The secret key travels only in the `Authorization` header. No error, log line or `Debug`
@@ -241,20 +244,19 @@ impl StripeProvider {
             call.operation,
             error_summary(status, &headers, &body)
         ));
-        let should_retry = headers
-            .get("Stripe-Should-Retry")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().eq_ignore_ascii_case("true"));
-        if status == StatusCode::TOO_MANY_REQUESTS
-            || status.is_server_error()
-            || should_retry == Some(true)
-        {
-            Err(TryError::Transient {
+        match classify(status, &headers) {
+            Answer::TryAgain => Err(TryError::Transient {
                 message,
                 retry_after: retry_after(&headers, Utc::now()),
-            })
-        } else {
-            Err(TryError::Refused { status, message })
+            }),
+            Answer::Final => Err(TryError::Refused { status, message }),
+            Answer::ReplayedFailure => Err(TryError::Refused {
+                status,
+                message: format!(
+                    "{message} [a failure Stripe saved under this Idempotency-Key and replays \
+                     for 24 h: this request cannot succeed again under the key]"
+                ),
+            }),
         }
     }
 
@@ -404,12 +406,6 @@ impl StripeProvider {
         };
         let body = match self.call(&call).await {
             Ok(body) => body,
-            // 409: another request with this key is still in flight (a periodic retry met the
-            // webhook's own try). Its outcome is not known yet: ask again later.
-            Err(CallError::Refused {
-                status: StatusCode::CONFLICT,
-                message,
-            }) => return Err(ProviderError::Transient(message)),
             // The charge is refunded already: an earlier try got through after its key
             // expired at Stripe (24 h). The money is back; that is the outcome wanted.
             Err(CallError::Refused {
@@ -447,6 +443,46 @@ struct Call<'a> {
     url: Url,
     form: Option<&'a [(&'static str, String)]>,
     idempotency_key: Option<&'a str>,
+}
+
+/// What an error answer from Stripe means for trying the same request again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Try again under the same key: a 429, a 409 (another request with this key is still
+    /// running; Stripe saves nothing for it), a 5xx Stripe did not save, or anything Stripe
+    /// marks `Stripe-Should-Retry: true`.
+    TryAgain,
+    /// The request is refused as it stands: other 4xx, or `Stripe-Should-Retry: false`.
+    Final,
+    /// A 5xx that Stripe saved under the idempotency key and replays (`Idempotent-Replayed:
+    /// true`): every further try with this key gets the same failure for 24 h.
+    ReplayedFailure,
+}
+
+/// Classifies an error answer as Stripe documents it: `Stripe-Should-Retry` decides when
+/// present; otherwise 409, 429 and 5xx may be retried, except a replayed 5xx, and every other
+/// 4xx is final.
+fn classify(status: StatusCode, headers: &HeaderMap) -> Answer {
+    let flag = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+    };
+    if status.is_server_error() && flag("Idempotent-Replayed").as_deref() == Some("true") {
+        return Answer::ReplayedFailure;
+    }
+    match flag("Stripe-Should-Retry").as_deref() {
+        Some("true") => Answer::TryAgain,
+        Some("false") => Answer::Final,
+        _ if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::CONFLICT =>
+        {
+            Answer::TryAgain
+        }
+        _ => Answer::Final,
+    }
 }
 
 /// The outcome of one try.
@@ -748,6 +784,45 @@ mod tests {
         assert_eq!(backoff_delay(initial, 40, 0.9), MAX_RETRY_WAIT);
         assert_eq!(backoff_delay(initial, u32::MAX, 1.0), MAX_RETRY_WAIT);
         assert_eq!(backoff_delay(initial, 0, f64::NAN), initial);
+    }
+
+    #[test]
+    fn error_answers_are_classified_as_stripe_documents_them() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let none = headers(&[]);
+        let retry = headers(&[("Stripe-Should-Retry", "true")]);
+        let stop = headers(&[("Stripe-Should-Retry", "false")]);
+        let replayed = headers(&[("Idempotent-Replayed", "true")]);
+        let replayed_stop = headers(&[
+            ("Idempotent-Replayed", "true"),
+            ("Stripe-Should-Retry", "false"),
+        ]);
+        for (status, headers, expected) in [
+            (409, &none, Answer::TryAgain),
+            (429, &none, Answer::TryAgain),
+            (500, &none, Answer::TryAgain),
+            (503, &none, Answer::TryAgain),
+            (400, &none, Answer::Final),
+            (402, &none, Answer::Final),
+            (404, &none, Answer::Final),
+            (400, &retry, Answer::TryAgain),
+            (500, &stop, Answer::Final),
+            (409, &stop, Answer::Final),
+            (429, &stop, Answer::Final),
+            (500, &replayed, Answer::ReplayedFailure),
+            (500, &replayed_stop, Answer::ReplayedFailure),
+            // A replayed 4xx is an ordinary refusal.
+            (400, &replayed, Answer::Final),
+        ] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(classify(status, headers), expected, "{status} {headers:?}");
+        }
     }
 
     #[test]

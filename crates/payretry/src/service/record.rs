@@ -122,6 +122,10 @@ fn audit_details(details: &AuditDetails) -> Value {
         AuditDetails::PaymentSucceeded {
             after_window,
             dropped_scheduled_retry,
+        }
+        | AuditDetails::PaymentProcessing {
+            after_window,
+            dropped_scheduled_retry,
         } => json!({
             "afterWindow": after_window,
             "droppedScheduledRetry": dropped_scheduled_retry,
