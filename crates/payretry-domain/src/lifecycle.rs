@@ -317,6 +317,10 @@ pub struct Effects {
     pub dead_letter: Option<DeadLetterNote>,
     /// The id of a dead letter being redriven: removed with this change.
     pub redrive: Option<String>,
+    /// Provider checkouts nobody should pay any more (superseded by a newer attempt's, left
+    /// payable after a payment through another, or past the window): closed durably, retried
+    /// until the provider says they are closed.
+    pub close_checkouts: Vec<ProviderSessionId>,
     pub metrics: Vec<MetricNote>,
 }
 
@@ -505,6 +509,13 @@ impl<'a> Lifecycle<'a> {
         });
         let effects = &mut change.effects;
         effects.attempt = Some(AttemptChange::new(attempt, AttemptStatus::Succeeded));
+        // Paid through an older attempt's checkout: the current one must not be paid too.
+        effects.close_checkouts.extend(
+            state
+                .provider_session_id
+                .clone()
+                .filter(|current| payment.provider_session_id != Some(current)),
+        );
         effects.audit.push(self.system(
             attempt,
             AuditDetails::PaymentSucceeded {
@@ -713,6 +724,10 @@ impl<'a> Lifecycle<'a> {
         {
             change.state = closed.state;
             change.effects.audit.extend(closed.effects.audit);
+            change
+                .effects
+                .close_checkouts
+                .extend(closed.effects.close_checkouts);
         }
         Some((change, effect))
     }
@@ -823,6 +838,13 @@ impl<'a> Lifecycle<'a> {
             provider_session_id: Some(checkout.id.clone()),
             ..AttemptChange::new(attempt, AttemptStatus::Open)
         });
+        // The previous attempt's checkout stays payable after a decline: close it.
+        effects.close_checkouts.extend(
+            state
+                .provider_session_id
+                .clone()
+                .filter(|previous| *previous != checkout.id),
+        );
         effects.audit.push(self.system(
             attempt,
             AuditDetails::RetryInitiated {
@@ -861,6 +883,10 @@ impl<'a> Lifecycle<'a> {
             ..state.clone()
         });
         let effects = &mut change.effects;
+        // A retry's checkout may outlive the window (Stripe's 30-minute minimum): close it.
+        effects
+            .close_checkouts
+            .extend(state.provider_session_id.clone());
         if state.status == SessionStatus::RetryScheduled {
             let attempt = AttemptNumber::new(state.retry_attempts);
             let reason = AbandonReason::WindowExpired;
@@ -921,12 +947,18 @@ impl<'a> Lifecycle<'a> {
         Some(change)
     }
 
-    /// An admin sends dead letter `dead_letter_id` (retry `attempt`) again: the session is
-    /// back in `retry_scheduled` for that attempt, due now. Refused when the session has
-    /// moved on or the window has passed.
+    /// An admin sends dead letter `dead_letter_id` (its `job`) again: the session is back in
+    /// `retry_scheduled` for that attempt, due now. Refused when the session has moved on or
+    /// the window has passed.
+    ///
+    /// The job is queued again as it was, only its `enqueuedAt` new: its `scheduledFor` fixes
+    /// the checkout's parameters (`expires_at`), and the provider's idempotency key names the
+    /// attempt, so the redrive repeats the first request exactly. A key reused with other
+    /// parameters would be refused (Stripe: 400 `idempotency_error`), and a new key for the
+    /// same attempt could open a second live checkout if the first request did get through.
     pub fn redriven(
         &self,
-        attempt: AttemptNumber,
+        job: &RetryJob,
         dead_letter_id: &str,
         last_error: &str,
         actor: Actor,
@@ -938,6 +970,7 @@ impl<'a> Lifecycle<'a> {
             SessionStatus::Expired => return Err(RetryRefusal::WindowExpired),
             _ => {}
         }
+        let attempt = job.attempt_number;
         if job_standing(self.state, attempt) != JobStanding::Parked {
             return Err(RetryRefusal::RetryAlreadyScheduled);
         }
@@ -960,7 +993,10 @@ impl<'a> Lifecycle<'a> {
                 last_error: last_error.to_owned(),
             },
         });
-        effects.enqueue = Some(RetryJob::new(self.id.clone(), attempt, 0, now, now));
+        effects.enqueue = Some(RetryJob {
+            enqueued_at: now,
+            ..job.clone()
+        });
         effects.redrive = Some(dead_letter_id.to_owned());
         Ok(change)
     }
@@ -1092,6 +1128,8 @@ mod tests {
         state: SessionState,
         /// Attempts that got a checkout (the ones a provider event can be about).
         checkouts: Vec<AttemptNumber>,
+        /// Checkouts still payable at the provider: created, neither closed nor expired.
+        live: std::collections::BTreeSet<String>,
         queue: Vec<RetryJob>,
         dead: Vec<(String, RetryJob)>,
         /// Every accepted retry, in order, with how it ended so far.
@@ -1117,6 +1155,7 @@ mod tests {
                 now,
                 state: opened.state,
                 checkouts: vec![AttemptNumber::ORIGINAL],
+                live: [checkout(AttemptNumber::ORIGINAL, now).id.to_string()].into(),
                 queue: Vec::new(),
                 dead: Vec::new(),
                 accepted: Vec::new(),
@@ -1216,6 +1255,52 @@ mod tests {
                     self.end(attempt.attempt, ending)?;
                 }
             }
+            if let Some(AttemptChange {
+                status: AttemptStatus::Open,
+                provider_session_id: Some(id),
+                ..
+            }) = &change.effects.attempt
+            {
+                self.live.insert(id.to_string());
+            }
+            for id in &change.effects.close_checkouts {
+                self.live.remove(&id.to_string());
+            }
+            match change.state.status {
+                // Paid: no other checkout of the session can be paid any more.
+                SessionStatus::Succeeded => {
+                    let paid = change
+                        .state
+                        .paid_attempt
+                        .map(|a| checkout(a, self.now).id.to_string());
+                    prop_assert!(
+                        self.live.iter().all(|id| Some(id) == paid.as_ref()),
+                        "paid through {paid:?}, still payable: {:?}",
+                        self.live
+                    );
+                }
+                // Closed unpaid: nothing can be paid.
+                SessionStatus::Expired => {
+                    prop_assert!(
+                        self.live.is_empty(),
+                        "expired, still payable: {:?}",
+                        self.live
+                    );
+                }
+                // At most the current attempt's checkout is payable.
+                _ => {
+                    let current = change
+                        .state
+                        .provider_session_id
+                        .as_ref()
+                        .map(ToString::to_string);
+                    prop_assert!(
+                        self.live.iter().all(|id| Some(id) == current.as_ref()),
+                        "current {current:?}, payable: {:?}",
+                        self.live
+                    );
+                }
+            }
             if let Some(job) = change.effects.enqueue {
                 prop_assert_eq!(job.attempt_number.get(), change.state.retry_attempts);
                 self.queue.push(job);
@@ -1291,6 +1376,8 @@ mod tests {
                 }
                 Event::CheckoutExpired { attempt } => {
                     let attempt = self.checkout_of(*attempt);
+                    // The provider closed it, whatever payretry makes of that.
+                    self.live.remove(&checkout(attempt, now).id.to_string());
                     if let Some((change, _)) = self.lifecycle().checkout_expired(Some(attempt), now)
                     {
                         self.apply(change, Cause::Other)?;
@@ -1338,7 +1425,7 @@ mod tests {
                     if !self.dead.is_empty() {
                         let (id, job) = self.dead[pick % self.dead.len()].clone();
                         let redriven = self.lifecycle().redriven(
-                            job.attempt_number,
+                            &job,
                             &id,
                             "provider down",
                             Actor::System,

@@ -202,11 +202,12 @@ impl Worker {
                     if settle_in_transition {
                         t.settles = Some(delivery.receipt.clone());
                     }
-                    (t, metrics)
+                    let superseded = t.close_checkouts.clone();
+                    (t, (metrics, superseded))
                 }))
             })
             .await?;
-        let Some((before, metrics)) = committed else {
+        let Some((_, (metrics, superseded))) = committed else {
             // Another delivery of this same job may have won with this very checkout (the
             // idempotency key makes the provider return it again): it is live, keep it.
             // Otherwise the session was paid or expired meanwhile: close the unused one.
@@ -214,29 +215,18 @@ impl Worker {
             let still_live =
                 current.is_some_and(|s| s.state.provider_session_id.as_ref() == Some(&checkout.id));
             if !still_live {
-                self.close_checkout(&checkout.id).await;
+                self.payments
+                    .close_unused_checkouts(&id, std::slice::from_ref(&checkout.id))
+                    .await?;
             }
             return Ok(Outcome::Dropped(
                 "session moved on during checkout creation",
             ));
         };
         record::emit(&metrics);
-        if let Some(previous) = before
-            .state
-            .provider_session_id
-            .filter(|p| *p != checkout.id)
-        {
-            self.close_checkout(&previous).await;
-        }
+        // Recorded in the commit; closed now if the provider answers, else by the sweeper.
+        self.payments.close_checkouts_now(&id, &superseded).await;
         Ok(Outcome::CheckoutCreated)
-    }
-
-    /// Closes a checkout nobody should pay any more. Best effort: a payment on it would
-    /// still be recorded (success from any attempt wins).
-    async fn close_checkout(&self, id: &ProviderSessionId) {
-        if let Err(error) = self.payments.provider.expire_checkout(id).await {
-            tracing::warn!(provider_session_id = %id, %error, "could not close a superseded checkout");
-        }
     }
 
     /// Processes one delivery and settles it with the queue.

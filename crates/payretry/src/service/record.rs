@@ -47,6 +47,7 @@ pub(crate) fn transition(
         last_error: d.last_error,
     });
     t.redrive = effects.redrive;
+    t.close_checkouts = effects.close_checkouts;
     (t, effects.metrics)
 }
 
