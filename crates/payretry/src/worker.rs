@@ -157,10 +157,9 @@ impl Worker {
         checkout: &ProviderSessionId,
     ) -> Result<Option<CheckoutState>, ServiceError> {
         match self.payments.provider.retrieve_checkout(checkout).await {
-            Ok(state @ (CheckoutState::Paid | CheckoutState::CompleteUnpaid)) => Ok(Some(state)),
-            Ok(CheckoutState::Open | CheckoutState::Expired) | Err(ProviderError::Permanent(_)) => {
-                Ok(None)
-            }
+            Ok(state @ (CheckoutState::Paid | CheckoutState::Processing)) => Ok(Some(state)),
+            Ok(CheckoutState::Open | CheckoutState::Expired | CheckoutState::CompleteUnpaid)
+            | Err(ProviderError::Permanent(_)) => Ok(None),
             Err(transient) => Err(transient.into()),
         }
     }

@@ -1,5 +1,5 @@
 -- A session (and its attempt) whose checkout completed with a payment that settles later is
--- `processing` (SQLite's columns have no CHECK).
+-- `processing` (SQLite rebuilds its table in its own 0008).
 ALTER TABLE payment_sessions DROP CONSTRAINT payment_sessions_status_check;
 ALTER TABLE payment_sessions ADD CONSTRAINT payment_sessions_status_check
     CHECK (status IN ('open', 'failed', 'retry_scheduled', 'processing', 'succeeded', 'expired'));

@@ -330,7 +330,12 @@ impl PaymentProvider for StripeProvider {
         let call = Call {
             operation: OPERATION,
             method: Method::GET,
-            url: self.sessions_url(&[id.as_str()])?,
+            url: {
+                let mut url = self.sessions_url(&[id.as_str()])?;
+                url.query_pairs_mut()
+                    .append_pair("expand[]", "payment_intent");
+                url
+            },
             form: None,
             idempotency_key: None,
         };
@@ -338,7 +343,12 @@ impl PaymentProvider for StripeProvider {
         let session = self.parse_session(OPERATION, &body)?;
         let status = session.status.as_deref().unwrap_or("");
         let payment_status = session.payment_status.as_deref().unwrap_or("");
-        checkout_state(status, payment_status).ok_or_else(|| {
+        let intent = session
+            .payment_intent
+            .as_ref()
+            .and_then(|pi| pi.get("status"))
+            .and_then(serde_json::Value::as_str);
+        checkout_state(status, payment_status, intent).ok_or_else(|| {
             ProviderError::Permanent(format!(
                 "{OPERATION}: unknown Stripe state status={status:?} payment_status={payment_status:?}"
             ))
@@ -362,9 +372,10 @@ impl PaymentProvider for StripeProvider {
                 message,
             }) => match self.retrieve_checkout(id).await? {
                 CheckoutState::Open => Err(ProviderError::Permanent(message)),
-                CheckoutState::Expired | CheckoutState::Paid | CheckoutState::CompleteUnpaid => {
-                    Ok(())
-                }
+                CheckoutState::Expired
+                | CheckoutState::Paid
+                | CheckoutState::Processing
+                | CheckoutState::CompleteUnpaid => Ok(()),
             },
             Err(other) => Err(other.into()),
         }
@@ -521,6 +532,8 @@ struct SessionBody {
     expires_at: Option<i64>,
     status: Option<String>,
     payment_status: Option<String>,
+    /// An id, or the object when expanded (`retrieve` asks for it).
+    payment_intent: Option<serde_json::Value>,
 }
 
 /// The fields of a Refund payretry reads.
@@ -583,12 +596,22 @@ fn refund_form(payment_intent: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Stripe's `status` × `payment_status` as payretry sees it; `None` for a state this API
-/// version does not define.
-fn checkout_state(status: &str, payment_status: &str) -> Option<CheckoutState> {
+/// version does not define. A completed, unpaid checkout looks the same while its debit
+/// settles and after the debit failed; its payment intent's status (`intent`, from
+/// `expand[]=payment_intent`) tells them apart, and without it the checkout counts as still
+/// processing (money may move).
+fn checkout_state(
+    status: &str,
+    payment_status: &str,
+    intent: Option<&str>,
+) -> Option<CheckoutState> {
     match (status, payment_status) {
         ("open", _) => Some(CheckoutState::Open),
         ("complete", "paid" | "no_payment_required") => Some(CheckoutState::Paid),
-        ("complete", "unpaid") => Some(CheckoutState::CompleteUnpaid),
+        ("complete", "unpaid") => Some(match intent {
+            None | Some("processing") => CheckoutState::Processing,
+            Some(_) => CheckoutState::CompleteUnpaid,
+        }),
         ("expired", _) => Some(CheckoutState::Expired),
         _ => None,
     }
@@ -756,17 +779,24 @@ mod tests {
     #[test]
     fn stripe_states_map_into_checkout_state() {
         use CheckoutState::*;
-        for (status, payment_status, expected) in [
-            ("open", "unpaid", Some(Open)),
-            ("complete", "paid", Some(Paid)),
-            ("complete", "no_payment_required", Some(Paid)),
-            ("complete", "unpaid", Some(CompleteUnpaid)),
-            ("expired", "unpaid", Some(Expired)),
-            ("complete", "", None),
-            ("requires_capture", "paid", None),
+        for (status, payment_status, intent, expected) in [
+            ("open", "unpaid", None, Some(Open)),
+            ("complete", "paid", Some("succeeded"), Some(Paid)),
+            ("complete", "no_payment_required", None, Some(Paid)),
+            ("complete", "unpaid", Some("processing"), Some(Processing)),
+            ("complete", "unpaid", None, Some(Processing)),
+            (
+                "complete",
+                "unpaid",
+                Some("requires_payment_method"),
+                Some(CompleteUnpaid),
+            ),
+            ("expired", "unpaid", None, Some(Expired)),
+            ("complete", "", None, None),
+            ("requires_capture", "paid", None, None),
         ] {
             assert_eq!(
-                checkout_state(status, payment_status),
+                checkout_state(status, payment_status, intent),
                 expected,
                 "{status}/{payment_status}"
             );

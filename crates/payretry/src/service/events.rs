@@ -126,7 +126,7 @@ impl Payments {
     }
 
     /// Records what the worker found by asking the provider about the current checkout
-    /// (reconciliation): `Paid` as a success, `CompleteUnpaid` as a payment processing.
+    /// (reconciliation): `Paid` as a success, `Processing` as a payment processing.
     /// Returns whether it changed the session.
     pub(crate) async fn record_reconciled_checkout(
         &self,
@@ -147,8 +147,10 @@ impl Payments {
                         now,
                         false,
                     ),
-                    CheckoutState::CompleteUnpaid => lifecycle.processing(attempt, now),
-                    CheckoutState::Open | CheckoutState::Expired => None,
+                    CheckoutState::Processing => lifecycle.processing(attempt, now),
+                    CheckoutState::Open
+                    | CheckoutState::Expired
+                    | CheckoutState::CompleteUnpaid => None,
                 };
                 Ok(decided.map(|(change, _)| {
                     let (mut t, metrics) = record::transition(s, change, now);

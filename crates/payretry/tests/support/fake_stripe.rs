@@ -115,8 +115,11 @@ pub struct FakeCheckout {
     pub payment_status: String,
     pub expires_at: i64,
     pub created: i64,
-    /// `pi_test_…`, given when the checkout is marked paid.
+    /// `pi_test_…`, given when the checkout is marked paid or complete-unpaid.
     pub payment_intent: Option<String>,
+    /// The payment intent's `status`: `processing` while a debit settles,
+    /// `requires_payment_method` after it failed, `succeeded` once paid.
+    pub payment_intent_status: Option<String>,
 }
 
 /// A refund the fake made (replays excluded).
@@ -275,21 +278,34 @@ impl FakeStripe {
     /// can be refunded. Returns the payment intent's id.
     pub fn mark_paid(&self, checkout_id: &str) -> String {
         self.set_state(checkout_id, "complete", "paid");
+        self.set_intent(checkout_id, "succeeded")
+    }
+
+    /// The buyer completed an asynchronous payment that has not cleared: `complete` / `unpaid`,
+    /// its payment intent `processing`. Returns the payment intent's id.
+    pub fn mark_complete_unpaid(&self, checkout_id: &str) -> String {
+        self.set_state(checkout_id, "complete", "unpaid");
+        self.set_intent(checkout_id, "processing")
+    }
+
+    /// That payment failed to settle: the checkout stays `complete` / `unpaid` (as at Stripe),
+    /// its payment intent back to `requires_payment_method`.
+    pub fn mark_debit_failed(&self, checkout_id: &str) {
+        self.set_intent(checkout_id, "requires_payment_method");
+    }
+
+    fn set_intent(&self, checkout_id: &str, status: &str) -> String {
         let mut ledger = self.shared.ledger();
         let checkout = ledger
             .checkouts
             .iter_mut()
             .find(|c| c.id == checkout_id)
-            .expect("the checkout just marked paid");
+            .unwrap_or_else(|| panic!("fake Stripe has no checkout {checkout_id}"));
+        checkout.payment_intent_status = Some(status.to_owned());
         checkout
             .payment_intent
             .get_or_insert_with(|| format!("pi_test_{}", uuid::Uuid::new_v4().simple()))
             .clone()
-    }
-
-    /// The buyer completed an asynchronous payment that has not cleared: `complete` / `unpaid`.
-    pub fn mark_complete_unpaid(&self, checkout_id: &str) {
-        self.set_state(checkout_id, "complete", "unpaid");
     }
 
     /// The next `n` checkout creates that get past [`FakeStripe::fail_next`] behave as `mode`
@@ -547,6 +563,7 @@ impl Shared {
             created: now,
             form: form.clone(),
             payment_intent: None,
+            payment_intent_status: None,
         };
         let body = checkout_json(&checkout);
         if let Some(key) = key {
@@ -654,12 +671,20 @@ async fn retrieve(
     if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
         return refusal;
     }
+    // `expand[]=payment_intent` (or `expand[0]=…`) turns the id into the object.
+    let expand = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .any(|(name, value)| name.starts_with("expand[") && value == "payment_intent");
     let mut ledger = shared.ledger();
     let now = now_unix();
     match ledger.checkouts.iter_mut().find(|c| c.id == id) {
         Some(checkout) => {
             expire_if_due(checkout, now);
-            stripe_json(StatusCode::OK, checkout_json(checkout))
+            let mut body = checkout_json(checkout);
+            if expand && let Some(intent) = &checkout.payment_intent {
+                body["payment_intent"] = json!({"id": intent, "object": "payment_intent",
+                    "status": checkout.payment_intent_status});
+            }
+            stripe_json(StatusCode::OK, body)
         }
         None => no_such_checkout(&id),
     }
