@@ -34,6 +34,8 @@ pub enum ApiErrorCode {
     RetryLimitReached,
     /// 409: the session is paid.
     PaymentAlreadySucceeded,
+    /// 409: a payment that settles later (a bank debit) is in progress.
+    PaymentProcessing,
     /// 409: a retry is queued already.
     RetryAlreadyScheduled,
     /// 409: the session's checkout is still open.
@@ -56,7 +58,7 @@ pub enum ApiErrorCode {
 
 impl ApiErrorCode {
     /// Every code the contract defines, in its table's order.
-    pub const ALL_KNOWN: [Self; 18] = [
+    pub const ALL_KNOWN: [Self; 19] = [
         Self::InvalidRequest,
         Self::IdempotencyKeyMissing,
         Self::IdempotencyKeyInvalid,
@@ -67,6 +69,7 @@ impl ApiErrorCode {
         Self::DeadLetterNotFound,
         Self::RetryLimitReached,
         Self::PaymentAlreadySucceeded,
+        Self::PaymentProcessing,
         Self::RetryAlreadyScheduled,
         Self::PaymentNotFailed,
         Self::FailureNotRetryable,
@@ -90,6 +93,7 @@ impl ApiErrorCode {
             Self::DeadLetterNotFound => "dead_letter_not_found",
             Self::RetryLimitReached => "retry_limit_reached",
             Self::PaymentAlreadySucceeded => "payment_already_succeeded",
+            Self::PaymentProcessing => "payment_processing",
             Self::RetryAlreadyScheduled => "retry_already_scheduled",
             Self::PaymentNotFailed => "payment_not_failed",
             Self::FailureNotRetryable => "failure_not_retryable",
@@ -122,6 +126,7 @@ impl ApiErrorCode {
             Self::SessionNotFound | Self::DeadLetterNotFound => 404,
             Self::RetryLimitReached
             | Self::PaymentAlreadySucceeded
+            | Self::PaymentProcessing
             | Self::RetryAlreadyScheduled
             | Self::PaymentNotFailed
             | Self::FailureNotRetryable
@@ -141,6 +146,7 @@ impl ApiErrorCode {
             Self::RetryLimitReached => Some(RetryUnavailableReason::LimitReached),
             Self::PaymentWindowExpired => Some(RetryUnavailableReason::WindowExpired),
             Self::PaymentAlreadySucceeded => Some(RetryUnavailableReason::PaymentSucceeded),
+            Self::PaymentProcessing => Some(RetryUnavailableReason::PaymentProcessing),
             Self::RetryAlreadyScheduled => Some(RetryUnavailableReason::RetryScheduled),
             Self::PaymentNotFailed => Some(RetryUnavailableReason::PaymentNotFailed),
             Self::FailureNotRetryable => Some(RetryUnavailableReason::FailureNotRetryable),
@@ -256,6 +262,7 @@ mod tests {
             ("dead_letter_not_found", 404),
             ("retry_limit_reached", 409),
             ("payment_already_succeeded", 409),
+            ("payment_processing", 409),
             ("retry_already_scheduled", 409),
             ("payment_not_failed", 409),
             ("failure_not_retryable", 409),
@@ -278,6 +285,7 @@ mod tests {
     fn domain_refusals_map_to_the_same_codes_and_reasons() {
         for refusal in [
             RetryRefusal::PaymentAlreadySucceeded,
+            RetryRefusal::PaymentProcessing,
             RetryRefusal::WindowExpired,
             RetryRefusal::RetryAlreadyScheduled,
             RetryRefusal::PaymentNotFailed,

@@ -323,6 +323,9 @@ const fn unavailable_text(reason: RetryUnavailableReason) -> &'static str {
         RetryUnavailableReason::WindowExpired => "The payment window has closed",
         RetryUnavailableReason::PaymentSucceeded => "This payment has already succeeded",
         RetryUnavailableReason::RetryScheduled => "A retry is already scheduled",
+        RetryUnavailableReason::PaymentProcessing => {
+            "Your payment is being processed: a retry is not needed"
+        }
         RetryUnavailableReason::PaymentNotFailed => {
             "Your payment is still open: complete it at checkout"
         }
@@ -430,6 +433,14 @@ fn from_status(status: PaymentStatus) -> (RetryState, Vec<Effect>) {
             let reason = status.retry_unavailable_reason;
             (unavailable(status, reason), vec![])
         }
+        // Money may still move (a bank debit settling): no retry, whatever else is said.
+        SessionStatus::Processing => (
+            RetryState::Unavailable {
+                status,
+                reason: Some(RetryUnavailableReason::PaymentProcessing),
+            },
+            vec![],
+        ),
     }
 }
 

@@ -67,6 +67,8 @@ pub enum AuditAction {
     RetryInitiated,
     RetryAbandoned,
     PaymentSucceeded,
+    /// A checkout was completed with a payment that settles later.
+    PaymentProcessing,
     RetryDeadLettered,
     RetryRedriven,
     SessionExpired,
@@ -86,6 +88,7 @@ impl AuditAction {
             Self::RetryInitiated => "retry_initiated",
             Self::RetryAbandoned => "retry_abandoned",
             Self::PaymentSucceeded => "payment_succeeded",
+            Self::PaymentProcessing => "payment_processing",
             Self::RetryDeadLettered => "retry_dead_lettered",
             Self::RetryRedriven => "retry_redriven",
             Self::SessionExpired => "session_expired",

@@ -1,7 +1,7 @@
 //! The one place that decides whether a retry may be scheduled (DESIGN.md §2).
 //!
 //! The checks run in the contract's order, so the refusal a caller sees is stable:
-//! succeeded → window passed → retry scheduled → open → attempts ≥ max → non-retryable
+//! succeeded → processing → window passed → retry scheduled → open → attempts ≥ max → non-retryable
 //! reason → the retry could not start inside the window. Visibility (404) is the caller's
 //! concern and comes before all of these.
 
@@ -37,6 +37,8 @@ pub struct RetryPlan {
 pub enum RetryRefusal {
     #[error("the payment has already succeeded")]
     PaymentAlreadySucceeded,
+    #[error("a payment is being processed; its outcome is not known yet")]
+    PaymentProcessing,
     #[error("the payment window has closed")]
     WindowExpired,
     #[error("a retry is already scheduled")]
@@ -56,6 +58,7 @@ impl RetryRefusal {
     pub const fn code(self) -> &'static str {
         match self {
             Self::PaymentAlreadySucceeded => "payment_already_succeeded",
+            Self::PaymentProcessing => "payment_processing",
             Self::WindowExpired | Self::WouldStartAfterWindow => "payment_window_expired",
             Self::RetryAlreadyScheduled => "retry_already_scheduled",
             Self::PaymentNotFailed => "payment_not_failed",
@@ -76,6 +79,7 @@ impl RetryRefusal {
     pub const fn unavailable_reason(self) -> RetryUnavailableReason {
         match self {
             Self::PaymentAlreadySucceeded => RetryUnavailableReason::PaymentSucceeded,
+            Self::PaymentProcessing => RetryUnavailableReason::PaymentProcessing,
             Self::WindowExpired | Self::WouldStartAfterWindow => {
                 RetryUnavailableReason::WindowExpired
             }
@@ -88,9 +92,14 @@ impl RetryRefusal {
 }
 
 /// The status a caller should see: `expired` as soon as the window has passed, whether or
-/// not the sweeper has run, unless the session was paid.
+/// not the sweeper has run, unless the session was paid or its payment is processing (money
+/// may still move: only the provider's outcome ends it).
 pub fn effective_status(snapshot: &SessionSnapshot, now: DateTime<Utc>) -> SessionStatus {
-    if snapshot.status != SessionStatus::Succeeded && now >= snapshot.expires_at {
+    let waits_for_outcome = matches!(
+        snapshot.status,
+        SessionStatus::Succeeded | SessionStatus::Processing
+    );
+    if !waits_for_outcome && now >= snapshot.expires_at {
         SessionStatus::Expired
     } else {
         snapshot.status
@@ -105,6 +114,7 @@ pub fn check_retry(
 ) -> Result<RetryPlan, RetryRefusal> {
     match effective_status(snapshot, now) {
         SessionStatus::Succeeded => return Err(RetryRefusal::PaymentAlreadySucceeded),
+        SessionStatus::Processing => return Err(RetryRefusal::PaymentProcessing),
         SessionStatus::Expired => return Err(RetryRefusal::WindowExpired),
         SessionStatus::RetryScheduled => return Err(RetryRefusal::RetryAlreadyScheduled),
         SessionStatus::Open => return Err(RetryRefusal::PaymentNotFailed),
@@ -218,6 +228,7 @@ mod tests {
             SessionStatus::Open,
             SessionStatus::Failed,
             SessionStatus::RetryScheduled,
+            SessionStatus::Processing,
             SessionStatus::Succeeded,
             SessionStatus::Expired,
         ])
@@ -242,6 +253,8 @@ mod tests {
             let window_passed = minutes_left <= 0;
             let expected = if status == SessionStatus::Succeeded {
                 Err(RetryRefusal::PaymentAlreadySucceeded)
+            } else if status == SessionStatus::Processing {
+                Err(RetryRefusal::PaymentProcessing)
             } else if window_passed || status == SessionStatus::Expired {
                 Err(RetryRefusal::WindowExpired)
             } else if status == SessionStatus::RetryScheduled {

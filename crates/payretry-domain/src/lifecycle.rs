@@ -11,6 +11,12 @@
 //! - [`Lifecycle::paid`]: a payment from ANY attempt's checkout wins, also after the window
 //!   (money moved; flagged `afterWindow`); a second payment of a paid session is a double
 //!   payment, and the session stays `succeeded`.
+//! - [`Lifecycle::processing`]: the current attempt's checkout was completed with a payment
+//!   method that settles later (a bank debit). Money may still move, so no retry is offered,
+//!   the window does not expire the session, and a scheduled retry is dropped.
+//! - [`Lifecycle::async_payment_failed`]: that payment failed to settle: `failed` (a retry may
+//!   be possible), or `expired` when the window has passed meanwhile. Only this event ends
+//!   `processing` unpaid; a card decline arriving late does not.
 //! - [`Lifecycle::failed`]: a failure of the current attempt; an older attempt's is ignored.
 //!   The last allowed retry failing abandons the retry (`attempts_exhausted`).
 //! - [`Lifecycle::checkout_expired`]: the provider closed the current checkout unpaid.
@@ -76,6 +82,8 @@ impl SessionState {
 pub enum AttemptStatus {
     Scheduled,
     Open,
+    /// Completed with a payment that settles later.
+    Processing,
     Failed,
     Succeeded,
     Abandoned,
@@ -87,6 +95,7 @@ impl AttemptStatus {
         match self {
             Self::Scheduled => "scheduled",
             Self::Open => "open",
+            Self::Processing => "processing",
             Self::Failed => "failed",
             Self::Succeeded => "succeeded",
             Self::Abandoned => "abandoned",
@@ -172,6 +181,11 @@ pub enum AuditDetails {
         /// The scheduled retry the payment made unnecessary (its attempt number).
         dropped_scheduled_retry: Option<u32>,
     },
+    PaymentProcessing {
+        after_window: bool,
+        /// The scheduled retry dropped because money may now move (its attempt number).
+        dropped_scheduled_retry: Option<u32>,
+    },
     RetryDeadLettered {
         last_error: String,
         receive_count: u32,
@@ -203,6 +217,7 @@ impl AuditDetails {
             Self::RetryInitiated { .. } => AuditAction::RetryInitiated,
             Self::RetryAbandoned { .. } => AuditAction::RetryAbandoned,
             Self::PaymentSucceeded { .. } => AuditAction::PaymentSucceeded,
+            Self::PaymentProcessing { .. } => AuditAction::PaymentProcessing,
             Self::RetryDeadLettered { .. } => AuditAction::RetryDeadLettered,
             Self::RetryRedriven { .. } => AuditAction::RetryRedriven,
             Self::SessionExpired { .. } => AuditAction::SessionExpired,
@@ -302,6 +317,10 @@ pub struct Effects {
     pub dead_letter: Option<DeadLetterNote>,
     /// The id of a dead letter being redriven: removed with this change.
     pub redrive: Option<String>,
+    /// Provider checkouts nobody should pay any more (superseded by a newer attempt's, left
+    /// payable after a payment through another, or past the window): closed durably, retried
+    /// until the provider says they are closed.
+    pub close_checkouts: Vec<ProviderSessionId>,
     pub metrics: Vec<MetricNote>,
 }
 
@@ -325,6 +344,8 @@ impl Change {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EventEffect {
     Succeeded,
+    /// A payment that settles later: the session waits for its outcome.
+    Processing,
     Failed,
     /// A later decline of an already failed attempt: only the reason changed.
     ReasonUpdated,
@@ -488,6 +509,13 @@ impl<'a> Lifecycle<'a> {
         });
         let effects = &mut change.effects;
         effects.attempt = Some(AttemptChange::new(attempt, AttemptStatus::Succeeded));
+        // Paid through an older attempt's checkout: the current one must not be paid too.
+        effects.close_checkouts.extend(
+            state
+                .provider_session_id
+                .clone()
+                .filter(|current| payment.provider_session_id != Some(current)),
+        );
         effects.audit.push(self.system(
             attempt,
             AuditDetails::PaymentSucceeded {
@@ -631,6 +659,79 @@ impl<'a> Lifecycle<'a> {
         effects.metrics.push(MetricNote::RetryAbandoned(reason));
     }
 
+    /// The current attempt's checkout was completed with a payment that settles later
+    /// (`attempt` `None`: not matched to a checkout, ignored). Also after the window, and
+    /// also from `expired`: money may still move, so the session waits for the outcome.
+    pub fn processing(
+        &self,
+        attempt: Option<AttemptNumber>,
+        now: DateTime<Utc>,
+    ) -> Option<(Change, EventEffect)> {
+        let state = self.state;
+        let attempt = attempt?;
+        let waiting = matches!(
+            state.status,
+            SessionStatus::Open
+                | SessionStatus::Failed
+                | SessionStatus::RetryScheduled
+                | SessionStatus::Expired
+        );
+        if attempt != state.current_attempt || !waiting {
+            return None;
+        }
+        let mut change = Change::to(SessionState {
+            status: SessionStatus::Processing,
+            next_retry_at: None,
+            ..state.clone()
+        });
+        let effects = &mut change.effects;
+        effects.attempt = Some(AttemptChange::new(attempt, AttemptStatus::Processing));
+        effects.audit.push(self.system(
+            attempt,
+            AuditDetails::PaymentProcessing {
+                after_window: now >= self.expires_at,
+                dropped_scheduled_retry:
+                    (state.status == SessionStatus::RetryScheduled).then_some(state.retry_attempts),
+            },
+        ));
+        Some((change, EventEffect::Processing))
+    }
+
+    /// The processing payment of `attempt` did not settle: the session is `failed` as after
+    /// any failure of that checkout, or `expired` when the window has passed meanwhile.
+    pub fn async_payment_failed(
+        &self,
+        attempt: Option<AttemptNumber>,
+        reason: &FailureReason,
+        max_attempts: u32,
+        now: DateTime<Utc>,
+    ) -> Option<(Change, EventEffect)> {
+        if self.state.status != SessionStatus::Processing {
+            return None;
+        }
+        // The checkout's outcome, decided as a failure of the open checkout it was.
+        let as_open = SessionState {
+            status: SessionStatus::Open,
+            ..self.state.clone()
+        };
+        let (mut change, effect) = Lifecycle::new(self.id, self.expires_at, &as_open).failed(
+            attempt,
+            reason,
+            max_attempts,
+        )?;
+        if let Some(closed) =
+            Lifecycle::new(self.id, self.expires_at, &change.state).window_closed(now)
+        {
+            change.state = closed.state;
+            change.effects.audit.extend(closed.effects.audit);
+            change
+                .effects
+                .close_checkouts
+                .extend(closed.effects.close_checkouts);
+        }
+        Some((change, effect))
+    }
+
     /// The provider closed `attempt`'s checkout unpaid. Counts only for the current, open
     /// checkout inside the window (after it, the window's own rule expires the session).
     pub fn checkout_expired(
@@ -737,6 +838,13 @@ impl<'a> Lifecycle<'a> {
             provider_session_id: Some(checkout.id.clone()),
             ..AttemptChange::new(attempt, AttemptStatus::Open)
         });
+        // The previous attempt's checkout stays payable after a decline: close it.
+        effects.close_checkouts.extend(
+            state
+                .provider_session_id
+                .clone()
+                .filter(|previous| *previous != checkout.id),
+        );
         effects.audit.push(self.system(
             attempt,
             AuditDetails::RetryInitiated {
@@ -762,7 +870,11 @@ impl<'a> Lifecycle<'a> {
     /// abandoned (`window_expired`). `None` when the window is open or the session is final.
     pub fn window_closed(&self, now: DateTime<Utc>) -> Option<Change> {
         let state = self.state;
-        if state.status.is_terminal() || now < self.expires_at {
+        // A processing payment may still move money: only its outcome ends the session.
+        if state.status.is_terminal()
+            || state.status == SessionStatus::Processing
+            || now < self.expires_at
+        {
             return None;
         }
         let mut change = Change::to(SessionState {
@@ -771,6 +883,10 @@ impl<'a> Lifecycle<'a> {
             ..state.clone()
         });
         let effects = &mut change.effects;
+        // A retry's checkout may outlive the window (Stripe's 30-minute minimum): close it.
+        effects
+            .close_checkouts
+            .extend(state.provider_session_id.clone());
         if state.status == SessionStatus::RetryScheduled {
             let attempt = AttemptNumber::new(state.retry_attempts);
             let reason = AbandonReason::WindowExpired;
@@ -831,12 +947,18 @@ impl<'a> Lifecycle<'a> {
         Some(change)
     }
 
-    /// An admin sends dead letter `dead_letter_id` (retry `attempt`) again: the session is
-    /// back in `retry_scheduled` for that attempt, due now. Refused when the session has
-    /// moved on or the window has passed.
+    /// An admin sends dead letter `dead_letter_id` (its `job`) again: the session is back in
+    /// `retry_scheduled` for that attempt, due now. Refused when the session has moved on or
+    /// the window has passed.
+    ///
+    /// The job is queued again as it was, only its `enqueuedAt` new: its `scheduledFor` fixes
+    /// the checkout's parameters (`expires_at`), and the provider's idempotency key names the
+    /// attempt, so the redrive repeats the first request exactly. A key reused with other
+    /// parameters would be refused (Stripe: 400 `idempotency_error`), and a new key for the
+    /// same attempt could open a second live checkout if the first request did get through.
     pub fn redriven(
         &self,
-        attempt: AttemptNumber,
+        job: &RetryJob,
         dead_letter_id: &str,
         last_error: &str,
         actor: Actor,
@@ -844,9 +966,11 @@ impl<'a> Lifecycle<'a> {
     ) -> Result<Change, RetryRefusal> {
         match crate::eligibility::effective_status(&self.snapshot(), now) {
             SessionStatus::Succeeded => return Err(RetryRefusal::PaymentAlreadySucceeded),
+            SessionStatus::Processing => return Err(RetryRefusal::PaymentProcessing),
             SessionStatus::Expired => return Err(RetryRefusal::WindowExpired),
             _ => {}
         }
+        let attempt = job.attempt_number;
         if job_standing(self.state, attempt) != JobStanding::Parked {
             return Err(RetryRefusal::RetryAlreadyScheduled);
         }
@@ -869,7 +993,10 @@ impl<'a> Lifecycle<'a> {
                 last_error: last_error.to_owned(),
             },
         });
-        effects.enqueue = Some(RetryJob::new(self.id.clone(), attempt, 0, now, now));
+        effects.enqueue = Some(RetryJob {
+            enqueued_at: now,
+            ..job.clone()
+        });
         effects.redrive = Some(dead_letter_id.to_owned());
         Ok(change)
     }
@@ -930,6 +1057,14 @@ mod tests {
         CheckoutExpired {
             attempt: usize,
         },
+        /// A checkout completed with a payment that settles later.
+        Processing {
+            attempt: usize,
+        },
+        /// That payment did not settle.
+        AsyncFailed {
+            attempt: usize,
+        },
         RequestRetry,
         /// The worker takes a queued job (delivered when due).
         RunJob(usize),
@@ -952,6 +1087,8 @@ mod tests {
                 }
             }),
             (0usize..4).prop_map(|attempt| Event::CheckoutExpired { attempt }),
+            (0usize..4).prop_map(|attempt| Event::Processing { attempt }),
+            (0usize..4).prop_map(|attempt| Event::AsyncFailed { attempt }),
             Just(Event::RequestRetry),
             (0usize..3).prop_map(Event::RunJob),
             (0usize..3).prop_map(Event::DeadLetter),
@@ -971,6 +1108,18 @@ mod tests {
         DroppedByPayment,
     }
 
+    /// What caused a change, for the rules about leaving a state.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Cause {
+        /// Money moved.
+        Payment,
+        /// Money may move (a payment that settles later).
+        PaymentPending,
+        /// The pending payment did not settle.
+        AsyncFailure,
+        Other,
+    }
+
     /// One session driven through the rules, as the service would.
     struct World {
         id: PaymentSessionId,
@@ -979,6 +1128,8 @@ mod tests {
         state: SessionState,
         /// Attempts that got a checkout (the ones a provider event can be about).
         checkouts: Vec<AttemptNumber>,
+        /// Checkouts still payable at the provider: created, neither closed nor expired.
+        live: std::collections::BTreeSet<String>,
         queue: Vec<RetryJob>,
         dead: Vec<(String, RetryJob)>,
         /// Every accepted retry, in order, with how it ended so far.
@@ -1004,6 +1155,7 @@ mod tests {
                 now,
                 state: opened.state,
                 checkouts: vec![AttemptNumber::ORIGINAL],
+                live: [checkout(AttemptNumber::ORIGINAL, now).id.to_string()].into(),
                 queue: Vec::new(),
                 dead: Vec::new(),
                 accepted: Vec::new(),
@@ -1019,7 +1171,7 @@ mod tests {
         }
 
         /// Records a change and checks what must hold across it.
-        fn apply(&mut self, change: Change, paid: bool) -> Result<(), TestCaseError> {
+        fn apply(&mut self, change: Change, cause: Cause) -> Result<(), TestCaseError> {
             let before = self.state.clone();
             let after = &change.state;
             prop_assert!(
@@ -1036,19 +1188,45 @@ mod tests {
                     prop_assert_eq!(after.status, SessionStatus::Succeeded);
                     prop_assert_eq!(after.paid_attempt, before.paid_attempt);
                 }
-                // Only a payment (money moved) leaves `expired`, flagged as after the window.
+                // Only money that moved or may move leaves `expired`: a payment (flagged as
+                // after the window) or one that settles later.
                 SessionStatus::Expired => {
                     prop_assert!(
                         after.status == SessionStatus::Expired
-                            || (paid && after.status == SessionStatus::Succeeded),
+                            || (cause == Cause::Payment
+                                && after.status == SessionStatus::Succeeded)
+                            || (cause == Cause::PaymentPending
+                                && after.status == SessionStatus::Processing),
                         "left expired for {:?}",
                         after.status
                     );
+                }
+                // Only the pending payment's outcome ends `processing`.
+                SessionStatus::Processing => {
+                    prop_assert!(
+                        after.status == SessionStatus::Processing
+                            || (cause == Cause::Payment
+                                && after.status == SessionStatus::Succeeded)
+                            || (cause == Cause::AsyncFailure
+                                && matches!(
+                                    after.status,
+                                    SessionStatus::Failed | SessionStatus::Expired
+                                )),
+                        "left processing for {:?} ({cause:?})",
+                        after.status
+                    );
+                    if after.status == SessionStatus::Failed {
+                        prop_assert!(self.now < self.expires_at, "failed after the window");
+                    }
                 }
                 _ => {}
             }
             for note in &change.effects.audit {
                 if let AuditDetails::PaymentSucceeded {
+                    after_window,
+                    dropped_scheduled_retry,
+                }
+                | AuditDetails::PaymentProcessing {
                     after_window,
                     dropped_scheduled_retry,
                 } = &note.details
@@ -1075,6 +1253,52 @@ mod tests {
                 };
                 if let Some(ending) = ending {
                     self.end(attempt.attempt, ending)?;
+                }
+            }
+            if let Some(AttemptChange {
+                status: AttemptStatus::Open,
+                provider_session_id: Some(id),
+                ..
+            }) = &change.effects.attempt
+            {
+                self.live.insert(id.to_string());
+            }
+            for id in &change.effects.close_checkouts {
+                self.live.remove(&id.to_string());
+            }
+            match change.state.status {
+                // Paid: no other checkout of the session can be paid any more.
+                SessionStatus::Succeeded => {
+                    let paid = change
+                        .state
+                        .paid_attempt
+                        .map(|a| checkout(a, self.now).id.to_string());
+                    prop_assert!(
+                        self.live.iter().all(|id| Some(id) == paid.as_ref()),
+                        "paid through {paid:?}, still payable: {:?}",
+                        self.live
+                    );
+                }
+                // Closed unpaid: nothing can be paid.
+                SessionStatus::Expired => {
+                    prop_assert!(
+                        self.live.is_empty(),
+                        "expired, still payable: {:?}",
+                        self.live
+                    );
+                }
+                // At most the current attempt's checkout is payable.
+                _ => {
+                    let current = change
+                        .state
+                        .provider_session_id
+                        .as_ref()
+                        .map(ToString::to_string);
+                    prop_assert!(
+                        self.live.iter().all(|id| Some(id) == current.as_ref()),
+                        "current {current:?}, payable: {:?}",
+                        self.live
+                    );
                 }
             }
             if let Some(job) = change.effects.enqueue {
@@ -1130,7 +1354,7 @@ mod tests {
                         payment_intent: intent.then_some("pi_1"),
                     };
                     if let Some((change, _)) = self.lifecycle().paid(&payment, now, true) {
-                        self.apply(change, true)?;
+                        self.apply(change, Cause::Payment)?;
                     }
                 }
                 Event::Failed {
@@ -1147,14 +1371,35 @@ mod tests {
                         .lifecycle()
                         .failed(Some(attempt), &reason, MAX_ATTEMPTS);
                     if let Some((change, _)) = decided {
-                        self.apply(change, false)?;
+                        self.apply(change, Cause::Other)?;
                     }
                 }
                 Event::CheckoutExpired { attempt } => {
                     let attempt = self.checkout_of(*attempt);
+                    // The provider closed it, whatever payretry makes of that.
+                    self.live.remove(&checkout(attempt, now).id.to_string());
                     if let Some((change, _)) = self.lifecycle().checkout_expired(Some(attempt), now)
                     {
-                        self.apply(change, false)?;
+                        self.apply(change, Cause::Other)?;
+                    }
+                }
+                Event::Processing { attempt } => {
+                    let attempt = self.checkout_of(*attempt);
+                    if let Some((change, _)) = self.lifecycle().processing(Some(attempt), now) {
+                        self.apply(change, Cause::PaymentPending)?;
+                    }
+                }
+                Event::AsyncFailed { attempt } => {
+                    let attempt = self.checkout_of(*attempt);
+                    let reason = FailureReason::from_code(FailureReason::ASYNC_PAYMENT_FAILED);
+                    let decided = self.lifecycle().async_payment_failed(
+                        Some(attempt),
+                        &reason,
+                        MAX_ATTEMPTS,
+                        now,
+                    );
+                    if let Some((change, _)) = decided {
+                        self.apply(change, Cause::AsyncFailure)?;
                     }
                 }
                 Event::RequestRetry => {
@@ -1162,7 +1407,7 @@ mod tests {
                         self.lifecycle().request_retry(&policy, now, Actor::System)
                     {
                         prop_assert!(plan.attempt.get() <= MAX_ATTEMPTS);
-                        self.apply(change, false)?;
+                        self.apply(change, Cause::Other)?;
                     }
                 }
                 Event::RunJob(pick) => self.run_job(*pick)?,
@@ -1172,7 +1417,7 @@ mod tests {
                         if let Some(change) =
                             self.lifecycle().dead_lettered(&job, 5, "provider down")
                         {
-                            self.apply(change, false)?;
+                            self.apply(change, Cause::Other)?;
                         }
                     }
                 }
@@ -1180,14 +1425,14 @@ mod tests {
                     if !self.dead.is_empty() {
                         let (id, job) = self.dead[pick % self.dead.len()].clone();
                         let redriven = self.lifecycle().redriven(
-                            job.attempt_number,
+                            &job,
                             &id,
                             "provider down",
                             Actor::System,
                             now,
                         );
                         if let Ok(change) = redriven {
-                            self.apply(change, false)?;
+                            self.apply(change, Cause::Other)?;
                         }
                     }
                 }
@@ -1219,7 +1464,7 @@ mod tests {
                         "a current job could not open its checkout"
                     );
                     if let Some(change) = opened {
-                        self.apply(change, false)?;
+                        self.apply(change, Cause::Other)?;
                     }
                 }
             }
@@ -1229,7 +1474,7 @@ mod tests {
         fn sweep(&mut self) -> Result<(), TestCaseError> {
             if let Some(change) = self.lifecycle().window_closed(self.now) {
                 prop_assert_eq!(change.state.status, SessionStatus::Expired);
-                self.apply(change, false)?;
+                self.apply(change, Cause::Other)?;
             }
             Ok(())
         }
@@ -1245,6 +1490,8 @@ mod tests {
             let state = &self.state;
             let expected = if state.status == SessionStatus::Succeeded {
                 Some(RetryUnavailableReason::PaymentSucceeded)
+            } else if state.status == SessionStatus::Processing {
+                Some(RetryUnavailableReason::PaymentProcessing)
             } else if self.now >= self.expires_at || state.status == SessionStatus::Expired {
                 Some(RetryUnavailableReason::WindowExpired)
             } else if state.status == SessionStatus::RetryScheduled {
@@ -1279,9 +1526,84 @@ mod tests {
             for (attempt, ending) in &world.accepted {
                 prop_assert!(ending.is_some(), "accepted retry {} never ended: {:?}", attempt, world.accepted);
             }
-            prop_assert!(world.state.status.is_terminal() || world.state.status == SessionStatus::Failed,
+            // A processing payment waits for its outcome, whatever the window.
+            prop_assert!(world.state.status.is_terminal()
+                || matches!(world.state.status, SessionStatus::Failed | SessionStatus::Processing),
                 "after the window: {:?}", world.state.status);
         }
+    }
+
+    /// The buyer's card is declined, then the buyer pays by bank debit on the same page:
+    /// no retry is offered while the debit settles, a late card decline changes nothing, and
+    /// the debit's outcome decides.
+    #[test]
+    fn a_payment_that_settles_later_blocks_retries_until_its_outcome() {
+        let mut world = World::new();
+        let declined = FailureReason::from_code("card_declined");
+        let (change, _) = world
+            .lifecycle()
+            .failed(Some(AttemptNumber::ORIGINAL), &declined, MAX_ATTEMPTS)
+            .unwrap();
+        world.state = change.state;
+        let (change, effect) = world
+            .lifecycle()
+            .processing(Some(AttemptNumber::ORIGINAL), world.now)
+            .unwrap();
+        assert_eq!(effect, EventEffect::Processing);
+        assert_eq!(change.state.status, SessionStatus::Processing);
+        world.state = change.state;
+        assert_eq!(
+            world
+                .lifecycle()
+                .request_retry(&policy(), world.now, Actor::System)
+                .unwrap_err(),
+            RetryRefusal::PaymentProcessing
+        );
+        assert!(
+            world
+                .lifecycle()
+                .failed(Some(AttemptNumber::ORIGINAL), &declined, MAX_ATTEMPTS)
+                .is_none(),
+            "a late card decline does not end processing"
+        );
+        let past = world.expires_at + TimeDelta::minutes(1);
+        assert!(world.lifecycle().window_closed(past).is_none());
+        let async_failed = FailureReason::from_code(FailureReason::ASYNC_PAYMENT_FAILED);
+        let (failed, _) = world
+            .lifecycle()
+            .async_payment_failed(
+                Some(AttemptNumber::ORIGINAL),
+                &async_failed,
+                MAX_ATTEMPTS,
+                world.now,
+            )
+            .unwrap();
+        assert_eq!(failed.state.status, SessionStatus::Failed);
+        assert_eq!(failed.state.failure_reason, Some(async_failed.clone()));
+        let (late, _) = world
+            .lifecycle()
+            .async_payment_failed(
+                Some(AttemptNumber::ORIGINAL),
+                &async_failed,
+                MAX_ATTEMPTS,
+                past,
+            )
+            .unwrap();
+        assert_eq!(late.state.status, SessionStatus::Expired);
+        let id = ProviderSessionId::new("cs_0");
+        let (paid, _) = world
+            .lifecycle()
+            .paid(
+                &Payment {
+                    attempt: Some(AttemptNumber::ORIGINAL),
+                    provider_session_id: Some(&id),
+                    payment_intent: None,
+                },
+                past,
+                false,
+            )
+            .unwrap();
+        assert_eq!(paid.state.status, SessionStatus::Succeeded);
     }
 
     #[test]

@@ -14,6 +14,9 @@ pub enum SessionStatus {
     Failed,
     /// A retry is queued; the new checkout is due at `nextRetryAt`.
     RetryScheduled,
+    /// A checkout was completed with a payment method that settles later (a bank debit):
+    /// money may still move, so no retry until the provider reports the outcome.
+    Processing,
     /// Paid. Terminal.
     Succeeded,
     /// The window closed unpaid. Terminal.
@@ -26,6 +29,7 @@ impl SessionStatus {
             Self::Open => "open",
             Self::Failed => "failed",
             Self::RetryScheduled => "retry_scheduled",
+            Self::Processing => "processing",
             Self::Succeeded => "succeeded",
             Self::Expired => "expired",
         }
@@ -55,6 +59,7 @@ impl FromStr for SessionStatus {
             "open" => Self::Open,
             "failed" => Self::Failed,
             "retry_scheduled" => Self::RetryScheduled,
+            "processing" => Self::Processing,
             "succeeded" => Self::Succeeded,
             "expired" => Self::Expired,
             other => return Err(UnknownStatus(other.to_owned())),
@@ -70,6 +75,7 @@ pub enum RetryUnavailableReason {
     WindowExpired,
     PaymentSucceeded,
     RetryScheduled,
+    PaymentProcessing,
     PaymentNotFailed,
     FailureNotRetryable,
 }
@@ -81,6 +87,7 @@ impl RetryUnavailableReason {
             Self::WindowExpired => "window_expired",
             Self::PaymentSucceeded => "payment_succeeded",
             Self::RetryScheduled => "retry_scheduled",
+            Self::PaymentProcessing => "payment_processing",
             Self::PaymentNotFailed => "payment_not_failed",
             Self::FailureNotRetryable => "failure_not_retryable",
         }
@@ -97,6 +104,7 @@ mod tests {
             SessionStatus::Open,
             SessionStatus::Failed,
             SessionStatus::RetryScheduled,
+            SessionStatus::Processing,
             SessionStatus::Succeeded,
             SessionStatus::Expired,
         ] {

@@ -1,6 +1,7 @@
 //! The window sweeper: expires sessions whose payment window closed, sleeping until the
-//! next window end, purges idempotency records and processed event ids past 24 hours, and
-//! retries duplicate-payment refunds a crash or an outage left owed.
+//! next window end, purges idempotency records and processed event ids past 24 hours,
+//! retries duplicate-payment refunds a crash or an outage left owed, and closes the provider
+//! checkouts nobody should pay any more (see `service::closures`).
 
 use crate::service::Payments;
 use crate::service::duplicates::REFUND_RETRY_GRACE;
@@ -32,6 +33,11 @@ impl Sweeper {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(settled = n, "settled owed duplicate refunds"),
                 Err(error) => tracing::error!(%error, "retrying duplicate refunds failed"),
+            }
+            match self.payments.close_due_checkouts(Utc::now()).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(closed = n, "closed checkouts nobody should pay any more"),
+                Err(error) => tracing::error!(%error, "closing unwanted checkouts failed"),
             }
             if Utc::now() - last_purge > TimeDelta::hours(1) {
                 let before = Utc::now() - TimeDelta::hours(24);

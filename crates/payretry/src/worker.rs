@@ -32,7 +32,8 @@ const MAX_LEASES_PER_JOB: u32 = 5;
 pub enum Outcome {
     /// The retry checkout exists and the session is open on it.
     CheckoutCreated,
-    /// The provider said the current checkout was paid: recorded as success, no retry.
+    /// The provider said the current checkout was completed (paid, or with a payment that
+    /// settles later): recorded as success or processing, no retry.
     Reconciled,
     /// Nothing to do: the session moved on (paid, another attempt, already processed).
     Dropped(&'static str),
@@ -133,9 +134,11 @@ impl Worker {
             }
             (JobStep::OpenCheckout { check_paid }, Some(session)) => {
                 if let Some(current) = &check_paid
-                    && self.paid_meanwhile(current).await?
+                    && let Some(settled) = self.completed_meanwhile(current).await?
                 {
-                    self.payments.record_reconciled_payment(&session).await?;
+                    self.payments
+                        .record_reconciled_checkout(&session, settled)
+                        .await?;
                     return Ok(Outcome::Reconciled);
                 }
                 self.open_retry_checkout(delivery, session, settle_in_transition)
@@ -145,12 +148,18 @@ impl Worker {
         }
     }
 
-    /// Whether the provider says `checkout` was paid without telling us. Only a transient
-    /// failure to ask is an error (retry later); a permanent one means "not paid".
-    async fn paid_meanwhile(&self, checkout: &ProviderSessionId) -> Result<bool, ServiceError> {
+    /// Whether the provider says `checkout` was completed without telling us: paid, or
+    /// completed with a payment that settles later (then no retry may start: money may
+    /// still move). Only a transient failure to ask is an error (retry later); a permanent
+    /// one means "not completed".
+    async fn completed_meanwhile(
+        &self,
+        checkout: &ProviderSessionId,
+    ) -> Result<Option<CheckoutState>, ServiceError> {
         match self.payments.provider.retrieve_checkout(checkout).await {
-            Ok(state) => Ok(state == CheckoutState::Paid),
-            Err(ProviderError::Permanent(_)) => Ok(false),
+            Ok(state @ (CheckoutState::Paid | CheckoutState::Processing)) => Ok(Some(state)),
+            Ok(CheckoutState::Open | CheckoutState::Expired | CheckoutState::CompleteUnpaid)
+            | Err(ProviderError::Permanent(_)) => Ok(None),
             Err(transient) => Err(transient.into()),
         }
     }
@@ -192,11 +201,12 @@ impl Worker {
                     if settle_in_transition {
                         t.settles = Some(delivery.receipt.clone());
                     }
-                    (t, metrics)
+                    let superseded = t.close_checkouts.clone();
+                    (t, (metrics, superseded))
                 }))
             })
             .await?;
-        let Some((before, metrics)) = committed else {
+        let Some((_, (metrics, superseded))) = committed else {
             // Another delivery of this same job may have won with this very checkout (the
             // idempotency key makes the provider return it again): it is live, keep it.
             // Otherwise the session was paid or expired meanwhile: close the unused one.
@@ -204,29 +214,18 @@ impl Worker {
             let still_live =
                 current.is_some_and(|s| s.state.provider_session_id.as_ref() == Some(&checkout.id));
             if !still_live {
-                self.close_checkout(&checkout.id).await;
+                self.payments
+                    .close_unused_checkouts(&id, std::slice::from_ref(&checkout.id))
+                    .await?;
             }
             return Ok(Outcome::Dropped(
                 "session moved on during checkout creation",
             ));
         };
         record::emit(&metrics);
-        if let Some(previous) = before
-            .state
-            .provider_session_id
-            .filter(|p| *p != checkout.id)
-        {
-            self.close_checkout(&previous).await;
-        }
+        // Recorded in the commit; closed now if the provider answers, else by the sweeper.
+        self.payments.close_checkouts_now(&id, &superseded).await;
         Ok(Outcome::CheckoutCreated)
-    }
-
-    /// Closes a checkout nobody should pay any more. Best effort: a payment on it would
-    /// still be recorded (success from any attempt wins).
-    async fn close_checkout(&self, id: &ProviderSessionId) {
-        if let Err(error) = self.payments.provider.expire_checkout(id).await {
-            tracing::warn!(provider_session_id = %id, %error, "could not close a superseded checkout");
-        }
     }
 
     /// Processes one delivery and settles it with the queue.

@@ -359,6 +359,14 @@ async fn retrieve_maps_every_checkout_state() {
     stripe.mark_paid(ids[1].as_str());
     stripe.mark_complete_unpaid(ids[2].as_str());
     provider.expire_checkout(&ids[3]).await.unwrap();
+    let failed_debit = provider
+        .create_checkout(&checkout_request(4))
+        .await
+        .unwrap()
+        .id;
+    stripe.mark_complete_unpaid(failed_debit.as_str());
+    stripe.mark_debit_failed(failed_debit.as_str());
+    ids.push(failed_debit);
 
     let mut states = Vec::new();
     for id in &ids {
@@ -370,8 +378,9 @@ async fn retrieve_maps_every_checkout_state() {
         [
             CheckoutState::Open,
             CheckoutState::Paid,
+            CheckoutState::Processing,
+            CheckoutState::Expired,
             CheckoutState::CompleteUnpaid,
-            CheckoutState::Expired
         ]
     );
     let gets = stripe
@@ -379,7 +388,7 @@ async fn retrieve_maps_every_checkout_state() {
         .into_iter()
         .filter(|r| r.method == "GET")
         .count();
-    assert_eq!(gets, 4);
+    assert_eq!(gets, 5);
     assert_eq!(stripe.violations(), Vec::<String>::new());
 }
 

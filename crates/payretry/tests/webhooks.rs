@@ -353,8 +353,10 @@ async fn a_later_decline_of_the_current_attempt_updates_the_reason() {
     );
 }
 
+/// A checkout completed with a payment that settles later (a bank debit) is not paid yet,
+/// but money may move: the session waits in `processing`, with no retry offered.
 #[tokio::test]
-async fn a_completed_but_unpaid_checkout_changes_nothing() {
+async fn a_completed_but_unpaid_checkout_is_processing() {
     // Arrange
     let app = TestApp::spawn().await;
     let (id, checkout) = open_session(&app).await;
@@ -367,7 +369,12 @@ async fn a_completed_but_unpaid_checkout_changes_nothing() {
     // Assert
     assert_eq!(response.status(), StatusCode::OK);
     let status = app.status(&app.buyer(), &id).await;
-    assert_eq!(status["status"], "open");
+    assert_eq!(status["status"], "processing");
     assert_eq!(status["failureReason"], Value::Null);
-    assert_eq!(app.audit_actions(&id).await, ["checkout_created"]);
+    assert_eq!(status["retryAvailable"], false);
+    assert_eq!(status["retryUnavailableReason"], "payment_processing");
+    assert_eq!(
+        app.audit_actions(&id).await,
+        ["checkout_created", "payment_processing"]
+    );
 }

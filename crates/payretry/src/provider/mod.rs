@@ -44,7 +44,11 @@ pub enum CheckoutState {
     Open,
     /// The money moved.
     Paid,
-    /// Completed, but the payment has not (yet) cleared.
+    /// Completed with a payment that settles later (a bank debit), still settling: money
+    /// may move.
+    Processing,
+    /// Completed, but its payment did not go through (a debit that failed to settle):
+    /// closed unpaid.
     CompleteUnpaid,
     /// Closed without payment.
     Expired,

@@ -6,9 +6,12 @@
 //!   of that request reuses it, so neither a redelivered queue message nor a retried timeout
 //!   can create a second checkout for one attempt. Refunds of a duplicate payment carry
 //!   `payretry-{sessionId}-refund-attempt-{N}` for the same reason: one refund per charge.
-//! - Transient failures (timeouts, connection errors, 429, 5xx, and anything Stripe marks
+//! - Transient failures (timeouts, connection errors, 409, 429, 5xx, and anything Stripe marks
 //!   `Stripe-Should-Retry: true`) are retried up to `max_tries` with exponential backoff and
-//!   jitter, honouring `Retry-After` up to [`MAX_RETRY_WAIT`]. Other 4xx are permanent at once.
+//!   jitter, honouring `Retry-After` up to [`MAX_RETRY_WAIT`]. Other 4xx, anything marked
+//!   `Stripe-Should-Retry: false`, and a 5xx Stripe replays under the idempotency key
+//!   (`Idempotent-Replayed: true`) are permanent at once: trying again cannot change them.
+//!   See [`classify`].
 //! - Stripe's vocabulary (`status`, `payment_status`) is mapped into [`CheckoutState`] here
 //!   and goes no further.
 //! - The secret key travels only in the `Authorization` header. No error, log line or `Debug`
@@ -243,20 +246,19 @@ impl StripeProvider {
             call.operation,
             error_summary(status, &headers, &body)
         ));
-        let should_retry = headers
-            .get("Stripe-Should-Retry")
-            .and_then(|v| v.to_str().ok())
-            .map(|v| v.trim().eq_ignore_ascii_case("true"));
-        if status == StatusCode::TOO_MANY_REQUESTS
-            || status.is_server_error()
-            || should_retry == Some(true)
-        {
-            Err(TryError::Transient {
+        match classify(status, &headers) {
+            Answer::TryAgain => Err(TryError::Transient {
                 message,
                 retry_after: retry_after(&headers, Utc::now()),
-            })
-        } else {
-            Err(TryError::Refused { status, message })
+            }),
+            Answer::Final => Err(TryError::Refused { status, message }),
+            Answer::ReplayedFailure => Err(TryError::Refused {
+                status,
+                message: format!(
+                    "{message} [a failure Stripe saved under this Idempotency-Key and replays \
+                     for 24 h: this request cannot succeed again under the key]"
+                ),
+            }),
         }
     }
 
@@ -330,7 +332,12 @@ impl PaymentProvider for StripeProvider {
         let call = Call {
             operation: OPERATION,
             method: Method::GET,
-            url: self.sessions_url(&[id.as_str()])?,
+            url: {
+                let mut url = self.sessions_url(&[id.as_str()])?;
+                url.query_pairs_mut()
+                    .append_pair("expand[]", "payment_intent");
+                url
+            },
             form: None,
             idempotency_key: None,
         };
@@ -338,7 +345,12 @@ impl PaymentProvider for StripeProvider {
         let session = self.parse_session(OPERATION, &body)?;
         let status = session.status.as_deref().unwrap_or("");
         let payment_status = session.payment_status.as_deref().unwrap_or("");
-        checkout_state(status, payment_status).ok_or_else(|| {
+        let intent = session
+            .payment_intent
+            .as_ref()
+            .and_then(|pi| pi.get("status"))
+            .and_then(serde_json::Value::as_str);
+        checkout_state(status, payment_status, intent).ok_or_else(|| {
             ProviderError::Permanent(format!(
                 "{OPERATION}: unknown Stripe state status={status:?} payment_status={payment_status:?}"
             ))
@@ -362,9 +374,10 @@ impl PaymentProvider for StripeProvider {
                 message,
             }) => match self.retrieve_checkout(id).await? {
                 CheckoutState::Open => Err(ProviderError::Permanent(message)),
-                CheckoutState::Expired | CheckoutState::Paid | CheckoutState::CompleteUnpaid => {
-                    Ok(())
-                }
+                CheckoutState::Expired
+                | CheckoutState::Paid
+                | CheckoutState::Processing
+                | CheckoutState::CompleteUnpaid => Ok(()),
             },
             Err(other) => Err(other.into()),
         }
@@ -406,12 +419,6 @@ impl StripeProvider {
         };
         let body = match self.call(&call).await {
             Ok(body) => body,
-            // 409: another request with this key is still in flight (a periodic retry met the
-            // webhook's own try). Its outcome is not known yet: ask again later.
-            Err(CallError::Refused {
-                status: StatusCode::CONFLICT,
-                message,
-            }) => return Err(ProviderError::Transient(message)),
             // The charge is refunded already: an earlier try got through after its key
             // expired at Stripe (24 h). The money is back; that is the outcome wanted.
             Err(CallError::Refused {
@@ -451,6 +458,46 @@ struct Call<'a> {
     idempotency_key: Option<&'a str>,
 }
 
+/// What an error answer from Stripe means for trying the same request again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Try again under the same key: a 429, a 409 (another request with this key is still
+    /// running; Stripe saves nothing for it), a 5xx Stripe did not save, or anything Stripe
+    /// marks `Stripe-Should-Retry: true`.
+    TryAgain,
+    /// The request is refused as it stands: other 4xx, or `Stripe-Should-Retry: false`.
+    Final,
+    /// A 5xx that Stripe saved under the idempotency key and replays (`Idempotent-Replayed:
+    /// true`): every further try with this key gets the same failure for 24 h.
+    ReplayedFailure,
+}
+
+/// Classifies an error answer as Stripe documents it: `Stripe-Should-Retry` decides when
+/// present; otherwise 409, 429 and 5xx may be retried, except a replayed 5xx, and every other
+/// 4xx is final.
+fn classify(status: StatusCode, headers: &HeaderMap) -> Answer {
+    let flag = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.trim().to_ascii_lowercase())
+    };
+    if status.is_server_error() && flag("Idempotent-Replayed").as_deref() == Some("true") {
+        return Answer::ReplayedFailure;
+    }
+    match flag("Stripe-Should-Retry").as_deref() {
+        Some("true") => Answer::TryAgain,
+        Some("false") => Answer::Final,
+        _ if status.is_server_error()
+            || status == StatusCode::TOO_MANY_REQUESTS
+            || status == StatusCode::CONFLICT =>
+        {
+            Answer::TryAgain
+        }
+        _ => Answer::Final,
+    }
+}
+
 /// The outcome of one try.
 enum TryError {
     Transient {
@@ -487,6 +534,8 @@ struct SessionBody {
     expires_at: Option<i64>,
     status: Option<String>,
     payment_status: Option<String>,
+    /// An id, or the object when expanded (`retrieve` asks for it).
+    payment_intent: Option<serde_json::Value>,
 }
 
 /// The fields of a Refund payretry reads.
@@ -549,12 +598,22 @@ fn refund_form(payment_intent: &str) -> Vec<(&'static str, String)> {
 }
 
 /// Stripe's `status` × `payment_status` as payretry sees it; `None` for a state this API
-/// version does not define.
-fn checkout_state(status: &str, payment_status: &str) -> Option<CheckoutState> {
+/// version does not define. A completed, unpaid checkout looks the same while its debit
+/// settles and after the debit failed; its payment intent's status (`intent`, from
+/// `expand[]=payment_intent`) tells them apart, and without it the checkout counts as still
+/// processing (money may move).
+fn checkout_state(
+    status: &str,
+    payment_status: &str,
+    intent: Option<&str>,
+) -> Option<CheckoutState> {
     match (status, payment_status) {
         ("open", _) => Some(CheckoutState::Open),
         ("complete", "paid" | "no_payment_required") => Some(CheckoutState::Paid),
-        ("complete", "unpaid") => Some(CheckoutState::CompleteUnpaid),
+        ("complete", "unpaid") => Some(match intent {
+            None | Some("processing") => CheckoutState::Processing,
+            Some(_) => CheckoutState::CompleteUnpaid,
+        }),
         ("expired", _) => Some(CheckoutState::Expired),
         _ => None,
     }
@@ -722,17 +781,24 @@ mod tests {
     #[test]
     fn stripe_states_map_into_checkout_state() {
         use CheckoutState::*;
-        for (status, payment_status, expected) in [
-            ("open", "unpaid", Some(Open)),
-            ("complete", "paid", Some(Paid)),
-            ("complete", "no_payment_required", Some(Paid)),
-            ("complete", "unpaid", Some(CompleteUnpaid)),
-            ("expired", "unpaid", Some(Expired)),
-            ("complete", "", None),
-            ("requires_capture", "paid", None),
+        for (status, payment_status, intent, expected) in [
+            ("open", "unpaid", None, Some(Open)),
+            ("complete", "paid", Some("succeeded"), Some(Paid)),
+            ("complete", "no_payment_required", None, Some(Paid)),
+            ("complete", "unpaid", Some("processing"), Some(Processing)),
+            ("complete", "unpaid", None, Some(Processing)),
+            (
+                "complete",
+                "unpaid",
+                Some("requires_payment_method"),
+                Some(CompleteUnpaid),
+            ),
+            ("expired", "unpaid", None, Some(Expired)),
+            ("complete", "", None, None),
+            ("requires_capture", "paid", None, None),
         ] {
             assert_eq!(
-                checkout_state(status, payment_status),
+                checkout_state(status, payment_status, intent),
                 expected,
                 "{status}/{payment_status}"
             );
@@ -750,6 +816,45 @@ mod tests {
         assert_eq!(backoff_delay(initial, 40, 0.9), MAX_RETRY_WAIT);
         assert_eq!(backoff_delay(initial, u32::MAX, 1.0), MAX_RETRY_WAIT);
         assert_eq!(backoff_delay(initial, 0, f64::NAN), initial);
+    }
+
+    #[test]
+    fn error_answers_are_classified_as_stripe_documents_them() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                map.insert(*name, HeaderValue::from_static(value));
+            }
+            map
+        };
+        let none = headers(&[]);
+        let retry = headers(&[("Stripe-Should-Retry", "true")]);
+        let stop = headers(&[("Stripe-Should-Retry", "false")]);
+        let replayed = headers(&[("Idempotent-Replayed", "true")]);
+        let replayed_stop = headers(&[
+            ("Idempotent-Replayed", "true"),
+            ("Stripe-Should-Retry", "false"),
+        ]);
+        for (status, headers, expected) in [
+            (409, &none, Answer::TryAgain),
+            (429, &none, Answer::TryAgain),
+            (500, &none, Answer::TryAgain),
+            (503, &none, Answer::TryAgain),
+            (400, &none, Answer::Final),
+            (402, &none, Answer::Final),
+            (404, &none, Answer::Final),
+            (400, &retry, Answer::TryAgain),
+            (500, &stop, Answer::Final),
+            (409, &stop, Answer::Final),
+            (429, &stop, Answer::Final),
+            (500, &replayed, Answer::ReplayedFailure),
+            (500, &replayed_stop, Answer::ReplayedFailure),
+            // A replayed 4xx is an ordinary refusal.
+            (400, &replayed, Answer::Final),
+        ] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(classify(status, headers), expected, "{status} {headers:?}");
+        }
     }
 
     #[test]

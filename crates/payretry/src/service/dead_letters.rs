@@ -20,10 +20,9 @@ impl Payments {
             .await?
             .ok_or(ServiceError::DeadLetterNotFound)?;
         let session_id: PaymentSessionId = dead.job.payment_session_id.clone();
-        let attempt = dead.job.attempt_number;
         self.transition(&session_id, |session, now| {
             let change = session.lifecycle().redriven(
-                attempt,
+                &dead.job,
                 &dead.id,
                 &dead.last_error,
                 admin.actor(),

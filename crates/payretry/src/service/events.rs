@@ -8,6 +8,10 @@
 //!   with `PAYRETRY_AUTO_REFUND_DUPLICATES`, refunded after the commit (see `duplicates`).
 //! - A failure counts only for the attempt whose checkout is current; an older attempt's
 //!   failure is ignored. A later failure of the current attempt updates the reason.
+//! - A checkout completed with a payment that settles later makes the session `processing`
+//!   until `async_payment_succeeded` (paid) or `async_payment_failed` (failed, or expired
+//!   after the window); no retry is offered meanwhile, so a bank debit and a card retry can
+//!   never both charge.
 //! - Each event id is applied once, recorded in the same transaction as its effect.
 //! - An event about a checkout is matched to the attempt that created that checkout: a
 //!   checkout payretry never made, or one whose `retry_attempt` metadata names another
@@ -15,10 +19,11 @@
 //!   event cannot invent an attempt (a success "for attempt 4294967295").
 
 use super::{Payments, ServiceError, ServiceResult, record};
+use crate::provider::CheckoutState;
 use crate::storage::SessionRecord;
 use crate::webhook::event::{EventKind, ProviderEvent};
 use payretry_domain::lifecycle::Payment;
-use payretry_domain::{AttemptNumber, Change};
+use payretry_domain::{AttemptNumber, Change, FailureReason};
 use serde_json::json;
 
 /// What an event did, for logs and tests.
@@ -43,6 +48,13 @@ impl Payments {
                         },
                         now,
                         self.auto_refund_duplicates,
+                    ),
+                    EventKind::Processing => lifecycle.processing(event.attempt, now),
+                    EventKind::AsyncPaymentFailed => lifecycle.async_payment_failed(
+                        event.attempt,
+                        &FailureReason::from_code(FailureReason::ASYNC_PAYMENT_FAILED),
+                        self.policy.max_attempts,
+                        now,
                     ),
                     EventKind::Failed(reason) => {
                         lifecycle.failed(event.attempt, reason, self.policy.max_attempts)
@@ -113,20 +125,34 @@ impl Payments {
         }
     }
 
-    /// Records a payment the worker found by asking the provider (reconciliation).
-    pub(crate) async fn record_reconciled_payment(
+    /// Records what the worker found by asking the provider about the current checkout
+    /// (reconciliation): `Paid` as a success, `Processing` as a payment processing.
+    /// Returns whether it changed the session.
+    pub(crate) async fn record_reconciled_checkout(
         &self,
         session: &SessionRecord,
+        found: CheckoutState,
     ) -> ServiceResult<bool> {
         let attempt = Some(session.state.current_attempt);
         let outcome = self
             .transition(&session.id, |s, now| {
-                let paid = Payment {
-                    attempt,
-                    provider_session_id: s.state.provider_session_id.as_ref(),
-                    payment_intent: None,
+                let lifecycle = s.lifecycle();
+                let decided = match found {
+                    CheckoutState::Paid => lifecycle.paid(
+                        &Payment {
+                            attempt,
+                            provider_session_id: s.state.provider_session_id.as_ref(),
+                            payment_intent: None,
+                        },
+                        now,
+                        false,
+                    ),
+                    CheckoutState::Processing => lifecycle.processing(attempt, now),
+                    CheckoutState::Open
+                    | CheckoutState::Expired
+                    | CheckoutState::CompleteUnpaid => None,
                 };
-                Ok(s.lifecycle().paid(&paid, now, false).map(|(change, _)| {
+                Ok(decided.map(|(change, _)| {
                     let (mut t, metrics) = record::transition(s, change, now);
                     for entry in &mut t.audit {
                         entry.details["reconciled"] = json!(true);

@@ -7,26 +7,24 @@ use payretry_domain::PaymentSessionId;
 
 impl Payments {
     /// Expires the session if its window has passed and it is still live. Returns whether
-    /// this call expired it. The live provider checkout is then closed (best effort: an
-    /// unclosed checkout that is paid late is still recorded as paid).
+    /// this call expired it. The live provider checkout, recorded for closing in the same
+    /// commit, is then closed (retried by the sweeper if the provider does not answer; a
+    /// checkout paid late all the same is still recorded as paid).
     pub async fn expire_if_window_passed(&self, id: &PaymentSessionId) -> ServiceResult<bool> {
         let outcome = self
             .transition(id, |session, now| {
-                Ok(session
-                    .lifecycle()
-                    .window_closed(now)
-                    .map(|change| record::transition(session, change, now)))
+                Ok(session.lifecycle().window_closed(now).map(|change| {
+                    let (t, metrics) = record::transition(session, change, now);
+                    let unwanted = t.close_checkouts.clone();
+                    (t, (metrics, unwanted))
+                }))
             })
             .await?;
-        let Some((session, metrics)) = outcome else {
+        let Some((_, (metrics, unwanted))) = outcome else {
             return Ok(false);
         };
         record::emit(&metrics);
-        if let Some(checkout) = &session.state.provider_session_id
-            && let Err(error) = self.provider.expire_checkout(checkout).await
-        {
-            tracing::warn!(session_id = %session.id, %error, "could not close the checkout at the window's end");
-        }
+        self.close_checkouts_now(id, &unwanted).await;
         Ok(true)
     }
 

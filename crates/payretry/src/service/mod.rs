@@ -3,6 +3,7 @@
 //! touches storage state directly.
 //!
 //! - [`checkout`]: create a payment session with its first checkout.
+//! - [`closures`]: closing provider checkouts nobody should pay any more, durably.
 //! - [`retry`]: eligibility and scheduling of a buyer's retry.
 //! - [`events`]: provider events (paid, failed, expired) applied to sessions.
 //! - [`expiry`]: closing sessions whose window passed.
@@ -14,6 +15,7 @@
 //! ([`payretry_domain::lifecycle`]); `record` turns a decision into a storage transition.
 
 pub mod checkout;
+pub mod closures;
 pub mod dead_letters;
 pub mod duplicates;
 pub mod events;

@@ -47,6 +47,7 @@ pub(crate) fn transition(
         last_error: d.last_error,
     });
     t.redrive = effects.redrive;
+    t.close_checkouts = effects.close_checkouts;
     (t, effects.metrics)
 }
 
@@ -120,6 +121,10 @@ fn audit_details(details: &AuditDetails) -> Value {
         }),
         AuditDetails::RetryAbandoned { reason } => json!({"reason": reason.as_str()}),
         AuditDetails::PaymentSucceeded {
+            after_window,
+            dropped_scheduled_retry,
+        }
+        | AuditDetails::PaymentProcessing {
             after_window,
             dropped_scheduled_retry,
         } => json!({

@@ -13,7 +13,8 @@ use utoipa::ToSchema;
 pub struct StatusView {
     #[schema(example = "ps_4f1c2a9b0d8e7f6a5b4c3d2e1f0a9b8c")]
     pub session_id: String,
-    /// `open`, `failed`, `retry_scheduled`, `succeeded` or `expired`.
+    /// `open`, `failed`, `retry_scheduled`, `processing` (a payment that settles later, such
+    /// as a bank debit, is in progress: no retry until its outcome), `succeeded` or `expired`.
     #[schema(value_type = String, example = "failed")]
     pub status: SessionStatus,
     /// Minor units.
@@ -24,8 +25,8 @@ pub struct StatusView {
     pub max_retry_attempts: u32,
     pub retry_attempts_remaining: u32,
     pub retry_available: bool,
-    /// `limit_reached`, `window_expired`, `payment_succeeded`, `retry_scheduled`,
-    /// `payment_not_failed` or `failure_not_retryable`.
+    /// `limit_reached`, `window_expired`, `payment_succeeded`, `payment_processing`,
+    /// `retry_scheduled`, `payment_not_failed` or `failure_not_retryable`.
     pub retry_unavailable_reason: Option<String>,
     pub next_retry_at: Option<DateTime<Utc>>,
     pub last_retry_at: Option<DateTime<Utc>>,

@@ -317,6 +317,9 @@ pub struct Transition {
     pub analytics: Vec<AnalyticsEvent>,
     /// A double payment this change detected, recorded for support (and a refund).
     pub duplicate_payment: Option<NewDuplicatePayment>,
+    /// Provider checkouts nobody should pay any more, recorded to be closed (see
+    /// [`Storage::due_checkout_closures`]).
+    pub close_checkouts: Vec<ProviderSessionId>,
     /// The receipt of an embedded-queue delivery this change completes: the job is deleted
     /// in the same commit (if this delivery still holds it), saving the worker a separate
     /// acknowledgement. See [`crate::queue::JobQueue::settles_in_transition`].
@@ -339,9 +342,19 @@ impl Transition {
             idempotency: None,
             analytics: Vec::new(),
             duplicate_payment: None,
+            close_checkouts: Vec::new(),
             settles: None,
         }
     }
+}
+
+/// A provider checkout to close, and how often closing it has failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CheckoutClosure {
+    pub provider_session_id: ProviderSessionId,
+    pub session_id: PaymentSessionId,
+    pub tries: u32,
+    pub created_at: DateTime<Utc>,
 }
 
 /// How a transition ended.
@@ -492,6 +505,32 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Deletes idempotency records and processed event ids older than `before`.
     async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64>;
+
+    /// Records checkouts of `session` to close, due at once, outside any transition (a
+    /// checkout created for a session that moved on meanwhile). Already recorded ones stay.
+    async fn schedule_checkout_closures(
+        &self,
+        session: &PaymentSessionId,
+        checkouts: &[ProviderSessionId],
+    ) -> StorageResult<()>;
+
+    /// Up to `limit` checkouts to close whose next try is due by `now`, the most overdue first.
+    async fn due_checkout_closures(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<CheckoutClosure>>;
+
+    /// The checkout is closed (or need not be any more): forget it.
+    async fn checkout_closed(&self, checkout: &ProviderSessionId) -> StorageResult<()>;
+
+    /// A try to close the checkout failed: try again at `retry_at`.
+    async fn checkout_close_failed(
+        &self,
+        checkout: &ProviderSessionId,
+        retry_at: DateTime<Utc>,
+        error: &str,
+    ) -> StorageResult<()>;
 
     /// One page of the dead letters, oldest first.
     async fn dead_letters(&self, page: Page) -> StorageResult<Paged<DeadLetter>>;

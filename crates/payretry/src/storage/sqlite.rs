@@ -125,6 +125,41 @@ fn duplicate_payment_from_row(row: &SqliteRow) -> StorageResult<DuplicatePayment
     })
 }
 
+/// Records checkouts to close, due at `now`; one already recorded keeps its schedule.
+async fn insert_checkout_closures(
+    tx: &mut Transaction<'static, Sqlite>,
+    session_id: &PaymentSessionId,
+    checkouts: &[ProviderSessionId],
+    now: i64,
+) -> StorageResult<()> {
+    for checkout in checkouts {
+        sqlx::query(
+            "INSERT INTO checkout_closures (provider_session_id, session_id, run_at, created_at)
+             VALUES (?, ?, ?, ?) ON CONFLICT (provider_session_id) DO NOTHING",
+        )
+        .bind(checkout.as_str())
+        .bind(session_id.as_str())
+        .bind(now)
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
+fn checkout_closure(row: &sqlx::sqlite::SqliteRow) -> StorageResult<CheckoutClosure> {
+    let session: String = row.try_get("session_id")?;
+    let tries: i64 = row.try_get("tries")?;
+    Ok(CheckoutClosure {
+        provider_session_id: ProviderSessionId::new(
+            row.try_get::<String, _>("provider_session_id")?,
+        ),
+        session_id: PaymentSessionId::parse(&session).map_err(corrupt)?,
+        tries: u32::try_from(tries).unwrap_or(u32::MAX),
+        created_at: from_millis(row.try_get("created_at")?)?,
+    })
+}
+
 async fn append_audit(
     tx: &mut Transaction<'static, Sqlite>,
     session_id: &PaymentSessionId,
@@ -375,6 +410,7 @@ impl Storage for SqliteStorage {
         for entry in &t.audit {
             append_audit(&mut tx, &t.session_id, now, entry).await?;
         }
+        insert_checkout_closures(&mut tx, &t.session_id, &t.close_checkouts, now).await?;
         if let Some(job) = &t.enqueue {
             enqueue_job(&mut tx, job, now).await?;
         }
@@ -539,6 +575,63 @@ impl Storage for SqliteStorage {
         .bind(&scope.key)
         .execute(&self.writer)
         .await?;
+        Ok(())
+    }
+
+    async fn schedule_checkout_closures(
+        &self,
+        session: &PaymentSessionId,
+        checkouts: &[ProviderSessionId],
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        insert_checkout_closures(&mut tx, session, checkouts, to_millis(Utc::now())).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn due_checkout_closures(
+        &self,
+        now: DateTime<Utc>,
+        limit: u32,
+    ) -> StorageResult<Vec<CheckoutClosure>> {
+        let rows = sqlx::query(
+            "SELECT provider_session_id, session_id, tries, created_at FROM checkout_closures
+             WHERE run_at <= ? ORDER BY run_at LIMIT ?",
+        )
+        .bind(to_millis(now))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter().map(checkout_closure).collect()
+    }
+
+    async fn checkout_closed(&self, checkout: &ProviderSessionId) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query("DELETE FROM checkout_closures WHERE provider_session_id = ?")
+            .bind(checkout.as_str())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn checkout_close_failed(
+        &self,
+        checkout: &ProviderSessionId,
+        retry_at: DateTime<Utc>,
+        error: &str,
+    ) -> StorageResult<()> {
+        let mut tx = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE checkout_closures SET run_at = ?, tries = tries + 1, last_error = ?
+             WHERE provider_session_id = ?",
+        )
+        .bind(to_millis(retry_at))
+        .bind(error)
+        .bind(checkout.as_str())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

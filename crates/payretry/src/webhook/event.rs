@@ -9,6 +9,12 @@ use serde_json::Value;
 pub enum EventKind {
     /// The money moved.
     Paid,
+    /// The checkout was completed with a payment method that settles later (Stripe:
+    /// `checkout.session.completed` with `payment_status` `unpaid`, e.g. a bank debit).
+    Processing,
+    /// That payment did not settle (`checkout.session.async_payment_failed`). Kept apart
+    /// from [`EventKind::Failed`] so a card decline arriving late cannot end `processing`.
+    AsyncPaymentFailed,
     /// The payment was declined or failed.
     Failed(FailureReason),
     /// The checkout closed unpaid.
@@ -55,12 +61,11 @@ pub fn parse(body: &[u8]) -> Result<Option<ProviderEvent>, EventError> {
     let kind = match kind {
         "checkout.session.completed" => match text("/payment_status") {
             Some("paid" | "no_payment_required") => EventKind::Paid,
+            Some("unpaid") => EventKind::Processing,
             _ => return Ok(None),
         },
         "checkout.session.async_payment_succeeded" => EventKind::Paid,
-        "checkout.session.async_payment_failed" => EventKind::Failed(FailureReason::from_code(
-            FailureReason::ASYNC_PAYMENT_FAILED,
-        )),
+        "checkout.session.async_payment_failed" => EventKind::AsyncPaymentFailed,
         "checkout.session.expired" => EventKind::CheckoutExpired,
         "payment_intent.payment_failed" => {
             let code = text("/last_payment_error/decline_code")
@@ -140,11 +145,24 @@ mod tests {
     }
 
     #[test]
-    fn completed_but_unpaid_is_not_acted_on() {
+    fn completed_but_unpaid_is_a_payment_processing() {
+        let event = parse_json(json!({"id": "evt", "type": "checkout.session.completed",
+            "data": {"object": {"object": "checkout.session", "id": "cs_1",
+                "payment_status": "unpaid", "client_reference_id": "ps_a"}}}))
+        .unwrap();
+        assert_eq!(event.kind, EventKind::Processing);
+        let failed = parse_json(
+            json!({"id": "evt", "type": "checkout.session.async_payment_failed",
+            "data": {"object": {"object": "checkout.session", "id": "cs_1",
+                "payment_status": "unpaid", "client_reference_id": "ps_a"}}}),
+        )
+        .unwrap();
+        assert_eq!(failed.kind, EventKind::AsyncPaymentFailed);
         assert_eq!(
             parse_json(json!({"id": "evt", "type": "checkout.session.completed",
-                "data": {"object": {"payment_status": "unpaid", "client_reference_id": "ps_a"}}})),
-            None
+                "data": {"object": {"payment_status": "pending", "client_reference_id": "ps_a"}}})),
+            None,
+            "a payment status this API version does not define"
         );
     }
 

@@ -22,7 +22,15 @@
 //! (401 for the key, as Stripe does) and recorded in [`FakeStripe::violations`], which a test
 //! asserts empty.
 //!
-//! Failures are injected with [`FakeStripe::fail_next`]; the hosted page `/pay/{id}` is a stub.
+//! Failures are injected with [`FakeStripe::fail_next`] (before the request is looked at, as
+//! a load balancer or an overloaded API would answer) and, for creates, with
+//! [`FakeStripe::next_creates`] (Stripe's own idempotency behaviour: a create that keeps
+//! running after the client gave up, with a 409 `idempotency_key_in_use` for every request
+//! with its key meanwhile; a 500 saved under the key and replayed with
+//! `Idempotent-Replayed: true` and `Stripe-Should-Retry: false`). The hosted page `/pay/{id}`
+//! is a stub. [`FakeStripe::event`] builds the events Stripe sends about a checkout
+//! (`checkout.session.completed`, `…async_payment_succeeded`, `…async_payment_failed`),
+//! from the checkout as the fake holds it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt::Display;
@@ -73,6 +81,20 @@ pub enum FailureMode {
     StatusWithRetryAfter(u16, Duration),
     /// Hold the request this long, then handle it normally if the client is still waiting.
     Hang(Duration),
+    /// This status with `Stripe-Should-Retry: true|false`.
+    StatusWithShouldRetry(u16, bool),
+}
+
+/// How the next creates behave at Stripe's idempotency layer (see [`FakeStripe::next_creates`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateMode {
+    /// The create runs this long and completes whether or not the client still waits (as at
+    /// Stripe: a timeout on the client's side does not stop the server). Meanwhile every
+    /// request with the same key is answered 409 `idempotency_key_in_use`.
+    InFlight(Duration),
+    /// The create fails with a 500 that is saved under its key: every later request with the
+    /// key and the same parameters gets the same 500 back, replayed.
+    SavedServerError,
 }
 
 /// A checkout the fake created.
@@ -93,8 +115,11 @@ pub struct FakeCheckout {
     pub payment_status: String,
     pub expires_at: i64,
     pub created: i64,
-    /// `pi_test_…`, given when the checkout is marked paid.
+    /// `pi_test_…`, given when the checkout is marked paid or complete-unpaid.
     pub payment_intent: Option<String>,
+    /// The payment intent's `status`: `processing` while a debit settles,
+    /// `requires_payment_method` after it failed, `succeeded` once paid.
+    pub payment_intent_status: Option<String>,
 }
 
 /// A refund the fake made (replays excluded).
@@ -253,21 +278,66 @@ impl FakeStripe {
     /// can be refunded. Returns the payment intent's id.
     pub fn mark_paid(&self, checkout_id: &str) -> String {
         self.set_state(checkout_id, "complete", "paid");
+        self.set_intent(checkout_id, "succeeded")
+    }
+
+    /// The buyer completed an asynchronous payment that has not cleared: `complete` / `unpaid`,
+    /// its payment intent `processing`. Returns the payment intent's id.
+    pub fn mark_complete_unpaid(&self, checkout_id: &str) -> String {
+        self.set_state(checkout_id, "complete", "unpaid");
+        self.set_intent(checkout_id, "processing")
+    }
+
+    /// That payment failed to settle: the checkout stays `complete` / `unpaid` (as at Stripe),
+    /// its payment intent back to `requires_payment_method`.
+    pub fn mark_debit_failed(&self, checkout_id: &str) {
+        self.set_intent(checkout_id, "requires_payment_method");
+    }
+
+    fn set_intent(&self, checkout_id: &str, status: &str) -> String {
         let mut ledger = self.shared.ledger();
         let checkout = ledger
             .checkouts
             .iter_mut()
             .find(|c| c.id == checkout_id)
-            .expect("the checkout just marked paid");
+            .unwrap_or_else(|| panic!("fake Stripe has no checkout {checkout_id}"));
+        checkout.payment_intent_status = Some(status.to_owned());
         checkout
             .payment_intent
             .get_or_insert_with(|| format!("pi_test_{}", uuid::Uuid::new_v4().simple()))
             .clone()
     }
 
-    /// The buyer completed an asynchronous payment that has not cleared: `complete` / `unpaid`.
-    pub fn mark_complete_unpaid(&self, checkout_id: &str) {
-        self.set_state(checkout_id, "complete", "unpaid");
+    /// The next `n` checkout creates that get past [`FakeStripe::fail_next`] behave as `mode`
+    /// says (each new create with a key takes one; replays and 409s take none).
+    pub fn next_creates(&self, n: usize, mode: CreateMode) {
+        self.shared
+            .ledger()
+            .create_modes
+            .extend(std::iter::repeat_n(mode, n));
+    }
+
+    /// The event Stripe sends about `checkout_id` (`checkout.session.completed`,
+    /// `checkout.session.async_payment_succeeded`, …), with the checkout as it now stands
+    /// as its object. Mark it paid or complete-unpaid first.
+    pub fn event(&self, kind: &str, checkout_id: &str) -> Value {
+        let checkout = self
+            .checkout(checkout_id)
+            .unwrap_or_else(|| panic!("fake Stripe has no checkout {checkout_id}"));
+        json!({
+            "id": format!("evt_test_{}", uuid::Uuid::new_v4().simple()),
+            "object": "event",
+            "api_version": payretry::provider::stripe::STRIPE_VERSION,
+            "created": now_unix(),
+            "livemode": false,
+            "type": kind,
+            "data": {"object": checkout_json(&checkout)},
+        })
+    }
+
+    /// Requests the fake answered 409 because another with the same key was running.
+    pub fn conflicts(&self) -> usize {
+        self.shared.ledger().conflicts
     }
 
     /// The next `n` API requests (create, retrieve, expire or refund) fail as `mode` says.
@@ -330,6 +400,14 @@ impl Shared {
             Some(FailureMode::StatusWithRetryAfter(status, after)) => {
                 return Some(injected_failure(status, Some(after)));
             }
+            Some(FailureMode::StatusWithShouldRetry(status, retry)) => {
+                let mut response = injected_failure(status, None);
+                response.headers_mut().insert(
+                    "Stripe-Should-Retry",
+                    HeaderValue::from_static(if retry { "true" } else { "false" }),
+                );
+                return Some(response);
+            }
             Some(FailureMode::Hang(duration)) => tokio::time::sleep(duration).await,
             None => {}
         }
@@ -377,7 +455,8 @@ impl Shared {
         self.ledger().violations.push(text);
     }
 
-    fn create(&self, headers: &HeaderMap, body: &Bytes) -> Response {
+    /// A create at Stripe's idempotency layer; `fail` makes it a 500 saved under its key.
+    fn create(&self, headers: &HeaderMap, body: &Bytes, fail: bool) -> Response {
         let mut problems = Vec::new();
         let content_type = header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
         if !content_type.starts_with("application/x-www-form-urlencoded") {
@@ -392,6 +471,26 @@ impl Shared {
         let key = header_text(headers, "idempotency-key");
 
         let mut ledger = self.ledger();
+        if let Some(key) = &key
+            && let Some(saved) = ledger.saved_failures.get(key)
+        {
+            if saved.params == form {
+                let replay = saved.body.clone();
+                drop(ledger);
+                return saved_server_error(replay, true);
+            }
+            ledger.violations.push(format!(
+                "create: Idempotency-Key {key} reused with different parameters"
+            ));
+            drop(ledger);
+            return stripe_error(
+                StatusCode::BAD_REQUEST,
+                "idempotency_error",
+                None,
+                "Keys for idempotent requests can only be used with the same parameters they \
+                 were first used with.",
+            );
+        }
         if let Some(key) = &key
             && let Some(stored) = ledger.idempotency.get(key)
         {
@@ -435,6 +534,22 @@ impl Shared {
             );
         }
 
+        if fail {
+            let body = json!({"error": {"type": "api_error", "code": null,
+                "message": "An unknown error occurred (saved under this Idempotency-Key)"}});
+            if let Some(key) = key {
+                ledger.saved_failures.insert(
+                    key,
+                    Stored {
+                        params: form,
+                        body: body.clone(),
+                    },
+                );
+            }
+            drop(ledger);
+            return saved_server_error(body, false);
+        }
+
         let id = format!("cs_test_{}", uuid::Uuid::new_v4().simple());
         let checkout = FakeCheckout {
             url: format!("{}/pay/{id}", self.base_url),
@@ -448,6 +563,7 @@ impl Shared {
             created: now,
             form: form.clone(),
             payment_intent: None,
+            payment_intent_status: None,
         };
         let body = checkout_json(&checkout);
         if let Some(key) = key {
@@ -474,6 +590,12 @@ struct Ledger {
     requests: Vec<RecordedRequest>,
     violations: Vec<String>,
     failures: VecDeque<FailureMode>,
+    create_modes: VecDeque<CreateMode>,
+    /// Idempotency-Key → a create's 500, saved and replayed as Stripe does.
+    saved_failures: HashMap<String, Stored>,
+    /// Idempotency keys whose create is still running.
+    in_flight: std::collections::HashSet<String>,
+    conflicts: usize,
     expired_ids: Vec<String>,
 }
 
@@ -492,7 +614,50 @@ async fn create(
     if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
         return refusal;
     }
-    shared.create(&headers, &body)
+    let key = header_text(&headers, "idempotency-key");
+    let mode = {
+        let mut ledger = shared.ledger();
+        if let Some(key) = &key
+            && ledger.in_flight.contains(key)
+        {
+            ledger.conflicts += 1;
+            drop(ledger);
+            return stripe_error(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                Some("idempotency_key_in_use"),
+                "There is currently another in-progress request using this Idempotency-Key. \
+                 Please try again later.",
+            );
+        }
+        let fresh = key.as_ref().is_none_or(|k| {
+            !ledger.idempotency.contains_key(k) && !ledger.saved_failures.contains_key(k)
+        });
+        if fresh {
+            ledger.create_modes.pop_front()
+        } else {
+            None
+        }
+    };
+    match mode {
+        Some(CreateMode::InFlight(duration)) => {
+            if let Some(key) = &key {
+                shared.ledger().in_flight.insert(key.clone());
+            }
+            // Runs to the end even if the client hangs up and this handler is dropped.
+            let running = tokio::spawn(async move {
+                tokio::time::sleep(duration).await;
+                let response = shared.create(&headers, &body, false);
+                if let Some(key) = &key {
+                    shared.ledger().in_flight.remove(key);
+                }
+                response
+            });
+            running.await.expect("the in-flight create")
+        }
+        Some(CreateMode::SavedServerError) => shared.create(&headers, &body, true),
+        None => shared.create(&headers, &body, false),
+    }
 }
 
 async fn retrieve(
@@ -506,12 +671,20 @@ async fn retrieve(
     if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
         return refusal;
     }
+    // `expand[]=payment_intent` (or `expand[0]=…`) turns the id into the object.
+    let expand = form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .any(|(name, value)| name.starts_with("expand[") && value == "payment_intent");
     let mut ledger = shared.ledger();
     let now = now_unix();
     match ledger.checkouts.iter_mut().find(|c| c.id == id) {
         Some(checkout) => {
             expire_if_due(checkout, now);
-            stripe_json(StatusCode::OK, checkout_json(checkout))
+            let mut body = checkout_json(checkout);
+            if expand && let Some(intent) = &checkout.payment_intent {
+                body["payment_intent"] = json!({"id": intent, "object": "payment_intent",
+                    "status": checkout.payment_intent_status});
+            }
+            stripe_json(StatusCode::OK, body)
         }
         None => no_such_checkout(&id),
     }
@@ -899,6 +1072,18 @@ fn injected_failure(status: u16, retry_after: Option<Duration>) -> Response {
         response
             .headers_mut()
             .insert(header::RETRY_AFTER, HeaderValue::from(after.as_secs()));
+    }
+    response
+}
+
+/// A 500 Stripe saved under the request's key: marked not worth retrying, and as a replay
+/// when it is one.
+fn saved_server_error(body: Value, replayed: bool) -> Response {
+    let mut response = stripe_json(StatusCode::INTERNAL_SERVER_ERROR, body);
+    let headers = response.headers_mut();
+    headers.insert("Stripe-Should-Retry", HeaderValue::from_static("false"));
+    if replayed {
+        headers.insert("Idempotent-Replayed", HeaderValue::from_static("true"));
     }
     response
 }
