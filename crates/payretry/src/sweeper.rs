@@ -3,7 +3,6 @@
 //! retries duplicate-payment refunds a crash or an outage left owed.
 
 use crate::service::Payments;
-use crate::service::duplicates::REFUND_RETRY_GRACE;
 use crate::shutdown::Shutdown;
 use chrono::{TimeDelta, Utc};
 use std::sync::Arc;
@@ -23,15 +22,6 @@ impl Sweeper {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "expired sessions whose window closed"),
                 Err(error) => tracing::error!(%error, "window sweep failed"),
-            }
-            match self
-                .payments
-                .retry_owed_refunds(Utc::now() - REFUND_RETRY_GRACE)
-                .await
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(settled = n, "settled owed duplicate refunds"),
-                Err(error) => tracing::error!(%error, "retrying duplicate refunds failed"),
             }
             if Utc::now() - last_purge > TimeDelta::hours(1) {
                 let before = Utc::now() - TimeDelta::hours(24);
