@@ -379,3 +379,46 @@ async fn the_webhook_that_detects_a_double_payment_answers_before_the_refund_is_
     assert_eq!(stripe.refund_requests(), 1);
     assert!(stripe.violations().is_empty(), "{:?}", stripe.violations());
 }
+
+#[tokio::test]
+async fn the_openapi_document_lists_every_refund_state() {
+    // Arrange
+    let app = TestApp::spawn().await;
+
+    // Act
+    let document: Value = app
+        .request(Method::GET, "/openapi.json", None, None, None)
+        .await
+        .json()
+        .await
+        .unwrap();
+
+    // Assert
+    let schemas = &document["components"]["schemas"];
+    let states: Vec<&str> = schemas["DuplicatePaymentStatusView"]["enum"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no status enum in {schemas}"))
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "detected",
+            "refund_requested",
+            "refund_pending",
+            "refunded",
+            "refund_failed"
+        ]
+    );
+    let view = &schemas["DuplicatePaymentView"]["properties"];
+    for field in [
+        "status",
+        "refundId",
+        "failureReason",
+        "lastError",
+        "updatedAt",
+    ] {
+        assert!(view[field].is_object(), "{field} missing from {view}");
+    }
+}

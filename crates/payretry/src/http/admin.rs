@@ -171,7 +171,8 @@ pub struct DuplicatePaymentsView {
 }
 
 /// Buyers charged twice (a late payment of an older checkout), oldest first, one page at a
-/// time.
+/// time, each with where its refund stands (`status`): a `refund_pending` refund is not done
+/// yet, a `refund_failed` one needs support (`failureReason`, `lastError`).
 #[utoipa::path(get, path = "/admin/duplicate-payments", tag = "admin",
     params(PageParams),
     responses((status = 200, body = DuplicatePaymentsView),
