@@ -118,6 +118,7 @@ impl Payments {
         }
         let session_id = &record.session_id;
         let attempt = record.duplicate_attempt;
+        crate::crash_point!("refund-before-claim");
         let claimed = self
             .storage
             .claim_duplicate_refund(session_id, attempt, before, Utc::now())
