@@ -75,8 +75,13 @@ pub enum AuditAction {
     /// A second checkout of an already paid session was paid too (the buyer was charged
     /// twice); the first payment stands.
     DoublePaymentDetected,
-    /// The duplicate charge was refunded through the provider.
+    /// The duplicate charge was refunded through the provider (the provider says the refund
+    /// succeeded).
     DuplicateRefunded,
+    /// The provider took the duplicate charge's refund but settles it later (not refunded yet).
+    DuplicateRefundPending,
+    /// The duplicate charge's refund was refused, failed or was canceled: support must act.
+    DuplicateRefundFailed,
 }
 
 impl AuditAction {
@@ -94,6 +99,8 @@ impl AuditAction {
             Self::SessionExpired => "session_expired",
             Self::DoublePaymentDetected => "double_payment_detected",
             Self::DuplicateRefunded => "duplicate_refunded",
+            Self::DuplicateRefundPending => "duplicate_refund_pending",
+            Self::DuplicateRefundFailed => "duplicate_refund_failed",
         }
     }
 }

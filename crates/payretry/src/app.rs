@@ -13,6 +13,7 @@ use crate::provider::stripe::{StripeConfig, StripeProvider};
 use crate::queue::relay::SqsRelay;
 use crate::queue::sqs::{self, SqsQueue};
 use crate::queue::{JobQueue, Outbox};
+use crate::refund_runner::RefundRunner;
 use crate::secret::Secret;
 use crate::service::Payments;
 use crate::shutdown::Shutdown;
@@ -280,6 +281,13 @@ impl App {
             };
             background.spawn(sweeper.run(shutdown.clone()));
         }
+        // Every role: the webhooks that owe refunds land on the API, and any process finds
+        // the owed refunds a crashed one left (each call is claimed, so none is made twice).
+        let refunds = RefundRunner {
+            payments: self.state.payments.clone(),
+            interval: self.tuning.sweep_interval,
+        };
+        background.spawn(refunds.run(shutdown.clone()));
         if role != ServeRole::Worker {
             if let Some(relay) = self.segment {
                 background.spawn(relay.run(shutdown.clone()));

@@ -22,6 +22,7 @@ macro_rules! crash_point {
 
 pub mod provider;
 pub mod queue;
+pub mod refund_runner;
 pub mod secret;
 pub mod service;
 pub mod shutdown;

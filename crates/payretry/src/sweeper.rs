@@ -1,10 +1,9 @@
 //! The window sweeper: expires sessions whose payment window closed, sleeping until the
-//! next window end, purges idempotency records and processed event ids past 24 hours,
-//! retries duplicate-payment refunds a crash or an outage left owed, and closes the provider
-//! checkouts nobody should pay any more (see `service::closures`).
+//! next window end, purges idempotency records and processed event ids past 24 hours, and
+//! closes the provider checkouts nobody should pay any more (see `service::closures`).
+//! Owed duplicate refunds are the refund runner's.
 
 use crate::service::Payments;
-use crate::service::duplicates::REFUND_RETRY_GRACE;
 use crate::shutdown::Shutdown;
 use chrono::{TimeDelta, Utc};
 use std::sync::Arc;
@@ -24,15 +23,6 @@ impl Sweeper {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(expired = n, "expired sessions whose window closed"),
                 Err(error) => tracing::error!(%error, "window sweep failed"),
-            }
-            match self
-                .payments
-                .retry_owed_refunds(Utc::now() - REFUND_RETRY_GRACE)
-                .await
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(settled = n, "settled owed duplicate refunds"),
-                Err(error) => tracing::error!(%error, "retrying duplicate refunds failed"),
             }
             match self.payments.close_due_checkouts(Utc::now()).await {
                 Ok(0) => {}

@@ -1,11 +1,12 @@
 //! The double-payment guard: a session already paid through one attempt's checkout is paid
 //! through another's too (an old checkout completing late). The first payment stands; the
 //! second is audited, counted, listed for support and, with
-//! `PAYRETRY_AUTO_REFUND_DUPLICATES=true`, refunded through the provider exactly once.
+//! `PAYRETRY_AUTO_REFUND_DUPLICATES=true`, refunded through the provider exactly once (by the
+//! refund runner, after the webhook's answer: tests wait for the refund's outcome).
 
 mod support;
 
-use payretry::provider::duplicate_refund_key;
+use payretry::provider::RefundRequest;
 use payretry::provider::sandbox::events;
 use payretry::storage::SandboxCheckoutStatus;
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId, Role};
@@ -130,6 +131,32 @@ async fn duplicates_of(app: &TestApp, id: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Session `id`'s one double payment once its status is `wanted` (10 s at most): the refund
+/// runner makes the refund after the webhook has been answered.
+async fn wait_for_duplicate(app: &TestApp, id: &str, wanted: &str) -> Value {
+    let mut listed = Vec::new();
+    for _ in 0..200 {
+        listed = duplicates_of(app, id).await;
+        if listed.len() == 1 && listed[0]["status"] == wanted {
+            return listed.remove(0);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("the double payment of {id} never became {wanted}: {listed:?}");
+}
+
+/// Waits (10 s at most) until the fake Stripe API received `n` refund requests.
+async fn wait_for_refund_requests(app: &TestApp, n: usize) {
+    let stripe = app.stripe.as_ref().unwrap();
+    for _ in 0..200 {
+        if stripe.refund_requests() >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    panic!("{} refund requests, not {n}", stripe.refund_requests());
+}
+
 /// The first payment stands: succeeded, attempt 1's checkout, one `payment_succeeded`.
 async fn assert_first_payment_stands(app: &TestApp, case: &PaidTwice) {
     let status = app.status(&app.buyer(), &case.id).await;
@@ -234,7 +261,7 @@ async fn the_same_event_delivered_twice_records_one_double_payment() {
     // Assert
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(again.status(), StatusCode::OK);
-    assert_eq!(duplicates_of(&app, &case.id).await.len(), 1);
+    wait_for_duplicate(&app, &case.id, "refunded").await;
     let entries = audit_entries(&app, &case.id).await;
     assert_eq!(with_action(&entries, "double_payment_detected").len(), 1);
     assert_eq!(with_action(&entries, "duplicate_refunded").len(), 1);
@@ -260,6 +287,7 @@ async fn a_double_payment_is_refunded_exactly_once(database: Database) {
     for response in [first, second, third] {
         assert_eq!(response.status(), StatusCode::OK);
     }
+    wait_for_duplicate(&app, &case.id, "refunded").await;
     let refunds = stripe.refunds();
     assert_eq!(refunds.len(), 1, "{refunds:?}");
     assert_eq!(refunds[0].payment_intent, case.late_intent);
@@ -316,6 +344,8 @@ async fn a_refund_the_provider_could_not_take_is_retried_later_and_made_once() {
         app.send_event(&case.late_event()).await.status(),
         StatusCode::OK
     );
+    // The refund runner's attempt (3 tries) met the outage.
+    wait_for_refund_requests(&app, 3).await;
     assert!(stripe.refunds().is_empty());
     assert_eq!(
         duplicates_of(&app, &case.id).await[0]["status"],
@@ -355,12 +385,16 @@ async fn a_refund_made_before_a_crash_is_not_made_again_by_the_retry() {
         app.send_event(&case.late_event()).await.status(),
         StatusCode::OK
     );
-    let session = PaymentSessionId::parse(&case.id).unwrap();
-    let key = duplicate_refund_key(&session, AttemptNumber::new(0));
+    wait_for_refund_requests(&app, 3).await;
+    let request = RefundRequest {
+        session_id: PaymentSessionId::parse(&case.id).unwrap(),
+        duplicate_attempt: AttemptNumber::new(0),
+        payment_intent: case.late_intent.clone(),
+    };
     let lost = app
         .payments
         .provider
-        .refund(&case.late_intent, &key)
+        .refund(&request)
         .await
         .expect("the refund that reached Stripe");
 
@@ -393,10 +427,9 @@ async fn a_refund_the_provider_refuses_is_marked_failed_for_support() {
 
     // Assert
     assert_eq!(response.status(), StatusCode::OK);
+    let listed = wait_for_duplicate(&app, &case.id, "refund_failed").await;
     assert!(stripe.refunds().is_empty());
-    let listed = duplicates_of(&app, &case.id).await;
-    assert_eq!(listed[0]["status"], "refund_failed");
-    assert!(listed[0]["lastError"].is_string(), "{listed:?}");
+    assert!(listed["lastError"].is_string(), "{listed:?}");
     let entries = audit_entries(&app, &case.id).await;
     assert!(with_action(&entries, "duplicate_refunded").is_empty());
     // Settled: the periodic retry leaves it to support.
@@ -457,10 +490,8 @@ async fn the_sandbox_refunds_a_duplicate_by_its_payment_intent() {
 
     // Assert
     assert_eq!(response.status(), StatusCode::OK);
-    let listed = duplicates_of(&app, &id).await;
-    assert_eq!(listed.len(), 1, "{listed:?}");
-    assert_eq!(listed[0]["status"], "refunded");
-    assert_eq!(listed[0]["duplicateAttempt"], 0);
+    let listed = wait_for_duplicate(&app, &id, "refunded").await;
+    assert_eq!(listed["duplicateAttempt"], 0);
     let refunded = storage.sandbox_checkout(&first).await.unwrap().unwrap();
     assert_eq!(refunded.status, SandboxCheckoutStatus::Refunded);
     let second = storage

@@ -18,7 +18,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::time::Duration;
-use support::app::{declined_event, paid_event};
+use support::app::{declined_event, paid_event, paid_event_with_intent};
 use support::fake_segment::FakeSegment;
 use support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
 use support::process::ServeProcess;
@@ -409,4 +409,71 @@ fn message_ids(segment: &FakeSegment) -> HashSet<String> {
         .iter()
         .map(|e| e["messageId"].as_str().unwrap().to_owned())
         .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_detecting_a_double_payment_and_refunding_it_refunds_once_after_restart() {
+    let s = Scenario::new(&[("PAYRETRY_AUTO_REFUND_DUPLICATES", "true".to_owned())]).await;
+    let mut first = s.start("first", Some("refund-before-claim")).await;
+    let id = s.create(&first).await;
+    let late_checkout = s.status(&first, &id).await["providerSessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    s.event(&first, &declined_event(&id, 0, "insufficient_funds"))
+        .await
+        .unwrap();
+    s.retry(&first, &id).await;
+    let open = s.wait_for(&first, &id, "open").await;
+    let paid_checkout = open["providerSessionId"].as_str().unwrap().to_owned();
+    let paid_intent = s.stripe.mark_paid(&paid_checkout);
+    s.event(
+        &first,
+        &paid_event_with_intent(&id, 1, &paid_checkout, &paid_intent),
+    )
+    .await
+    .unwrap();
+    s.wait_for(&first, &id, "succeeded").await;
+    let late_intent = s.stripe.mark_paid(&late_checkout);
+    // The detecting commit wakes the refund runner, which dies before its call (the answer
+    // to this webhook may or may not have been written by then).
+    let _ = s
+        .event(
+            &first,
+            &paid_event_with_intent(&id, 0, &late_checkout, &late_intent),
+        )
+        .await;
+
+    assert_crashed(&mut first, "refund-before-claim").await;
+    assert_eq!(s.stripe.refund_requests(), 0);
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM duplicate_payments WHERE status = 'refund_requested'")
+            .await,
+        1,
+        "the owed refund is durable"
+    );
+
+    let second = s.start("second", None).await;
+    for _ in 0..200 {
+        let refunded = s
+            .count("SELECT COUNT(*) FROM duplicate_payments WHERE status = 'refunded'")
+            .await;
+        if refunded == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let refunds = s.stripe.refunds();
+    assert_eq!(refunds.len(), 1, "{refunds:?}\n{}", second.log_text());
+    assert_eq!(refunds[0].payment_intent, late_intent);
+    assert_eq!(s.stripe.refund_requests(), 1);
+    let audit = s.audit(&second, &id).await;
+    assert_eq!(count_of(&audit, "double_payment_detected"), 1, "{audit:?}");
+    assert_eq!(count_of(&audit, "duplicate_refunded"), 1, "{audit:?}");
+    assert!(
+        s.stripe.violations().is_empty(),
+        "{:?}",
+        s.stripe.violations()
+    );
 }

@@ -15,8 +15,8 @@ use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
     AnalyticsEvent, AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus,
     IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter,
-    NewDuplicatePayment, NewSession, Page, Paged, SandboxCheckout, SandboxCheckoutStatus,
-    SessionRecord, SessionState, Storage, StoredResponse, Transition,
+    NewDuplicatePayment, NewSession, Page, Paged, RefundSettlement, SandboxCheckout,
+    SandboxCheckoutStatus, SessionRecord, SessionState, Storage, StoredResponse, Transition,
 };
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
@@ -96,6 +96,7 @@ conformance!(
     audit_log_pages_by_id,
     dead_letters_page_by_id,
     duplicate_payments_page_by_id,
+    duplicate_refunds_are_claimed_once_and_only_move_forward,
 );
 
 // ----- backends --------------------------------------------------------------------------
@@ -1658,5 +1659,173 @@ async fn duplicate_payments_page_by_id(db: Store) {
     assert_eq!(
         pages.concat(),
         db.duplicate_payments(ALL).await.expect("duplicates").items
+    );
+}
+
+/// An owed refund's provider call is claimed by one of several concurrent runners; a claim
+/// keeps it from the others until it is older than their `before`; each settlement moves the
+/// record only from the states it may come from, once, with its audit entry; and a provider
+/// event id settles at most once.
+async fn duplicate_refunds_are_claimed_once_and_only_move_forward(db: Store) {
+    let session = open_session(&db).await;
+    let mut t = Transition::new(&session, session.state.clone());
+    let payment_intent = format!("pi_{}", session.id.as_str());
+    t.duplicate_payment = Some(NewDuplicatePayment {
+        paid_attempt: AttemptNumber::new(1),
+        duplicate_attempt: AttemptNumber::ORIGINAL,
+        provider_session_id: None,
+        payment_intent: Some(payment_intent.clone()),
+        status: DuplicatePaymentStatus::RefundRequested,
+    });
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let id = session.id.clone();
+    let attempt = AttemptNumber::ORIGINAL;
+    let now = Utc::now();
+    let grace = TimeDelta::minutes(2);
+
+    // Never tried: owed at once, even to a runner that leaves recent claims alone.
+    let owed = db.duplicate_refunds_owed(now - grace, 10).await.unwrap();
+    assert_eq!(owed.len(), 1);
+    let start = Arc::new(Barrier::new(8));
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (db, id, start) = (db.clone(), id.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            start.wait().await;
+            db.claim_duplicate_refund(&id, attempt, now - grace, now)
+                .await
+                .expect("claim")
+        }));
+    }
+    let mut claims = Vec::new();
+    for task in tasks {
+        claims.push(task.await.expect("claim task"));
+    }
+    assert_eq!(claims.iter().filter(|c| **c).count(), 1, "{claims:?}");
+    assert!(
+        db.duplicate_refunds_owed(now - grace, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a fresh claim is left alone"
+    );
+    let later = now + TimeDelta::minutes(3);
+    assert_eq!(
+        db.duplicate_refunds_owed(later - grace, 10)
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "an old claim is owed again"
+    );
+
+    let audit = |action| NewAuditEntry {
+        action,
+        attempt: Some(attempt),
+        actor: "system".to_owned(),
+        details: json!({}),
+    };
+    let pending = RefundSettlement::Pending {
+        refund_id: "re_1".to_owned(),
+    };
+    let refunded = RefundSettlement::Refunded { refund_id: None };
+    let failed = RefundSettlement::Failed {
+        refund_id: Some("re_1".to_owned()),
+        failure_reason: Some("expired_or_canceled_card".to_owned()),
+        error: "failed at the bank".to_owned(),
+    };
+    let settle = |settlement: RefundSettlement, action, event: Option<&'static str>| {
+        let (db, id) = (db.clone(), id.clone());
+        async move {
+            db.settle_duplicate_refund(&id, attempt, &settlement, Some(&audit(action)), event)
+                .await
+                .expect("settle")
+        }
+    };
+    assert!(settle(pending.clone(), AuditAction::DuplicateRefundPending, None).await);
+    assert!(
+        !settle(pending, AuditAction::DuplicateRefundPending, None).await,
+        "pending only from requested"
+    );
+    assert!(
+        db.duplicate_refunds_owed(later, 10)
+            .await
+            .unwrap()
+            .is_empty(),
+        "a pending refund is not owed"
+    );
+    assert!(
+        !db.claim_duplicate_refund(&id, attempt, later, later)
+            .await
+            .unwrap()
+    );
+    assert!(
+        settle(
+            refunded.clone(),
+            AuditAction::DuplicateRefunded,
+            Some("evt_1")
+        )
+        .await
+    );
+    let record = db.duplicate_payment(&id, attempt).await.unwrap().unwrap();
+    assert_eq!(record.status, DuplicatePaymentStatus::Refunded);
+    assert_eq!(
+        record.refund_id.as_deref(),
+        Some("re_1"),
+        "the recorded id is kept"
+    );
+    assert!(!settle(refunded, AuditAction::DuplicateRefunded, None).await);
+    assert!(
+        !settle(
+            failed.clone(),
+            AuditAction::DuplicateRefundFailed,
+            Some("evt_1")
+        )
+        .await,
+        "an event id already processed changes nothing"
+    );
+    assert!(
+        settle(
+            failed.clone(),
+            AuditAction::DuplicateRefundFailed,
+            Some("evt_2")
+        )
+        .await
+    );
+    assert!(!settle(failed, AuditAction::DuplicateRefundFailed, Some("evt_3")).await);
+    let record = db
+        .duplicate_payment_by_intent(&payment_intent)
+        .await
+        .unwrap()
+        .expect("found by its charge");
+    assert_eq!(record.status, DuplicatePaymentStatus::RefundFailed);
+    assert_eq!(
+        record.failure_reason.as_deref(),
+        Some("expired_or_canceled_card")
+    );
+    assert_eq!(record.last_error.as_deref(), Some("failed at the bank"));
+    assert_eq!(record.refund_id.as_deref(), Some("re_1"));
+    assert!(
+        db.duplicate_payment_by_intent("pi_other")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let actions: Vec<String> = db
+        .audit_log(&id, ALL)
+        .await
+        .expect("audit")
+        .items
+        .into_iter()
+        .map(|e| e.action)
+        .filter(|a| a.starts_with("duplicate_refund"))
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "duplicate_refund_pending",
+            "duplicate_refunded",
+            "duplicate_refund_failed"
+        ]
     );
 }

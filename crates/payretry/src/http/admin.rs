@@ -4,7 +4,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::pagination::{self, PageParams, PageQuery};
-use crate::storage::{DeadLetter, DuplicatePayment};
+use crate::storage::{DeadLetter, DuplicatePayment, DuplicatePaymentStatus};
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
@@ -99,13 +99,49 @@ pub struct DuplicatePaymentView {
     pub duplicate_attempt: u32,
     /// The duplicate charge's payment intent (`pi_…`), for finding it at the provider.
     pub payment_intent: Option<String>,
-    /// `detected`, `refund_requested`, `refunded` or `refund_failed`.
-    pub status: String,
+    pub status: DuplicatePaymentStatusView,
     pub detected_at: chrono::DateTime<chrono::Utc>,
-    /// The provider's refund id, once refunded.
+    /// When the status (or the record) last changed.
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+    /// The provider's refund id, once the provider took the refund (`refund_pending` and
+    /// later).
     pub refund_id: Option<String>,
     /// Why the refund failed, when it did.
     pub last_error: Option<String>,
+    /// The provider's reason for a failed refund (Stripe's `failure_reason`, e.g.
+    /// `expired_or_canceled_card`), when it gave one.
+    pub failure_reason: Option<String>,
+}
+
+/// Where a double payment's refund stands.
+///
+/// - `detected`: recorded for support; no automatic refund (off, or no charge to refund).
+/// - `refund_requested`: a refund is owed; payretry is making it (or will retry it).
+/// - `refund_pending`: the provider took the refund but has not settled it (Stripe `pending`
+///   or `requires_action`); no money moved yet.
+/// - `refunded`: the provider says the refund succeeded.
+/// - `refund_failed`: the provider refused the refund, or it failed or was canceled
+///   (`failureReason`, `lastError`): support must act.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DuplicatePaymentStatusView {
+    Detected,
+    RefundRequested,
+    RefundPending,
+    Refunded,
+    RefundFailed,
+}
+
+impl From<DuplicatePaymentStatus> for DuplicatePaymentStatusView {
+    fn from(status: DuplicatePaymentStatus) -> Self {
+        match status {
+            DuplicatePaymentStatus::Detected => Self::Detected,
+            DuplicatePaymentStatus::RefundRequested => Self::RefundRequested,
+            DuplicatePaymentStatus::RefundPending => Self::RefundPending,
+            DuplicatePaymentStatus::Refunded => Self::Refunded,
+            DuplicatePaymentStatus::RefundFailed => Self::RefundFailed,
+        }
+    }
 }
 
 impl From<&DuplicatePayment> for DuplicatePaymentView {
@@ -116,10 +152,12 @@ impl From<&DuplicatePayment> for DuplicatePaymentView {
             paid_attempt: d.paid_attempt.get(),
             duplicate_attempt: d.duplicate_attempt.get(),
             payment_intent: d.payment_intent.clone(),
-            status: d.status.as_str().to_owned(),
+            status: d.status.into(),
             detected_at: d.detected_at,
+            updated_at: d.updated_at,
             refund_id: d.refund_id.clone(),
             last_error: d.last_error.clone(),
+            failure_reason: d.failure_reason.clone(),
         }
     }
 }
@@ -133,7 +171,8 @@ pub struct DuplicatePaymentsView {
 }
 
 /// Buyers charged twice (a late payment of an older checkout), oldest first, one page at a
-/// time.
+/// time, each with where its refund stands (`status`): a `refund_pending` refund is not done
+/// yet, a `refund_failed` one needs support (`failureReason`, `lastError`).
 #[utoipa::path(get, path = "/admin/duplicate-payments", tag = "admin",
     params(PageParams),
     responses((status = 200, body = DuplicatePaymentsView),

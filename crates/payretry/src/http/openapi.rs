@@ -29,6 +29,7 @@ use utoipa::{Modify, OpenApi};
         super::admin::DeadLetterView,
         super::admin::DuplicatePaymentsView,
         super::admin::DuplicatePaymentView,
+        super::admin::DuplicatePaymentStatusView,
         super::error::Problem,
     )),
     modifiers(&BearerAuth, &CommonResponses, &ResponseDescriptions)

@@ -3,7 +3,7 @@
 
 use super::error::ApiError;
 use super::{AppState, RequestBody};
-use crate::webhook::{event, signature};
+use crate::webhook::{event, refund_event, signature};
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
@@ -49,12 +49,25 @@ pub async fn stripe(
     super::require_json(&headers, &body)?;
     let parsed = event::parse(&body).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
     let Some(event) = parsed else {
-        return Ok(Json(json!({"received": true, "effect": "ignored"})));
+        return refund(&state, &body).await;
     };
     crate::crash_point!("webhook-before-apply");
     let effect = state.payments.apply_event(&event).await?;
     crate::crash_point!("webhook-after-apply");
     tracing::info!(event_id = %event.id, session_id = %event.session_id, ?effect, "webhook applied");
+    Ok(Json(
+        json!({"received": true, "effect": format!("{effect:?}")}),
+    ))
+}
+
+/// A refund event (a duplicate payment's refund settling), or an event payretry ignores.
+async fn refund(state: &AppState, body: &[u8]) -> Result<Json<Value>, ApiError> {
+    let parsed = refund_event::parse(body).map_err(|e| ApiError::InvalidRequest(e.to_string()))?;
+    let Some(event) = parsed else {
+        return Ok(Json(json!({"received": true, "effect": "ignored"})));
+    };
+    let effect = state.payments.apply_refund_event(&event).await?;
+    tracing::info!(event_id = %event.id, refund_id = %event.refund_id, ?effect, "refund webhook applied");
     Ok(Json(
         json!({"received": true, "effect": format!("{effect:?}")}),
     ))

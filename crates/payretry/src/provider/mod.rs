@@ -54,12 +54,45 @@ pub enum CheckoutState {
     Expired,
 }
 
-/// A refund the provider accepted.
+/// What payretry asks the provider to refund: the whole duplicate charge of one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefundRequest {
+    pub session_id: PaymentSessionId,
+    /// The attempt whose checkout was paid as well (the duplicate).
+    pub duplicate_attempt: AttemptNumber,
+    /// The duplicate charge's payment intent (`pi_…`).
+    pub payment_intent: String,
+}
+
+impl RefundRequest {
+    /// See [`duplicate_refund_key`].
+    pub fn idempotency_key(&self) -> String {
+        duplicate_refund_key(&self.session_id, self.duplicate_attempt)
+    }
+}
+
+/// A refund the provider took.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refund {
     /// The provider's refund id (`re_…`); `None` when the provider reports the charge as
     /// refunded already (an earlier try got through but its answer was lost).
     pub id: Option<String>,
+    pub state: RefundState,
+}
+
+/// Where a refund the provider took stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundState {
+    /// The money is on its way back (Stripe `succeeded`).
+    Succeeded,
+    /// Taken but not settled (Stripe `pending`, `requires_action`); the provider reports the
+    /// outcome later by webhook. Not done.
+    Pending,
+    /// The refund failed or was canceled at once (Stripe `failed`, `canceled`).
+    Failed {
+        /// The provider's reason (Stripe's `failure_reason`), if any.
+        reason: Option<String>,
+    },
 }
 
 /// `payretry-{sessionId}-refund-attempt-{N}`: the refund of attempt N's duplicate charge.
@@ -105,13 +138,10 @@ pub trait PaymentProvider: Send + Sync + 'static {
     /// Closes a checkout so it can no longer be paid. Closing a closed one is not an error.
     async fn expire_checkout(&self, id: &ProviderSessionId) -> Result<(), ProviderError>;
 
-    /// Refunds the whole charge of `payment_intent` (a duplicate payment). Idempotent per
-    /// `idempotency_key` (see [`duplicate_refund_key`]): repeating the call refunds once.
-    async fn refund(
-        &self,
-        payment_intent: &str,
-        idempotency_key: &str,
-    ) -> Result<Refund, ProviderError>;
+    /// Refunds the whole duplicate charge of `request`. Idempotent per request (its
+    /// [`RefundRequest::idempotency_key`]): repeating the call refunds once. A refund the
+    /// provider settles later comes back [`RefundState::Pending`].
+    async fn refund(&self, request: &RefundRequest) -> Result<Refund, ProviderError>;
 }
 
 /// How far under Stripe's 24-hour `expires_at` maximum a checkout stays. Stripe measures

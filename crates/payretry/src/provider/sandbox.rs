@@ -12,6 +12,7 @@
 
 use super::{
     CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError, Refund,
+    RefundRequest, RefundState,
 };
 use crate::secret::Secret;
 use crate::storage::{SandboxCheckout, SandboxCheckoutStatus, Storage};
@@ -144,11 +145,8 @@ impl PaymentProvider for SandboxProvider {
         Ok(())
     }
 
-    async fn refund(
-        &self,
-        payment_intent: &str,
-        _idempotency_key: &str,
-    ) -> Result<Refund, ProviderError> {
+    async fn refund(&self, request: &RefundRequest) -> Result<Refund, ProviderError> {
+        let payment_intent = request.payment_intent.as_str();
         // A sandbox payment intent is named after its checkout (see `events::payment_intent`),
         // and a checkout is paid at most once, so the checkout's status is the idempotency.
         let no_such = || ProviderError::Permanent(format!("no such payment: {payment_intent}"));
@@ -181,8 +179,10 @@ impl PaymentProvider for SandboxProvider {
                 )));
             }
         }
+        // The sandbox settles at once: no pending refunds, no refund events.
         Ok(Refund {
             id: Some(format!("re_sandbox_{suffix}")),
+            state: RefundState::Succeeded,
         })
     }
 }

@@ -6,6 +6,8 @@
 //!   of that request reuses it, so neither a redelivered queue message nor a retried timeout
 //!   can create a second checkout for one attempt. Refunds of a duplicate payment carry
 //!   `payretry-{sessionId}-refund-attempt-{N}` for the same reason: one refund per charge.
+//! - A refund counts as done only when Stripe says `succeeded`; `pending` and
+//!   `requires_action` are taken but unsettled (the outcome arrives as a refund event).
 //! - Transient failures (timeouts, connection errors, 409, 429, 5xx, and anything Stripe marks
 //!   `Stripe-Should-Retry: true`) are retried up to `max_tries` with exponential backoff and
 //!   jitter, honouring `Retry-After` up to [`MAX_RETRY_WAIT`]. Other 4xx, anything marked
@@ -30,6 +32,7 @@ use serde::Deserialize;
 
 use super::{
     CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError, Refund,
+    RefundRequest, RefundState,
 };
 use crate::secret::Secret;
 
@@ -383,22 +386,15 @@ impl PaymentProvider for StripeProvider {
         }
     }
 
-    async fn refund(
-        &self,
-        payment_intent: &str,
-        idempotency_key: &str,
-    ) -> Result<Refund, ProviderError> {
-        self.refund_payment(payment_intent, idempotency_key).await
+    async fn refund(&self, request: &RefundRequest) -> Result<Refund, ProviderError> {
+        self.refund_payment(request).await
     }
 }
 
 impl StripeProvider {
-    async fn refund_payment(
-        &self,
-        payment_intent: &str,
-        idempotency_key: &str,
-    ) -> Result<Refund, ProviderError> {
+    async fn refund_payment(&self, request: &RefundRequest) -> Result<Refund, ProviderError> {
         const OPERATION: &str = "refund payment";
+        let payment_intent = request.payment_intent.as_str();
         let valid = payment_intent.starts_with("pi_")
             && payment_intent.len() <= 255
             && payment_intent
@@ -409,13 +405,14 @@ impl StripeProvider {
                 "{OPERATION}: {payment_intent:?} is not a Stripe payment intent id"
             )));
         }
-        let form = refund_form(payment_intent);
+        let form = refund_form(request);
+        let key = request.idempotency_key();
         let call = Call {
             operation: OPERATION,
             method: Method::POST,
             url: self.refunds_url()?,
             form: Some(&form),
-            idempotency_key: Some(idempotency_key),
+            idempotency_key: Some(&key),
         };
         let body = match self.call(&call).await {
             Ok(body) => body,
@@ -425,7 +422,10 @@ impl StripeProvider {
                 status: StatusCode::BAD_REQUEST,
                 message,
             }) if message.contains("charge_already_refunded") => {
-                return Ok(Refund { id: None });
+                return Ok(Refund {
+                    id: None,
+                    state: RefundState::Succeeded,
+                });
             }
             Err(other) => return Err(other.into()),
         };
@@ -434,17 +434,23 @@ impl StripeProvider {
                 self.redact(format!("{OPERATION}: unexpected response from Stripe: {e}")),
             )
         })?;
-        match refund.status.as_deref() {
-            Some("failed" | "canceled") => Err(ProviderError::Permanent(format!(
-                "{OPERATION}: Stripe refund {} is {}",
-                refund.id,
-                refund.status.as_deref().unwrap_or_default()
-            ))),
-            // `succeeded`, or `pending` / `requires_action` (accepted, settling later).
-            _ => Ok(Refund {
-                id: Some(refund.id),
-            }),
-        }
+        Ok(Refund {
+            state: refund_state(refund.status.as_deref(), refund.failure_reason),
+            id: Some(refund.id),
+        })
+    }
+}
+
+/// A Refund's `status` as payretry sees it. Only `succeeded` is done; a status this API
+/// version does not define is treated as unsettled (its outcome arrives as an event).
+pub fn refund_state(status: Option<&str>, failure_reason: Option<String>) -> RefundState {
+    match status {
+        Some("succeeded") => RefundState::Succeeded,
+        Some("failed" | "canceled") => RefundState::Failed {
+            reason: failure_reason.or_else(|| status.map(str::to_owned)),
+        },
+        // `pending`, `requires_action`.
+        _ => RefundState::Pending,
     }
 }
 
@@ -543,6 +549,7 @@ struct SessionBody {
 struct RefundBody {
     id: String,
     status: Option<String>,
+    failure_reason: Option<String>,
 }
 
 /// Stripe's error envelope: `{"error": {"type", "code", "message", …}}`.
@@ -589,11 +596,21 @@ fn checkout_form(request: &CheckoutRequest) -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A full refund of the payment intent's charge, marked as a duplicate in Stripe's records.
-fn refund_form(payment_intent: &str) -> Vec<(&'static str, String)> {
+/// A full refund of the payment intent's charge, marked as a duplicate in Stripe's records,
+/// with metadata naming the double payment, so a refund event finds it even before the
+/// refund's id is recorded.
+fn refund_form(request: &RefundRequest) -> Vec<(&'static str, String)> {
     vec![
-        ("payment_intent", payment_intent.to_owned()),
+        ("payment_intent", request.payment_intent.clone()),
         ("reason", "duplicate".to_owned()),
+        (
+            "metadata[payment_session_id]",
+            request.session_id.to_string(),
+        ),
+        (
+            "metadata[duplicate_attempt]",
+            request.duplicate_attempt.get().to_string(),
+        ),
     ]
 }
 

@@ -1,52 +1,78 @@
 //! Double payments (a session paid through two attempts' checkouts) for support, and their
 //! refund when `PAYRETRY_AUTO_REFUND_DUPLICATES=true`.
 //!
-//! The refund is a provider call, so it is made after the detecting transaction commits,
-//! never inside it. What makes that safe:
+//! The refund is a provider call, so it is never made inside the detecting transaction, nor
+//! inside the webhook request that detected it (the provider expects a fast 2xx): the refund
+//! runner (`crate::refund_runner`) makes it, woken as soon as the detection commits. What
+//! makes that safe:
 //!
 //! - The decision to refund is durable first: the detecting commit writes the record as
 //!   `refund_requested`. If the process dies before the refund (or before its outcome is
-//!   recorded), the row stays `refund_requested`.
-//! - The sweeper retries such rows ([`Payments::retry_owed_refunds`]) once they are older than
-//!   [`REFUND_RETRY_GRACE`], so it does not race the webhook's own attempt.
+//!   recorded), the row stays `refund_requested` and any process's runner finds it.
+//! - Before calling the provider, a runner claims the row (a conditional update of its
+//!   `refund_attempted_at`), so runners of several processes do not send the same refund at
+//!   once; a row claimed less than [`REFUND_RETRY_GRACE`] ago is left alone.
 //! - Every attempt for one duplicate sends the same idempotency key
-//!   (`payretry-{session}-refund-attempt-{N}`), so a re-attempt of a refund that did get
-//!   through is answered with the first refund, never a second one.
-//! - The outcome is recorded by a conditional update (`refund_requested` → `refunded` /
-//!   `refund_failed`), so of two settlers exactly one writes it and its audit entry.
+//!   (`payretry-{session}-refund-attempt-{N}`) and the same parameters, so a re-attempt of a
+//!   refund that did get through is answered with the first refund, never a second one.
+//! - Each move is recorded by a conditional update (`refund_requested` → `refund_pending` /
+//!   `refunded` / `refund_failed`, `refund_pending` → `refunded` / `refund_failed`,
+//!   `refunded` → `refund_failed`), so of two settlers exactly one writes it and its audit
+//!   entry.
 //!
-//! A transient provider failure leaves the row owed (retried later); a permanent refusal
-//! marks it `refund_failed` for support.
+//! A transient provider failure (and Stripe's 409 for a key still in flight elsewhere) leaves
+//! the row owed, retried after the grace; a permanent refusal marks it `refund_failed` for
+//! support. A refund the provider takes but settles later (Stripe `pending`,
+//! `requires_action`) is `refund_pending`, not done: the provider's refund event
+//! ([`Payments::apply_refund_event`]) makes it `refunded` when it succeeds, or
+//! `refund_failed` (with the provider's reason) when it fails or is canceled.
 
 use super::{Payments, ServiceResult};
-use crate::provider::{ProviderError, duplicate_refund_key};
+use crate::provider::{ProviderError, RefundRequest, RefundState};
 use crate::storage::{
     DuplicatePayment, DuplicatePaymentStatus, NewAuditEntry, Page, Paged, RefundSettlement,
 };
+use crate::webhook::refund_event::RefundEvent;
 use chrono::{DateTime, TimeDelta, Utc};
-use payretry_domain::{Actor, AttemptNumber, AuditAction, PaymentSessionId};
+use payretry_domain::{Actor, AuditAction};
 use serde_json::json;
 
-/// How old an owed refund must be before the periodic retry takes it: longer than one refund
-/// call can take (Stripe's defaults: 3 tries of at most 10 s plus backoff, about 31 s), so the
-/// retry never sends the same key while the webhook's own attempt is still in flight (Stripe
-/// would answer 409 to the second).
+/// How long a claimed refund call is left to the process that claimed it before another
+/// runner may try again: longer than one refund call can take (Stripe's defaults: 3 tries of
+/// at most 10 s plus backoff, about 31 s), so two runners seldom send the same key at once.
+/// When they still do (a process stalled past the grace), Stripe answers the second with 409,
+/// which is "still owed, try later". It is also the wait after a transient failure.
 pub const REFUND_RETRY_GRACE: TimeDelta = TimeDelta::minutes(2);
 
-/// Owed refunds retried per sweep, so one sweep stays short even after a long outage.
-const REFUND_RETRY_BATCH: u32 = 20;
+/// Owed refunds tried per pass, so one pass stays short even after a long outage.
+pub(crate) const REFUND_RETRY_BATCH: u32 = 20;
 
 /// What one refund attempt ended with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefundAttempt {
     /// The provider refunded the charge; recorded as `refunded`.
     Refunded,
+    /// The provider took the refund and settles it later; recorded as `refund_pending`.
+    Pending,
     /// The provider refused for good; recorded as `refund_failed`.
     Failed,
-    /// The provider could not be reached; still owed, retried later.
+    /// The provider could not be reached (or the call is in flight elsewhere); still owed,
+    /// retried later.
     StillOwed,
-    /// Nothing owed (already settled, or not a refund candidate).
+    /// Nothing owed (already settled, not a refund candidate, or claimed by another runner).
     NotOwed,
+}
+
+/// What a refund event did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundEventEffect {
+    Refunded,
+    Pending,
+    Failed,
+    /// About one of our refunds, but nothing moved (a repeat, or an older state).
+    Unchanged,
+    /// Not about a refund payretry made.
+    Ignored,
 }
 
 impl Payments {
@@ -55,39 +81,11 @@ impl Payments {
         Ok(self.storage.duplicate_payments(page).await?)
     }
 
-    /// Refunds the duplicate charge of `session_id`'s `attempt` if a refund is owed. Called
-    /// right after the detecting commit; failures are logged, never returned, because the
-    /// detection is committed and the owed row is retried by the sweeper.
-    pub(crate) async fn refund_owed_duplicate(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-    ) {
-        let record = match self.storage.duplicate_payment(session_id, attempt).await {
-            Ok(Some(record)) => record,
-            Ok(None) => return,
-            Err(error) => {
-                tracing::error!(
-                    %session_id,
-                    %error,
-                    "loading a double payment failed; its refund will be retried"
-                );
-                return;
-            }
-        };
-        if let Err(error) = self.refund_duplicate(&record).await {
-            tracing::error!(
-                %session_id,
-                %error,
-                "recording a duplicate refund failed; it will be retried"
-            );
-        }
-    }
-
-    /// Retries refunds still owed that were last touched before `before` (the sweeper passes
-    /// now minus [`REFUND_RETRY_GRACE`]). Returns how many were settled. Does nothing while
-    /// automatic refunds are off: an operator who turns them off stops money moving, and the
-    /// owed rows stay visible to support.
+    /// Makes the refunds still owed whose call was never tried or last claimed at or before
+    /// `before` (the refund runner passes now minus [`REFUND_RETRY_GRACE`]). Returns how many
+    /// the provider answered (refunded, pending or refused). Does nothing while automatic
+    /// refunds are off: an operator who turns them off stops money moving, and the owed rows
+    /// stay visible to support.
     pub async fn retry_owed_refunds(&self, before: DateTime<Utc>) -> ServiceResult<usize> {
         if !self.auto_refund_duplicates {
             return Ok(0);
@@ -96,69 +94,87 @@ impl Payments {
             .storage
             .duplicate_refunds_owed(before, REFUND_RETRY_BATCH)
             .await?;
-        let mut settled = 0;
+        let mut answered = 0;
         for record in &owed {
             if matches!(
-                self.refund_duplicate(record).await?,
-                RefundAttempt::Refunded | RefundAttempt::Failed
+                self.refund_duplicate(record, before).await?,
+                RefundAttempt::Refunded | RefundAttempt::Pending | RefundAttempt::Failed
             ) {
-                settled += 1;
+                answered += 1;
             }
         }
-        Ok(settled)
+        Ok(answered)
     }
 
-    /// One refund attempt for `record`, and its outcome recorded.
-    pub async fn refund_duplicate(
+    /// One refund attempt for `record` if it is owed and this process claims it (not claimed
+    /// after `before`), and its outcome recorded.
+    async fn refund_duplicate(
         &self,
         record: &DuplicatePayment,
+        before: DateTime<Utc>,
     ) -> ServiceResult<RefundAttempt> {
         if record.status != DuplicatePaymentStatus::RefundRequested {
             return Ok(RefundAttempt::NotOwed);
         }
         let session_id = &record.session_id;
         let attempt = record.duplicate_attempt;
-        let Some(payment_intent) = record.payment_intent.as_deref() else {
+        crate::crash_point!("refund-before-claim");
+        let claimed = self
+            .storage
+            .claim_duplicate_refund(session_id, attempt, before, Utc::now())
+            .await?;
+        if !claimed {
+            return Ok(RefundAttempt::NotOwed);
+        }
+        let Some(payment_intent) = record.payment_intent.clone() else {
             // Not written so (a refund is requested only with a payment intent); settle it
             // rather than retry it forever.
             let failed = RefundSettlement::Failed {
+                refund_id: None,
+                failure_reason: None,
                 error: "no payment intent to refund".to_owned(),
             };
-            self.storage
-                .settle_duplicate_refund(session_id, attempt, &failed, None)
-                .await?;
+            self.settle(record, &failed, None).await?;
             return Ok(RefundAttempt::Failed);
         };
-        let key = duplicate_refund_key(session_id, attempt);
-        match self.provider.refund(payment_intent, &key).await {
+        let request = RefundRequest {
+            session_id: session_id.clone(),
+            duplicate_attempt: attempt,
+            payment_intent,
+        };
+        match self.provider.refund(&request).await {
             Ok(refund) => {
-                let audit = NewAuditEntry {
-                    action: AuditAction::DuplicateRefunded,
-                    attempt: Some(attempt),
-                    actor: Actor::System.to_string(),
-                    details: json!({
-                        "duplicatePaymentId": record.id,
-                        "paidAttempt": record.paid_attempt.get(),
-                        "duplicateAttempt": attempt.get(),
-                        "paymentIntent": payment_intent,
-                        "refundId": refund.id,
-                    }),
+                let (settlement, outcome) = match refund.state {
+                    RefundState::Succeeded => (
+                        RefundSettlement::Refunded {
+                            refund_id: refund.id,
+                        },
+                        RefundAttempt::Refunded,
+                    ),
+                    RefundState::Pending => match refund.id {
+                        Some(refund_id) => (
+                            RefundSettlement::Pending { refund_id },
+                            RefundAttempt::Pending,
+                        ),
+                        // A pending refund always has an id; without one nothing could match
+                        // its outcome, so ask again later (the same key replays the refund).
+                        None => return Ok(RefundAttempt::StillOwed),
+                    },
+                    RefundState::Failed { reason } => (
+                        RefundSettlement::Failed {
+                            error: format!(
+                                "the provider's refund {} failed: {}",
+                                refund.id.as_deref().unwrap_or("(no id)"),
+                                reason.as_deref().unwrap_or("no reason given")
+                            ),
+                            refund_id: refund.id,
+                            failure_reason: reason,
+                        },
+                        RefundAttempt::Failed,
+                    ),
                 };
-                let settlement = RefundSettlement::Refunded {
-                    refund_id: refund.id,
-                };
-                let recorded = self
-                    .storage
-                    .settle_duplicate_refund(session_id, attempt, &settlement, Some(&audit))
-                    .await?;
-                if recorded {
-                    tracing::info!(
-                        %session_id,
-                        duplicate_attempt = attempt.get(),
-                        "duplicate payment refunded"
-                    );
-                }
-                Ok(RefundAttempt::Refunded)
+                self.settle(record, &settlement, None).await?;
+                Ok(outcome)
             }
             Err(ProviderError::Transient(error)) => {
                 tracing::warn!(
@@ -170,18 +186,165 @@ impl Payments {
                 Ok(RefundAttempt::StillOwed)
             }
             Err(ProviderError::Permanent(error)) => {
-                tracing::error!(
-                    %session_id,
-                    duplicate_attempt = attempt.get(),
-                    %error,
-                    "duplicate refund refused; support must act"
-                );
-                let settlement = RefundSettlement::Failed { error };
-                self.storage
-                    .settle_duplicate_refund(session_id, attempt, &settlement, None)
-                    .await?;
+                let settlement = RefundSettlement::Failed {
+                    refund_id: None,
+                    failure_reason: None,
+                    error,
+                };
+                self.settle(record, &settlement, None).await?;
                 Ok(RefundAttempt::Failed)
             }
         }
+    }
+
+    /// Applies a verified refund event: the refund of a duplicate payment moved at the
+    /// provider. Matched to the double payment by the refund's metadata (set on create), else
+    /// by its charge; a refund payretry did not make (another refund of the same charge, or of
+    /// a charge payretry never saw) is ignored.
+    pub async fn apply_refund_event(
+        &self,
+        event: &RefundEvent,
+    ) -> ServiceResult<RefundEventEffect> {
+        let by_metadata = match (&event.session_id, event.duplicate_attempt) {
+            (Some(session_id), Some(attempt)) => {
+                self.storage.duplicate_payment(session_id, attempt).await?
+            }
+            _ => None,
+        };
+        let named_by_metadata = by_metadata.is_some();
+        let record = match (by_metadata, &event.payment_intent) {
+            (Some(record), _) => Some(record),
+            (None, Some(payment_intent)) => {
+                self.storage
+                    .duplicate_payment_by_intent(payment_intent)
+                    .await?
+            }
+            (None, None) => None,
+        };
+        let Some(record) = record else {
+            tracing::debug!(refund_id = %event.refund_id, "refund event about no double payment: ignored");
+            return Ok(RefundEventEffect::Ignored);
+        };
+        let same_charge = match (&record.payment_intent, &event.payment_intent) {
+            (Some(ours), Some(theirs)) => ours == theirs,
+            _ => true,
+        };
+        let our_refund = match &record.refund_id {
+            Some(recorded) => recorded == &event.refund_id,
+            // The call's answer is not recorded yet: only our metadata proves it ours.
+            None => named_by_metadata,
+        };
+        if !same_charge || !our_refund {
+            tracing::warn!(
+                session_id = %record.session_id,
+                duplicate_attempt = record.duplicate_attempt.get(),
+                refund_id = %event.refund_id,
+                "refund event about a refund payretry did not make: ignored"
+            );
+            return Ok(RefundEventEffect::Ignored);
+        }
+        let refund_id = event.refund_id.clone();
+        let (settlement, effect) = match &event.state {
+            RefundState::Succeeded => (
+                RefundSettlement::Refunded {
+                    refund_id: Some(refund_id),
+                },
+                RefundEventEffect::Refunded,
+            ),
+            RefundState::Pending => (
+                RefundSettlement::Pending { refund_id },
+                RefundEventEffect::Pending,
+            ),
+            RefundState::Failed { reason } => (
+                RefundSettlement::Failed {
+                    error: format!(
+                        "the provider's refund {refund_id} failed: {}",
+                        reason.as_deref().unwrap_or("no reason given")
+                    ),
+                    refund_id: Some(refund_id),
+                    failure_reason: reason.clone(),
+                },
+                RefundEventEffect::Failed,
+            ),
+        };
+        let moved = self.settle(&record, &settlement, Some(&event.id)).await?;
+        Ok(if moved {
+            effect
+        } else {
+            RefundEventEffect::Unchanged
+        })
+    }
+
+    /// Records `settlement` for `record` with its audit entry, if the record may still move
+    /// so; returns whether it did.
+    async fn settle(
+        &self,
+        record: &DuplicatePayment,
+        settlement: &RefundSettlement,
+        event_id: Option<&str>,
+    ) -> ServiceResult<bool> {
+        let session_id = &record.session_id;
+        let attempt = record.duplicate_attempt;
+        let mut details = json!({
+            "duplicatePaymentId": record.id,
+            "paidAttempt": record.paid_attempt.get(),
+            "duplicateAttempt": attempt.get(),
+            "paymentIntent": record.payment_intent,
+        });
+        let action = match settlement {
+            RefundSettlement::Refunded { refund_id } => {
+                details["refundId"] = json!(refund_id.as_ref().or(record.refund_id.as_ref()));
+                AuditAction::DuplicateRefunded
+            }
+            RefundSettlement::Pending { refund_id } => {
+                details["refundId"] = json!(refund_id);
+                AuditAction::DuplicateRefundPending
+            }
+            RefundSettlement::Failed {
+                refund_id,
+                failure_reason,
+                error,
+            } => {
+                details["refundId"] = json!(refund_id.as_ref().or(record.refund_id.as_ref()));
+                details["failureReason"] = json!(failure_reason);
+                details["error"] = json!(error);
+                AuditAction::DuplicateRefundFailed
+            }
+        };
+        if let Some(event_id) = event_id {
+            details["eventId"] = json!(event_id);
+        }
+        let audit = NewAuditEntry {
+            action,
+            attempt: Some(attempt),
+            actor: Actor::System.to_string(),
+            details,
+        };
+        let moved = self
+            .storage
+            .settle_duplicate_refund(session_id, attempt, settlement, Some(&audit), event_id)
+            .await?;
+        if moved {
+            match settlement {
+                RefundSettlement::Refunded { .. } => tracing::info!(
+                    %session_id,
+                    duplicate_attempt = attempt.get(),
+                    "duplicate payment refunded"
+                ),
+                RefundSettlement::Pending { refund_id } => tracing::info!(
+                    %session_id,
+                    duplicate_attempt = attempt.get(),
+                    %refund_id,
+                    "duplicate refund pending at the provider"
+                ),
+                RefundSettlement::Failed { error, .. } => tracing::error!(
+                    %session_id,
+                    duplicate_attempt = attempt.get(),
+                    %error,
+                    "duplicate refund failed; support must act"
+                ),
+            }
+        }
+        Ok(moved)
     }
 }

@@ -5,7 +5,8 @@
 //! - A payment from another attempt's checkout of a session already paid is a double payment
 //!   (an old checkout completing late): the first payment stands, and the second is audited
 //!   (`double_payment_detected`), counted, recorded for support in the same transaction, and,
-//!   with `PAYRETRY_AUTO_REFUND_DUPLICATES`, refunded after the commit (see `duplicates`).
+//!   with `PAYRETRY_AUTO_REFUND_DUPLICATES`, recorded as a refund owed: the refund runner makes
+//!   the provider call after the commit, outside this request (see `duplicates`).
 //! - A failure counts only for the attempt whose checkout is current; an older attempt's
 //!   failure is ignored. A later failure of the current attempt updates the reason.
 //! - A checkout completed with a payment that settles later makes the session `processing`
@@ -22,8 +23,9 @@ use super::{Payments, ServiceError, ServiceResult, record};
 use crate::provider::CheckoutState;
 use crate::storage::SessionRecord;
 use crate::webhook::event::{EventKind, ProviderEvent};
+use payretry_domain::Change;
 use payretry_domain::lifecycle::Payment;
-use payretry_domain::{AttemptNumber, Change, FailureReason};
+use payretry_domain::FailureReason;
 use serde_json::json;
 
 /// What an event did, for logs and tests.
@@ -62,13 +64,13 @@ impl Payments {
                     EventKind::CheckoutExpired => lifecycle.checkout_expired(event.attempt, now),
                 };
                 Ok(decided.map(|(change, effect)| {
-                    let refund = owed_refund(session, &change, self.auto_refund_duplicates);
+                    warn_if_unrefundable(session, &change, self.auto_refund_duplicates);
                     let (mut t, metrics) = record::transition(session, change, now);
                     t.webhook_event_id = Some(event.id.clone());
                     for entry in &mut t.audit {
                         entry.details["eventId"] = json!(event.id);
                     }
-                    (t, (effect, metrics, refund))
+                    (t, (effect, metrics))
                 }))
             })
             .await;
@@ -78,15 +80,11 @@ impl Payments {
             Err(ServiceError::SessionNotFound) => return Ok(EventEffect::Ignored),
             other => other?,
         };
-        let Some((_, (effect, metrics, refund))) = outcome else {
+        // A refund owed is made by the refund runner (woken by this commit), never here: the
+        // provider must get its 2xx fast, whatever the refund call does.
+        let Some((_, (effect, metrics))) = outcome else {
             return Ok(EventEffect::Ignored);
         };
-        if let Some(attempt) = refund {
-            // After the commit, never inside it: a provider call must not hold the database
-            // transaction, and the committed `refund_requested` row is what makes a crash
-            // right here safe (the periodic retry finds it).
-            self.refund_owed_duplicate(&event.session_id, attempt).await;
-        }
         record::emit(&metrics);
         Ok(effect)
     }
@@ -171,22 +169,17 @@ impl Payments {
     }
 }
 
-/// The duplicate attempt whose refund `change` owes, if any. A double payment that should be
-/// refunded but names no charge is only recorded, for support to find the charge.
-fn owed_refund(
-    session: &SessionRecord,
-    change: &Change,
-    auto_refund: bool,
-) -> Option<AttemptNumber> {
-    let duplicate = change.effects.duplicate.as_ref()?;
-    if auto_refund && !duplicate.refund_requested {
+/// A double payment that should be refunded but names no charge is only recorded, for
+/// support to find the charge.
+fn warn_if_unrefundable(session: &SessionRecord, change: &Change, auto_refund: bool) {
+    if let Some(duplicate) = change.effects.duplicate.as_ref()
+        && auto_refund
+        && !duplicate.refund_requested
+    {
         tracing::warn!(
             session_id = %session.id,
             duplicate_attempt = duplicate.duplicate_attempt.get(),
             "double payment without a payment intent: recorded, not refunded"
         );
     }
-    duplicate
-        .refund_requested
-        .then_some(duplicate.duplicate_attempt)
 }

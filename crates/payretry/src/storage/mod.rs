@@ -214,17 +214,24 @@ pub struct NewDeadLetter {
     pub last_error: String,
 }
 
-/// Where a detected double payment stands. Only `RefundRequested` moves on, and only once:
-/// to `Refunded` or `RefundFailed` ([`Storage::settle_duplicate_refund`]).
+/// Where a detected double payment stands. `RefundRequested` moves on once the provider
+/// answers: to `RefundPending` (the provider settles it later), `Refunded` or `RefundFailed`;
+/// `RefundPending` moves on when the provider reports the outcome; and a refund the provider
+/// reported `Refunded` can still fail later (a card refund can bounce). Each move is a
+/// conditional update ([`Storage::settle_duplicate_refund`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DuplicatePaymentStatus {
     /// Recorded for support; automatic refunds are off (or the charge cannot be identified).
     Detected,
-    /// An automatic refund was decided in the detecting transaction and is owed until settled.
+    /// An automatic refund was decided in the detecting transaction and is owed: the refund
+    /// runner has not had the provider's answer yet.
     RefundRequested,
-    /// The provider accepted the refund.
+    /// The provider took the refund but has not settled it (Stripe `pending` or
+    /// `requires_action`); its outcome arrives by webhook. Not done: no money moved yet.
+    RefundPending,
+    /// The provider refunded the charge (Stripe `succeeded`).
     Refunded,
-    /// The provider refused the refund for good: support must act.
+    /// The provider refused the refund, or the refund failed or was canceled: support must act.
     RefundFailed,
 }
 
@@ -233,6 +240,7 @@ impl DuplicatePaymentStatus {
         match self {
             Self::Detected => "detected",
             Self::RefundRequested => "refund_requested",
+            Self::RefundPending => "refund_pending",
             Self::Refunded => "refunded",
             Self::RefundFailed => "refund_failed",
         }
@@ -246,6 +254,7 @@ impl std::str::FromStr for DuplicatePaymentStatus {
         match s {
             "detected" => Ok(Self::Detected),
             "refund_requested" => Ok(Self::RefundRequested),
+            "refund_pending" => Ok(Self::RefundPending),
             "refunded" => Ok(Self::Refunded),
             "refund_failed" => Ok(Self::RefundFailed),
             other => Err(format!("unknown duplicate payment status `{other}`")),
@@ -280,19 +289,56 @@ pub struct DuplicatePayment {
     pub provider_session_id: Option<ProviderSessionId>,
     pub payment_intent: Option<String>,
     pub status: DuplicatePaymentStatus,
-    /// The provider's refund id once refunded.
+    /// The provider's refund id once the provider took the refund.
     pub refund_id: Option<String>,
     /// Why the refund failed, when it did.
     pub last_error: Option<String>,
+    /// The provider's own reason for a failed refund (Stripe's `failure_reason`, e.g.
+    /// `expired_or_canceled_card`), when it gave one.
+    pub failure_reason: Option<String>,
     pub detected_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
-/// How an owed refund ended.
+/// Where a refund moved: the provider's answer to the refund call, or a refund event.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RefundSettlement {
+    /// Taken, settling later (Stripe `pending` / `requires_action`).
+    Pending { refund_id: String },
+    /// Refunded. `refund_id` is `None` when the provider only said the charge is refunded
+    /// already; an id recorded before is kept.
     Refunded { refund_id: Option<String> },
-    Failed { error: String },
+    /// Refused, failed or canceled: support must act.
+    Failed {
+        refund_id: Option<String>,
+        /// The provider's reason (Stripe's `failure_reason`), if any.
+        failure_reason: Option<String>,
+        /// What happened, for people.
+        error: String,
+    },
+}
+
+impl RefundSettlement {
+    /// The status this settlement writes.
+    pub const fn status(&self) -> DuplicatePaymentStatus {
+        match self {
+            Self::Pending { .. } => DuplicatePaymentStatus::RefundPending,
+            Self::Refunded { .. } => DuplicatePaymentStatus::Refunded,
+            Self::Failed { .. } => DuplicatePaymentStatus::RefundFailed,
+        }
+    }
+
+    /// The statuses it may move a record from; any other status makes it a no-op, so of two
+    /// settlers exactly one writes a move (and its audit entry). A refund only ever moves
+    /// forward: requested → pending → refunded → failed (a refund can fail after succeeding).
+    pub const fn moves_from(&self) -> &'static [DuplicatePaymentStatus] {
+        use DuplicatePaymentStatus::{RefundPending, RefundRequested, Refunded};
+        match self {
+            Self::Pending { .. } => &[RefundRequested],
+            Self::Refunded { .. } => &[RefundRequested, RefundPending],
+            Self::Failed { .. } => &[RefundRequested, RefundPending, Refunded],
+        }
+    }
 }
 
 /// One atomic state change of a session and everything that goes with it.
@@ -557,6 +603,10 @@ pub trait Storage: Send + Sync + 'static {
     /// Resolves when this process committed analytics events (so the relay need not poll).
     async fn analytics_enqueued(&self);
 
+    /// Resolves when this process committed a double payment with a refund owed (so the
+    /// refund runner makes the call at once rather than at its next poll).
+    async fn refund_owed(&self);
+
     /// One page of the recorded double payments, oldest first.
     async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>>;
 
@@ -567,23 +617,44 @@ pub trait Storage: Send + Sync + 'static {
         attempt: AttemptNumber,
     ) -> StorageResult<Option<DuplicatePayment>>;
 
-    /// Refunds still owed (`refund_requested`) that were last touched before `before`, at most
-    /// `limit`, oldest first: what a crash between commit and refund left behind.
+    /// The double payment whose duplicate charge is `payment_intent`, if any (what a refund
+    /// event names).
+    async fn duplicate_payment_by_intent(
+        &self,
+        payment_intent: &str,
+    ) -> StorageResult<Option<DuplicatePayment>>;
+
+    /// Refunds still owed (`refund_requested`) whose provider call was never tried, or last
+    /// claimed at or before `before`; at most `limit`, oldest first.
     async fn duplicate_refunds_owed(
         &self,
         before: DateTime<Utc>,
         limit: u32,
     ) -> StorageResult<Vec<DuplicatePayment>>;
 
-    /// Records how an owed refund ended, with `audit` appended to the session's log in the
-    /// same transaction. Only a `refund_requested` row changes, so of two settlers (the
-    /// webhook's and a periodic retry's) one records the outcome; returns whether this one did.
+    /// Claims the provider call of an owed refund at `now`: `true` when the record is still
+    /// `refund_requested` and was not claimed after `before`. Of two processes that try at
+    /// once, one gets it; the other sees a claim newer than `before`.
+    async fn claim_duplicate_refund(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+        before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<bool>;
+
+    /// Records where a refund moved, with `audit` appended to the session's log in the same
+    /// transaction. Only a record in one of [`RefundSettlement::moves_from`] changes, so of
+    /// two settlers one records the move; returns whether this one did. With `event_id` (a
+    /// provider event), the event id is recorded as processed in the same transaction, and an
+    /// event already processed changes nothing.
     async fn settle_duplicate_refund(
         &self,
         session_id: &PaymentSessionId,
         attempt: AttemptNumber,
         settlement: &RefundSettlement,
         audit: Option<&NewAuditEntry>,
+        event_id: Option<&str>,
     ) -> StorageResult<bool>;
 
     /// Which attempt of `session` created the provider checkout `checkout`; `None` when no
@@ -611,18 +682,48 @@ pub trait Storage: Send + Sync + 'static {
     ) -> StorageResult<bool>;
 }
 
-/// The `status`, `refund_id` and `last_error` columns a settlement writes.
+/// The columns a settlement writes: `status`, `refund_id` (`None` keeps the recorded one),
+/// `last_error` and `failure_reason`.
 pub(crate) fn settlement_columns(
     settlement: &RefundSettlement,
-) -> (DuplicatePaymentStatus, Option<&str>, Option<&str>) {
+) -> (
+    DuplicatePaymentStatus,
+    Option<&str>,
+    Option<&str>,
+    Option<&str>,
+) {
     match settlement {
-        RefundSettlement::Refunded { refund_id } => {
-            (DuplicatePaymentStatus::Refunded, refund_id.as_deref(), None)
-        }
-        RefundSettlement::Failed { error } => {
-            (DuplicatePaymentStatus::RefundFailed, None, Some(error))
-        }
+        RefundSettlement::Pending { refund_id } => (
+            DuplicatePaymentStatus::RefundPending,
+            Some(refund_id),
+            None,
+            None,
+        ),
+        RefundSettlement::Refunded { refund_id } => (
+            DuplicatePaymentStatus::Refunded,
+            refund_id.as_deref(),
+            None,
+            None,
+        ),
+        RefundSettlement::Failed {
+            refund_id,
+            failure_reason,
+            error,
+        } => (
+            DuplicatePaymentStatus::RefundFailed,
+            refund_id.as_deref(),
+            Some(error),
+            failure_reason.as_deref(),
+        ),
     }
+}
+
+/// [`RefundSettlement::moves_from`] as exactly three values for `status IN (?, ?, ?)`
+/// (repeating the first), so the statement text is fixed.
+pub(crate) fn settlement_from(settlement: &RefundSettlement) -> [&'static str; 3] {
+    let from = settlement.moves_from();
+    let at = |i: usize| from.get(i).unwrap_or(&from[0]).as_str();
+    [at(0), at(1), at(2)]
 }
 
 /// Milliseconds since the epoch: how every timestamp is stored.

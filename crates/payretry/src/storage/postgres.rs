@@ -166,6 +166,7 @@ fn duplicate_payment_from_row(row: &PgRow) -> StorageResult<DuplicatePayment> {
         status: status.parse().map_err(corrupt)?,
         refund_id: row.try_get("refund_id")?,
         last_error: row.try_get("last_error")?,
+        failure_reason: row.try_get("failure_reason")?,
         detected_at: from_millis(row.try_get("detected_at")?)?,
         updated_at: from_millis(row.try_get("updated_at")?)?,
     })
@@ -809,6 +810,10 @@ impl Storage for PostgresStorage {
         self.wakeups.analytics_written().await;
     }
 
+    async fn refund_owed(&self) {
+        self.wakeups.refund_owed().await;
+    }
+
     async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
         let rows =
             sqlx::query("SELECT * FROM duplicate_payments WHERE id > $1 ORDER BY id LIMIT $2")
@@ -843,6 +848,19 @@ impl Storage for PostgresStorage {
         row.as_ref().map(duplicate_payment_from_row).transpose()
     }
 
+    async fn duplicate_payment_by_intent(
+        &self,
+        payment_intent: &str,
+    ) -> StorageResult<Option<DuplicatePayment>> {
+        let row = sqlx::query(
+            "SELECT * FROM duplicate_payments WHERE payment_intent = $1 ORDER BY id LIMIT 1",
+        )
+        .bind(payment_intent)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(duplicate_payment_from_row).transpose()
+    }
+
     async fn duplicate_refunds_owed(
         &self,
         before: DateTime<Utc>,
@@ -850,7 +868,8 @@ impl Storage for PostgresStorage {
     ) -> StorageResult<Vec<DuplicatePayment>> {
         let rows = sqlx::query(
             "SELECT * FROM duplicate_payments
-             WHERE status = 'refund_requested' AND updated_at <= $1
+             WHERE status = 'refund_requested'
+               AND (refund_attempted_at IS NULL OR refund_attempted_at <= $1)
              ORDER BY updated_at, id LIMIT $2",
         )
         .bind(to_millis(before))
@@ -860,29 +879,71 @@ impl Storage for PostgresStorage {
         rows.iter().map(duplicate_payment_from_row).collect()
     }
 
+    async fn claim_duplicate_refund(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+        before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        // Re-checked after a concurrent claim's commit (READ COMMITTED): one claim wins.
+        let claimed = sqlx::query(
+            "UPDATE duplicate_payments SET refund_attempted_at = $1
+             WHERE session_id = $2 AND duplicate_attempt = $3 AND status = 'refund_requested'
+               AND (refund_attempted_at IS NULL OR refund_attempted_at <= $4)",
+        )
+        .bind(to_millis(now))
+        .bind(session_id.as_str())
+        .bind(i64::from(attempt.get()))
+        .bind(to_millis(before))
+        .execute(&self.pool)
+        .await?;
+        Ok(claimed.rows_affected() == 1)
+    }
+
     async fn settle_duplicate_refund(
         &self,
         session_id: &PaymentSessionId,
         attempt: AttemptNumber,
         settlement: &RefundSettlement,
         audit: Option<&NewAuditEntry>,
+        event_id: Option<&str>,
     ) -> StorageResult<bool> {
         let now = to_millis(Utc::now());
-        let (status, refund_id, error) = settlement_columns(settlement);
+        let (status, refund_id, error, failure_reason) = settlement_columns(settlement);
+        let [from_a, from_b, from_c] = settlement_from(settlement);
+        // Returning early drops `tx`, which rolls back whatever it wrote.
         let mut tx = self.pool.begin().await?;
+        if let Some(event_id) = event_id {
+            let inserted = sqlx::query(
+                "INSERT INTO processed_webhook_events (event_id, processed_at) VALUES ($1, $2)
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(event_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                return Ok(false);
+            }
+        }
         // The status condition is re-checked after a concurrent settler's commit (READ
         // COMMITTED), so only one of two settlers updates the row and appends the audit entry.
         let updated = sqlx::query(
-            "UPDATE duplicate_payments SET status = $1, refund_id = $2, last_error = $3,
-                updated_at = $4
-             WHERE session_id = $5 AND duplicate_attempt = $6 AND status = 'refund_requested'",
+            "UPDATE duplicate_payments SET status = $1, refund_id = COALESCE($2, refund_id),
+                last_error = $3, failure_reason = $4, updated_at = $5
+             WHERE session_id = $6 AND duplicate_attempt = $7 AND status IN ($8, $9, $10)",
         )
         .bind(status.as_str())
         .bind(refund_id)
         .bind(error)
+        .bind(failure_reason)
         .bind(now)
         .bind(session_id.as_str())
         .bind(i64::from(attempt.get()))
+        .bind(from_a)
+        .bind(from_b)
+        .bind(from_c)
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {

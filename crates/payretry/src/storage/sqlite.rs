@@ -120,6 +120,7 @@ fn duplicate_payment_from_row(row: &SqliteRow) -> StorageResult<DuplicatePayment
         status: status.parse().map_err(corrupt)?,
         refund_id: row.try_get("refund_id")?,
         last_error: row.try_get("last_error")?,
+        failure_reason: row.try_get("failure_reason")?,
         detected_at: from_millis(row.try_get("detected_at")?)?,
         updated_at: from_millis(row.try_get("updated_at")?)?,
     })
@@ -745,6 +746,10 @@ impl Storage for SqliteStorage {
         self.wakeups.analytics_written().await;
     }
 
+    async fn refund_owed(&self) {
+        self.wakeups.refund_owed().await;
+    }
+
     async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
         let rows = sqlx::query("SELECT * FROM duplicate_payments WHERE id > ? ORDER BY id LIMIT ?")
             .bind(page.after_id())
@@ -778,6 +783,19 @@ impl Storage for SqliteStorage {
         row.as_ref().map(duplicate_payment_from_row).transpose()
     }
 
+    async fn duplicate_payment_by_intent(
+        &self,
+        payment_intent: &str,
+    ) -> StorageResult<Option<DuplicatePayment>> {
+        let row = sqlx::query(
+            "SELECT * FROM duplicate_payments WHERE payment_intent = ? ORDER BY id LIMIT 1",
+        )
+        .bind(payment_intent)
+        .fetch_optional(&self.reader)
+        .await?;
+        row.as_ref().map(duplicate_payment_from_row).transpose()
+    }
+
     async fn duplicate_refunds_owed(
         &self,
         before: DateTime<Utc>,
@@ -785,7 +803,8 @@ impl Storage for SqliteStorage {
     ) -> StorageResult<Vec<DuplicatePayment>> {
         let rows = sqlx::query(
             "SELECT * FROM duplicate_payments
-             WHERE status = 'refund_requested' AND updated_at <= ?
+             WHERE status = 'refund_requested'
+               AND (refund_attempted_at IS NULL OR refund_attempted_at <= ?)
              ORDER BY updated_at, id LIMIT ?",
         )
         .bind(to_millis(before))
@@ -795,27 +814,68 @@ impl Storage for SqliteStorage {
         rows.iter().map(duplicate_payment_from_row).collect()
     }
 
+    async fn claim_duplicate_refund(
+        &self,
+        session_id: &PaymentSessionId,
+        attempt: AttemptNumber,
+        before: DateTime<Utc>,
+        now: DateTime<Utc>,
+    ) -> StorageResult<bool> {
+        let claimed = sqlx::query(
+            "UPDATE duplicate_payments SET refund_attempted_at = ?
+             WHERE session_id = ? AND duplicate_attempt = ? AND status = 'refund_requested'
+               AND (refund_attempted_at IS NULL OR refund_attempted_at <= ?)",
+        )
+        .bind(to_millis(now))
+        .bind(session_id.as_str())
+        .bind(i64::from(attempt.get()))
+        .bind(to_millis(before))
+        .execute(&self.writer)
+        .await?;
+        Ok(claimed.rows_affected() == 1)
+    }
+
     async fn settle_duplicate_refund(
         &self,
         session_id: &PaymentSessionId,
         attempt: AttemptNumber,
         settlement: &RefundSettlement,
         audit: Option<&NewAuditEntry>,
+        event_id: Option<&str>,
     ) -> StorageResult<bool> {
         let now = to_millis(Utc::now());
-        let (status, refund_id, error) = settlement_columns(settlement);
+        let (status, refund_id, error, failure_reason) = settlement_columns(settlement);
+        let [from_a, from_b, from_c] = settlement_from(settlement);
+        // Returning early drops `tx`, which rolls back whatever it wrote.
         let mut tx = self.begin_write().await?;
+        if let Some(event_id) = event_id {
+            let inserted = sqlx::query(
+                "INSERT INTO processed_webhook_events (event_id, processed_at) VALUES (?, ?)
+                 ON CONFLICT (event_id) DO NOTHING",
+            )
+            .bind(event_id)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            if inserted.rows_affected() == 0 {
+                return Ok(false);
+            }
+        }
         let updated = sqlx::query(
-            "UPDATE duplicate_payments SET status = ?, refund_id = ?, last_error = ?,
-                updated_at = ?
-             WHERE session_id = ? AND duplicate_attempt = ? AND status = 'refund_requested'",
+            "UPDATE duplicate_payments SET status = ?, refund_id = COALESCE(?, refund_id),
+                last_error = ?, failure_reason = ?, updated_at = ?
+             WHERE session_id = ? AND duplicate_attempt = ? AND status IN (?, ?, ?)",
         )
         .bind(status.as_str())
         .bind(refund_id)
         .bind(error)
+        .bind(failure_reason)
         .bind(now)
         .bind(session_id.as_str())
         .bind(i64::from(attempt.get()))
+        .bind(from_a)
+        .bind(from_b)
+        .bind(from_c)
         .execute(&mut *tx)
         .await?;
         if updated.rows_affected() == 0 {

@@ -21,6 +21,8 @@ pub struct Wakeups {
     outbox_written: Notify,
     /// Segment events were written to the analytics outbox.
     analytics_written: Notify,
+    /// A double payment was recorded with a refund owed (the refund runner makes the call).
+    refund_owed: Notify,
 }
 
 impl Wakeups {
@@ -36,6 +38,12 @@ impl Wakeups {
         if !t.analytics.is_empty() {
             self.analytics_written.notify_one();
         }
+        if t.duplicate_payment
+            .as_ref()
+            .is_some_and(|d| d.status == super::DuplicatePaymentStatus::RefundRequested)
+        {
+            self.refund_owed.notify_one();
+        }
     }
 
     pub async fn job_due_soon(&self) {
@@ -48,5 +56,9 @@ impl Wakeups {
 
     pub async fn analytics_written(&self) {
         self.analytics_written.notified().await;
+    }
+
+    pub async fn refund_owed(&self) {
+        self.refund_owed.notified().await;
     }
 }

@@ -5,10 +5,14 @@
 //! - `POST /v1/checkout/sessions` (form-encoded), `GET /v1/checkout/sessions/{id}`,
 //!   `POST /v1/checkout/sessions/{id}/expire`, with Stripe's error envelope and a
 //!   `Request-Id` header; an open checkout past its `expires_at` reads as expired.
-//! - `POST /v1/refunds` (`payment_intent`, optional `reason`): refunds the charge of a paid
-//!   checkout's payment intent (given by [`FakeStripe::mark_paid`]) once; a second refund of
-//!   the same charge under another key is a 400 `charge_already_refunded`, an unknown payment
-//!   intent a 404.
+//! - `POST /v1/refunds` (`payment_intent`, optional `reason`, `metadata[…]`): refunds the
+//!   charge of a paid checkout's payment intent (given by [`FakeStripe::mark_paid`]) once; a
+//!   second refund of the same charge under another key is a 400 `charge_already_refunded`,
+//!   an unknown payment intent a 404. A refund answers `succeeded`, or what
+//!   [`FakeStripe::answer_refunds_with`] says (`pending`, `requires_action`, `failed`); a
+//!   pending one is settled by [`FakeStripe::settle_refund`], which delivers the signed
+//!   `refund.updated` / `refund.failed` (or `charge.refund.updated`) event to the webhook
+//!   given by [`FakeStripe::deliver_webhooks_to`].
 //! - `Idempotency-Key`: the same key with the same parameters replays the first response
 //!   (`Idempotent-Replayed: true`, no second checkout); the same key with other parameters is
 //!   a 400 `idempotency_error`. Only successful creates and refunds are remembered, as at
@@ -17,7 +21,8 @@
 //! What it checks beyond Stripe (payretry's contract, DESIGN.md §4): every create carries
 //! exactly the agreed fields, well-formed, `expires_at` 30 min to 24 h ahead, and the
 //! `payretry-{sessionId}-attempt-{N}` idempotency key; every refund carries a
-//! `payretry-{sessionId}-refund-attempt-{N}` key; every request carries
+//! `payretry-{sessionId}-refund-attempt-{N}` key and the metadata `payment_session_id` and
+//! `duplicate_attempt` naming the same session and attempt; every request carries
 //! `Authorization: Bearer sk_test_…` and `Stripe-Version`. A violation is answered with 400
 //! (401 for the key, as Stripe does) and recorded in [`FakeStripe::violations`], which a test
 //! asserts empty.
@@ -132,10 +137,19 @@ pub struct FakeRefund {
     /// Stripe's `reason`, if sent.
     pub reason: Option<String>,
     pub created: i64,
+    /// Stripe's `status`: `succeeded`, `pending`, `requires_action`, `failed`, `canceled`.
+    pub status: String,
+    /// Stripe's `failure_reason`, once failed.
+    pub failure_reason: Option<String>,
+    /// The `metadata[…]` sent on create.
+    pub metadata: BTreeMap<String, String>,
 }
 
-/// The parameters a refund request may carry.
+/// The parameters a refund request may carry (besides `metadata[…]`).
 pub const REFUND_FIELDS: [&str; 2] = ["payment_intent", "reason"];
+
+/// The metadata payretry puts on every refund.
+pub const REFUND_METADATA: [&str; 2] = ["payment_session_id", "duplicate_attempt"];
 
 /// One API request as it arrived (including replays and injected failures).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -597,6 +611,7 @@ struct Ledger {
     in_flight: std::collections::HashSet<String>,
     conflicts: usize,
     expired_ids: Vec<String>,
+    refund_desk: RefundDesk,
 }
 
 struct Stored {
@@ -735,6 +750,8 @@ async fn refund(
     if let Some(refusal) = shared.admit(&method, &uri, &headers, &body).await {
         return refusal;
     }
+    let mut gate = shared.ledger().refund_desk.gate.subscribe();
+    let _ = gate.wait_for(|held| !held).await;
     shared.refund(&headers, &body)
 }
 
@@ -812,11 +829,10 @@ impl Shared {
                 &format!("No such payment_intent: '{payment_intent}'"),
             );
         }
-        if ledger
-            .refunds
-            .iter()
-            .any(|r| r.payment_intent == payment_intent)
-        {
+        if ledger.refunds.iter().any(|r| {
+            r.payment_intent == payment_intent
+                && !["failed", "canceled"].contains(&r.status.as_str())
+        }) {
             drop(ledger);
             return stripe_error(
                 StatusCode::BAD_REQUEST,
@@ -826,21 +842,18 @@ impl Shared {
             );
         }
 
+        let (status, failure_reason) = ledger.refund_desk.answer.status();
         let refund = FakeRefund {
             id: format!("re_test_{}", uuid::Uuid::new_v4().simple()),
             payment_intent,
             idempotency_key: key.clone().unwrap_or_default(),
             reason: form.get("reason").cloned(),
             created: now_unix(),
+            status: status.to_owned(),
+            failure_reason: failure_reason.map(str::to_owned),
+            metadata: refund_metadata(&form),
         };
-        let body = json!({
-            "id": refund.id,
-            "object": "refund",
-            "payment_intent": refund.payment_intent,
-            "reason": refund.reason,
-            "status": "succeeded",
-            "created": refund.created,
-        });
+        let body = refund_json(&refund);
         if let Some(key) = key {
             ledger.idempotency.insert(
                 key,
@@ -867,10 +880,11 @@ fn validate_refund(form: &BTreeMap<String, String>, key: Option<&str>) -> Vec<St
         Some(_) => {}
     }
     for field in form.keys() {
-        if !REFUND_FIELDS.contains(&field.as_str()) {
+        if !REFUND_FIELDS.contains(&field.as_str()) && metadata_key(field).is_none() {
             problems.push(format!("unexpected parameter {field}"));
         }
     }
+    problems.extend(validate_refund_metadata(form, key));
     if let Some(reason) = form.get("reason")
         && !["duplicate", "fraudulent", "requested_by_customer"].contains(&reason.as_str())
     {
@@ -886,6 +900,249 @@ fn validate_refund(form: &BTreeMap<String, String>, key: Option<&str>) -> Vec<St
         problems.push(format!(
             "Idempotency-Key is {key:?}, expected payretry-{{sessionId}}-refund-attempt-{{N}}"
         ));
+    }
+    problems
+}
+
+// --- Refund settlement: pending refunds, their outcome, and the signed refund events. ---
+
+/// How the fake answers a new refund.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RefundAnswer {
+    /// `succeeded` (Stripe's usual answer for a card).
+    #[default]
+    Succeeded,
+    /// `pending`: settled later by [`FakeStripe::settle_refund`].
+    Pending,
+    /// `requires_action`: settled later too.
+    RequiresAction,
+    /// `failed` at once, with this `failure_reason`.
+    Failed(String),
+}
+
+impl RefundAnswer {
+    fn status(&self) -> (&'static str, Option<&str>) {
+        match self {
+            Self::Succeeded => ("succeeded", None),
+            Self::Pending => ("pending", None),
+            Self::RequiresAction => ("requires_action", None),
+            Self::Failed(reason) => ("failed", Some(reason)),
+        }
+    }
+}
+
+/// How a pending refund ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RefundOutcome {
+    Succeeded,
+    /// `failed` with this `failure_reason` (e.g. `expired_or_canceled_card`).
+    Failed(String),
+    /// `canceled` (a `requires_action` refund that timed out).
+    Canceled,
+}
+
+/// Which event type reports a settled refund. Stripe sends `refund.updated` /
+/// `refund.failed` for every refund from API version `2024-10-28`; before that (payretry pins
+/// `2024-06-20`) a refund of a charge is reported as `charge.refund.updated`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefundEventStyle {
+    /// `refund.updated`, or `refund.failed` for a failure.
+    Refund,
+    /// `charge.refund.updated` for every change.
+    ChargeRefund,
+}
+
+/// The refund side of the ledger.
+struct RefundDesk {
+    answer: RefundAnswer,
+    /// `true` while refund requests are held (they wait, already recorded, until released).
+    gate: tokio::sync::watch::Sender<bool>,
+    /// Where refund events go, and the secret they are signed with.
+    webhook: Option<(String, String)>,
+}
+
+impl Default for RefundDesk {
+    fn default() -> Self {
+        Self {
+            answer: RefundAnswer::default(),
+            gate: tokio::sync::watch::Sender::new(false),
+            webhook: None,
+        }
+    }
+}
+
+impl FakeStripe {
+    /// How new refunds are answered from now on.
+    pub fn answer_refunds_with(&self, answer: RefundAnswer) {
+        self.shared.ledger().refund_desk.answer = answer;
+    }
+
+    /// Holds refund requests (recorded, not answered) until [`FakeStripe::release_refunds`]:
+    /// a slow refund endpoint. Keep the hold shorter than the client's timeout.
+    pub fn hold_refunds(&self) {
+        self.shared.ledger().refund_desk.gate.send_replace(true);
+    }
+
+    pub fn release_refunds(&self) {
+        self.shared.ledger().refund_desk.gate.send_replace(false);
+    }
+
+    /// Refund events go to `url` (payretry's `/webhooks/stripe`), signed with `secret` as
+    /// Stripe signs them.
+    pub fn deliver_webhooks_to(&self, url: &str, secret: &str) {
+        self.shared.ledger().refund_desk.webhook = Some((url.to_owned(), secret.to_owned()));
+    }
+
+    /// Settles refund `id` and delivers its event ([`RefundEventStyle::Refund`]); returns the
+    /// webhook's HTTP status.
+    pub async fn settle_refund(&self, id: &str, outcome: RefundOutcome) -> u16 {
+        self.settle_refund_as(id, outcome, RefundEventStyle::Refund)
+            .await
+    }
+
+    /// [`FakeStripe::settle_refund`] with the event type of `style`.
+    pub async fn settle_refund_as(
+        &self,
+        id: &str,
+        outcome: RefundOutcome,
+        style: RefundEventStyle,
+    ) -> u16 {
+        let (refund, (url, secret)) = {
+            let mut ledger = self.shared.ledger();
+            let webhook = ledger
+                .refund_desk
+                .webhook
+                .clone()
+                .expect("deliver_webhooks_to first");
+            let refund = ledger
+                .refunds
+                .iter_mut()
+                .find(|r| r.id == id)
+                .unwrap_or_else(|| panic!("fake Stripe has no refund {id}"));
+            assert!(
+                ["pending", "requires_action"].contains(&refund.status.as_str()),
+                "refund {id} is {}, not pending",
+                refund.status
+            );
+            let (status, reason) = match &outcome {
+                RefundOutcome::Succeeded => ("succeeded", None),
+                RefundOutcome::Failed(reason) => ("failed", Some(reason.clone())),
+                RefundOutcome::Canceled => ("canceled", None),
+            };
+            refund.status = status.to_owned();
+            refund.failure_reason = reason;
+            (refund.clone(), webhook)
+        };
+        let kind = match (style, &outcome) {
+            (RefundEventStyle::ChargeRefund, _) => "charge.refund.updated",
+            (RefundEventStyle::Refund, RefundOutcome::Failed(_)) => "refund.failed",
+            (RefundEventStyle::Refund, _) => "refund.updated",
+        };
+        let event = refund_event(kind, &refund);
+        self.deliver(&url, &secret, &event).await
+    }
+
+    /// Posts `event` to `url` signed with `secret` (the `Stripe-Signature` payretry checks).
+    pub async fn deliver(&self, url: &str, secret: &str, event: &Value) -> u16 {
+        let body = serde_json::to_vec(event).expect("event JSON");
+        let signature =
+            payretry::webhook::signature::sign(&body, secret, chrono::Utc::now().timestamp());
+        reqwest::Client::new()
+            .post(url)
+            .header("Stripe-Signature", signature)
+            .header("Content-Type", "application/json; charset=utf-8")
+            .body(body)
+            .send()
+            .await
+            .expect("deliver the refund event")
+            .status()
+            .as_u16()
+    }
+}
+
+/// A Stripe event about `refund`, as the pinned API version shapes it.
+pub fn refund_event(kind: &str, refund: &FakeRefund) -> Value {
+    json!({
+        "id": format!("evt_test_{}", uuid::Uuid::new_v4().simple()),
+        "object": "event",
+        "api_version": payretry::provider::stripe::STRIPE_VERSION,
+        "created": now_unix(),
+        "livemode": false,
+        "type": kind,
+        "data": {"object": refund_json(refund)},
+    })
+}
+
+/// A Refund object.
+fn refund_json(refund: &FakeRefund) -> Value {
+    json!({
+        "id": refund.id,
+        "object": "refund",
+        "amount": null,
+        "currency": "usd",
+        "payment_intent": refund.payment_intent,
+        "reason": refund.reason,
+        "status": refund.status,
+        "failure_reason": refund.failure_reason,
+        "metadata": refund.metadata,
+        "created": refund.created,
+    })
+}
+
+/// `metadata[key]` → `key`.
+fn metadata_key(field: &str) -> Option<&str> {
+    field.strip_prefix("metadata[")?.strip_suffix(']')
+}
+
+fn refund_metadata(form: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    form.iter()
+        .filter_map(|(field, value)| metadata_key(field).map(|k| (k.to_owned(), value.clone())))
+        .collect()
+}
+
+/// Stripe's metadata rules (up to 50 keys, names up to 40 characters without square
+/// brackets, values up to 500 characters), and payretry's: exactly `payment_session_id` and
+/// `duplicate_attempt`, naming the session and attempt of the idempotency key.
+fn validate_refund_metadata(form: &BTreeMap<String, String>, key: Option<&str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let metadata = refund_metadata(form);
+    if metadata.len() > 50 {
+        problems.push("more than 50 metadata keys".to_owned());
+    }
+    for (name, value) in &metadata {
+        if name.is_empty() || name.chars().count() > 40 || name.contains(['[', ']']) {
+            problems.push(format!("metadata key {name:?} is not a valid key"));
+        }
+        if value.chars().count() > 500 {
+            problems.push(format!("metadata[{name}] is longer than 500 characters"));
+        }
+        if !REFUND_METADATA.contains(&name.as_str()) {
+            problems.push(format!("unexpected metadata[{name}]"));
+        }
+    }
+    let keyed = key
+        .and_then(|k| k.strip_prefix("payretry-"))
+        .and_then(|rest| rest.split_once("-refund-attempt-"));
+    match (
+        metadata.get("payment_session_id"),
+        metadata.get("duplicate_attempt"),
+    ) {
+        (Some(session), Some(attempt)) => {
+            if canonical_integer(attempt).is_none_or(|n| n < 0) {
+                problems.push(format!(
+                    "metadata[duplicate_attempt] {attempt:?} is not a whole number"
+                ));
+            }
+            if let Some((key_session, key_attempt)) = keyed
+                && (key_session != session || key_attempt != attempt)
+            {
+                problems.push(format!(
+                    "metadata names {session} attempt {attempt}, the Idempotency-Key another"
+                ));
+            }
+        }
+        _ => problems
+            .push("missing metadata[payment_session_id] or metadata[duplicate_attempt]".to_owned()),
     }
     problems
 }
