@@ -47,6 +47,7 @@ impl Sweeper {
                 .map_or(self.interval, |d| d.min(self.interval));
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {}
+                _ = self.payments.storage.checkouts_to_close() => {}
                 _ = shutdown.wait() => {}
             }
         }

@@ -165,7 +165,8 @@ impl Worker {
     }
 
     /// Creates the retry's checkout and opens the session on it
-    /// ([`Lifecycle::retry_checkout_opened`]), then closes whichever checkout is left unused.
+    /// ([`Lifecycle::retry_checkout_opened`]); whichever checkout is left unused is recorded
+    /// for closing.
     ///
     /// [`Lifecycle::retry_checkout_opened`]: payretry_domain::Lifecycle::retry_checkout_opened
     async fn open_retry_checkout(
@@ -201,12 +202,11 @@ impl Worker {
                     if settle_in_transition {
                         t.settles = Some(delivery.receipt.clone());
                     }
-                    let superseded = t.close_checkouts.clone();
-                    (t, (metrics, superseded))
+                    (t, metrics)
                 }))
             })
             .await?;
-        let Some((_, (metrics, superseded))) = committed else {
+        let Some((_, metrics)) = committed else {
             // Another delivery of this same job may have won with this very checkout (the
             // idempotency key makes the provider return it again): it is live, keep it.
             // Otherwise the session was paid or expired meanwhile: close the unused one.
@@ -215,16 +215,17 @@ impl Worker {
                 current.is_some_and(|s| s.state.provider_session_id.as_ref() == Some(&checkout.id));
             if !still_live {
                 self.payments
-                    .close_unused_checkouts(&id, std::slice::from_ref(&checkout.id))
+                    .storage
+                    .schedule_checkout_closures(&id, std::slice::from_ref(&checkout.id))
                     .await?;
             }
             return Ok(Outcome::Dropped(
                 "session moved on during checkout creation",
             ));
         };
+        // The previous checkout was recorded for closing in the commit; the sweeper, woken by
+        // it, closes it.
         record::emit(&metrics);
-        // Recorded in the commit; closed now if the provider answers, else by the sweeper.
-        self.payments.close_checkouts_now(&id, &superseded).await;
         Ok(Outcome::CheckoutCreated)
     }
 

@@ -197,49 +197,66 @@ async fn a_payment_on_an_older_checkout_closes_the_current_one() {
     stripe(&app).mark_paid(&older);
     deliver(&app, "checkout.session.completed", &older).await;
     app.wait_for_status(&id, "succeeded").await;
-    app.payments
-        .close_due_checkouts(chrono::Utc::now())
-        .await
-        .unwrap();
-    let closed = stripe(&app).checkout(&current).unwrap();
+    // The payment's commit wakes the sweeper, which closes it (a bounded wait, no fixed sleep).
+    let closed = wait_for_checkout(&app, &current, "expired").await;
     assert_eq!(
         closed.status, "expired",
         "the current checkout can no longer be paid"
     );
+    assert!(stripe(&app).expired_ids().contains(&current));
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM checkout_closures").await,
+        app.settled_count("SELECT COUNT(*) FROM checkout_closures", 0)
+            .await,
         0,
         "nothing left to close"
     );
 }
 
-/// A checkout to close while Stripe is down stays recorded, and is closed by a later sweep
-/// once Stripe answers; nothing is left behind.
+/// A checkout to close while Stripe is down stays recorded, and the sweeper closes it once
+/// Stripe answers, after its backoff; nothing is left behind.
 #[tokio::test]
 async fn a_checkout_that_could_not_be_closed_is_closed_later() {
     let app = stripe_app(Database::Sqlite, &[]).await;
     let (id, checkout) = session(&app).await;
     let unwanted = [payretry_domain::ProviderSessionId::new(checkout.clone())];
-    // The close and its two retries inside the Stripe client.
+    // The first close and its two retries inside the Stripe client.
     stripe(&app).fail_next(3, FailureMode::Status(503));
     app.payments
         .storage
         .schedule_checkout_closures(&PaymentSessionId::parse(&id).unwrap(), &unwanted)
         .await
         .unwrap();
-    let now = chrono::Utc::now();
-    assert_eq!(app.payments.close_due_checkouts(now).await.unwrap(), 0);
+    let tried = app
+        .settled_count("SELECT COUNT(*) FROM checkout_closures WHERE tries = 1", 1)
+        .await;
+    assert_eq!(tried, 1, "the first close failed and was kept for later");
     assert_eq!(stripe(&app).checkout(&checkout).unwrap().status, "open");
-    assert_eq!(app.count("SELECT COUNT(*) FROM checkout_closures").await, 1);
+
+    let closed = wait_for_checkout(&app, &checkout, "expired").await;
+    assert_eq!(closed.status, "expired");
     assert_eq!(
-        app.payments.close_due_checkouts(now).await.unwrap(),
-        0,
-        "not due again before its backoff"
+        app.settled_count("SELECT COUNT(*) FROM checkout_closures", 0)
+            .await,
+        0
     );
-    let later = now + chrono::TimeDelta::minutes(1);
-    assert_eq!(app.payments.close_due_checkouts(later).await.unwrap(), 1);
-    assert_eq!(stripe(&app).checkout(&checkout).unwrap().status, "expired");
-    assert_eq!(app.count("SELECT COUNT(*) FROM checkout_closures").await, 0);
+}
+
+/// Polls the fake until `checkout` reads `status` (15 s at most: a closure's first backoff is
+/// 5 s), and returns it as last read.
+async fn wait_for_checkout(
+    app: &TestApp,
+    checkout: &str,
+    status: &str,
+) -> support::fake_stripe::FakeCheckout {
+    let mut last = stripe(app).checkout(checkout).unwrap();
+    for _ in 0..300 {
+        if last.status == status {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        last = stripe(app).checkout(checkout).unwrap();
+    }
+    last
 }
 
 /// payretry's own timeout (2 s here) fires while Stripe is still creating the checkout; every

@@ -5,16 +5,17 @@
 //! checkout stays payable at Stripe), when the session is paid through another attempt's
 //! checkout, or when the window closes. The lifecycle names it in the change's
 //! `close_checkouts`, and the transition records it in the same commit, so the decision
-//! survives a crash and a provider outage. Closing is then tried at once by the worker and
-//! retried by the sweeper with backoff until the provider says the checkout is closed (an
-//! expired or completed one counts as closed), or until it would have expired by itself
-//! ([`GIVE_UP_AFTER`]).
+//! survives a crash and a provider outage (a checkout created for a session that moved on
+//! meanwhile is recorded on its own, `Storage::schedule_checkout_closures`). The commit wakes
+//! the sweeper, which closes it at once, and retries with backoff until the provider says
+//! the checkout is closed (an expired or completed one counts as closed), or until it would
+//! have expired by itself ([`GIVE_UP_AFTER`]). One path for every closing: no request waits
+//! on the provider for it, and no two loops race to close the same checkout.
 
 use super::{Payments, ServiceResult};
 use crate::provider::ProviderError;
 use crate::storage::CheckoutClosure;
 use chrono::{DateTime, TimeDelta, Utc};
-use payretry_domain::{PaymentSessionId, ProviderSessionId};
 
 /// Stripe closes every checkout within 24 hours of its creation; past that (with an hour of
 /// slack) there is nothing left to close.
@@ -29,39 +30,6 @@ fn retry_delay(tries: u32) -> TimeDelta {
 }
 
 impl Payments {
-    /// Tries at once to close checkouts a committed change recorded for closing; a failure
-    /// leaves them to the sweeper.
-    pub(crate) async fn close_checkouts_now(
-        &self,
-        session_id: &PaymentSessionId,
-        checkouts: &[ProviderSessionId],
-    ) {
-        for checkout in checkouts {
-            let closure = CheckoutClosure {
-                provider_session_id: checkout.clone(),
-                session_id: session_id.clone(),
-                tries: 0,
-                created_at: Utc::now(),
-            };
-            if let Err(error) = self.close_checkout(&closure, Utc::now()).await {
-                tracing::warn!(%session_id, provider_session_id = %checkout, %error, "could not record a checkout closure attempt");
-            }
-        }
-    }
-
-    /// Records checkouts to close outside a transition, then tries them at once.
-    pub(crate) async fn close_unused_checkouts(
-        &self,
-        session_id: &PaymentSessionId,
-        checkouts: &[ProviderSessionId],
-    ) -> ServiceResult<()> {
-        self.storage
-            .schedule_checkout_closures(session_id, checkouts)
-            .await?;
-        self.close_checkouts_now(session_id, checkouts).await;
-        Ok(())
-    }
-
     /// Tries every closure that is due; returns how many checkouts were closed.
     pub async fn close_due_checkouts(&self, now: DateTime<Utc>) -> ServiceResult<usize> {
         let due = self.storage.due_checkout_closures(now, BATCH).await?;

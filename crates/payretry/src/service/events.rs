@@ -24,8 +24,8 @@ use crate::provider::CheckoutState;
 use crate::storage::SessionRecord;
 use crate::webhook::event::{EventKind, ProviderEvent};
 use payretry_domain::Change;
-use payretry_domain::lifecycle::Payment;
 use payretry_domain::FailureReason;
+use payretry_domain::lifecycle::Payment;
 use serde_json::json;
 
 /// What an event did, for logs and tests.

@@ -7,24 +7,21 @@ use payretry_domain::PaymentSessionId;
 
 impl Payments {
     /// Expires the session if its window has passed and it is still live. Returns whether
-    /// this call expired it. The live provider checkout, recorded for closing in the same
-    /// commit, is then closed (retried by the sweeper if the provider does not answer; a
-    /// checkout paid late all the same is still recorded as paid).
+    /// this call expired it. The live provider checkout is recorded for closing in the same
+    /// commit (see `closures`; a checkout paid late all the same is still recorded as paid).
     pub async fn expire_if_window_passed(&self, id: &PaymentSessionId) -> ServiceResult<bool> {
         let outcome = self
             .transition(id, |session, now| {
-                Ok(session.lifecycle().window_closed(now).map(|change| {
-                    let (t, metrics) = record::transition(session, change, now);
-                    let unwanted = t.close_checkouts.clone();
-                    (t, (metrics, unwanted))
-                }))
+                Ok(session
+                    .lifecycle()
+                    .window_closed(now)
+                    .map(|change| record::transition(session, change, now)))
             })
             .await?;
-        let Some((_, (metrics, unwanted))) = outcome else {
+        let Some((_, metrics)) = outcome else {
             return Ok(false);
         };
         record::emit(&metrics);
-        self.close_checkouts_now(id, &unwanted).await;
         Ok(true)
     }
 

@@ -567,6 +567,10 @@ pub trait Storage: Send + Sync + 'static {
         limit: u32,
     ) -> StorageResult<Vec<CheckoutClosure>>;
 
+    /// Resolves when this process recorded checkouts to close (the sweeper need not wait for
+    /// its interval).
+    async fn checkouts_to_close(&self);
+
     /// The checkout is closed (or need not be any more): forget it.
     async fn checkout_closed(&self, checkout: &ProviderSessionId) -> StorageResult<()>;
 

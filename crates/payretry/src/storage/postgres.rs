@@ -656,7 +656,12 @@ impl Storage for PostgresStorage {
         let mut tx = self.pool.begin().await?;
         insert_checkout_closures(&mut tx, session, checkouts, to_millis(Utc::now())).await?;
         tx.commit().await?;
+        self.wakeups.checkouts_scheduled();
         Ok(())
+    }
+
+    async fn checkouts_to_close(&self) {
+        self.wakeups.checkouts_to_close().await;
     }
 
     async fn due_checkout_closures(

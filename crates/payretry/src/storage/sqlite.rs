@@ -587,7 +587,12 @@ impl Storage for SqliteStorage {
         let mut tx = self.begin_write().await?;
         insert_checkout_closures(&mut tx, session, checkouts, to_millis(Utc::now())).await?;
         tx.commit().await?;
+        self.wakeups.checkouts_scheduled();
         Ok(())
+    }
+
+    async fn checkouts_to_close(&self) {
+        self.wakeups.checkouts_to_close().await;
     }
 
     async fn due_checkout_closures(

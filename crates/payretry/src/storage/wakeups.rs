@@ -23,6 +23,8 @@ pub struct Wakeups {
     analytics_written: Notify,
     /// A double payment was recorded with a refund owed (the refund runner makes the call).
     refund_owed: Notify,
+    /// Checkouts were recorded for closing (the sweeper closes them).
+    checkouts_to_close: Notify,
 }
 
 impl Wakeups {
@@ -44,6 +46,18 @@ impl Wakeups {
         {
             self.refund_owed.notify_one();
         }
+        if !t.close_checkouts.is_empty() {
+            self.checkouts_to_close.notify_one();
+        }
+    }
+
+    /// Checkouts were recorded for closing outside a transition.
+    pub fn checkouts_scheduled(&self) {
+        self.checkouts_to_close.notify_one();
+    }
+
+    pub async fn checkouts_to_close(&self) {
+        self.checkouts_to_close.notified().await;
     }
 
     pub async fn job_due_soon(&self) {
