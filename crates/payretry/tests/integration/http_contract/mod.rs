@@ -2,8 +2,7 @@
 //! code, the problem+json shape, that refused input writes nothing, idempotency, the retry
 //! race, the status and retry objects, and the operations routes.
 
-mod support;
-
+use crate::support::app::{JWT_SECRET, Options, TestApp, WEBHOOK_SECRET, assert_problem};
 use chrono::{DateTime, TimeDelta, Utc};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use payretry::app::ServeRole;
@@ -14,7 +13,6 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeSet;
 use std::time::Duration;
-use support::app::{JWT_SECRET, Options, TestApp, WEBHOOK_SECRET, assert_problem};
 
 // ---------------------------------------------------------------------------------------
 // Helpers

@@ -1,8 +1,6 @@
 //! The story end to end through HTTP: create → decline → retry → new checkout → pay.
 
-mod support;
-
-use support::app::{Database, Options, Queue, TestApp};
+use crate::support::app::{Database, Options, Queue, TestApp};
 
 #[tokio::test]
 async fn failed_payment_is_retried_on_a_new_checkout_and_then_paid() {

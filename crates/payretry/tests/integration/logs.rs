@@ -6,8 +6,7 @@
 //! signing key) is ever written, even at debug level.
 #![cfg(unix)]
 
-mod support;
-
+use crate::support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
 use payretry::http::auth::JwtKeys;
 use payretry::secret::Secret;
 use payretry_domain::Role;
@@ -17,7 +16,6 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
 
 /// Distinctive values, so any appearance in the output is unmistakably a leak.
 const JWT_SECRET: &str = "logs-test-jwt-signing-key-Zq7vK2pW9xR4mN8bT3";

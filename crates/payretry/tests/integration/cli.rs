@@ -1,9 +1,7 @@
 //! The client commands `payretry status|retry` against a real server.
 
-mod support;
-
+use crate::support::app::TestApp;
 use std::process::Command;
-use support::app::TestApp;
 
 fn payretry(args: &[&str], token: &str) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_payretry"))

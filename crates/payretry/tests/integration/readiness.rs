@@ -1,11 +1,9 @@
 //! `/readyz` tells a load balancer the truth: 503 while the database is unreachable, with
 //! nothing internal in the body, while `/healthz` (the process is alive) stays 200.
 
-mod support;
-
+use crate::support::app::{Database, Options, Queue, TestApp, assert_problem};
 use reqwest::Method;
 use serde_json::Value;
-use support::app::{Database, Options, Queue, TestApp, assert_problem};
 
 #[tokio::test]
 async fn readyz_answers_503_while_the_database_is_gone() {

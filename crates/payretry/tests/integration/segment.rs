@@ -1,13 +1,11 @@
 //! Segment analytics through the real path: the analytics outbox, the relay, and a local
 //! HTTP server standing in for Segment's `/v1/batch`.
 
-mod support;
-
+use crate::support::app::{Options, TestApp};
+use crate::support::fake_segment::FakeSegment;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Duration;
-use support::app::{Options, TestApp};
-use support::fake_segment::FakeSegment;
 
 const WRITE_KEY: &str = "segment-write-key-test";
 

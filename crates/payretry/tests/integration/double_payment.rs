@@ -3,16 +3,16 @@
 //! second is audited, counted, listed for support and, with
 //! `PAYRETRY_AUTO_REFUND_DUPLICATES=true`, refunded through the provider exactly once.
 
-mod support;
-
+use crate::support::app::{
+    Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent,
+};
+use crate::support::fake_stripe::FailureMode;
 use payretry::provider::duplicate_refund_key;
 use payretry::provider::sandbox::events;
 use payretry::storage::SandboxCheckoutStatus;
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::app::{Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent};
-use support::fake_stripe::FailureMode;
 
 fn text(value: &Value, field: &str) -> String {
     value[field]

@@ -2,12 +2,12 @@
 //! (secret, tolerance, rotation on either side), deduplication by event id, and which events
 //! change a session.
 
-mod support;
-
+use crate::support::app::{
+    Options, TestApp, WEBHOOK_SECRET, assert_problem, declined_event, paid_event,
+};
 use payretry::webhook::signature::sign;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::app::{Options, TestApp, WEBHOOK_SECRET, assert_problem, declined_event, paid_event};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()

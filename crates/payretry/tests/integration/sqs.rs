@@ -4,8 +4,9 @@
 //! (the worker giving up, and a crash loop that the redrive policy moves to the DLQ).
 //! The queue behaviour shared with the embedded queue is in `queue_conformance.rs`.
 
-mod support;
-
+use crate::support::app::{Database, JWT_SECRET, Options, Queue, TestApp};
+use crate::support::fake_stripe::FailureMode;
+use crate::support::services::{MotoServer, sqs_endpoint, unique_env};
 use aws_sdk_sqs::types::QueueAttributeName;
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::app::{App, ServeRole, Tuning};
@@ -30,9 +31,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::app::{Database, JWT_SECRET, Options, Queue, TestApp};
-use support::fake_stripe::FailureMode;
-use support::services::{MotoServer, sqs_endpoint, unique_env};
 
 /// Calls through the Stripe client per failed delivery (the default `max_tries`).
 const STRIPE_TRIES_PER_CALL: usize = 3;

@@ -3,16 +3,14 @@
 //! older checkout, duplicate deliveries, reconciliation, provider outages and redrive, and the
 //! provider contract of every checkout created.
 
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::app::{Options, TestApp, assert_problem};
+use crate::support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 use sqlx::Connection;
-use support::app::{Options, TestApp, assert_problem};
-use support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
 
 /// How long the polling helpers wait before failing the test.
 const POLL_LIMIT: Duration = Duration::from_secs(10);

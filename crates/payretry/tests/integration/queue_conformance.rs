@@ -12,8 +12,7 @@
 //! "nothing arrives early" assertion is written as "what arrives, arrives no earlier than".
 //! PostgreSQL and moto are required: these tests fail, never skip, when they are missing.
 
-mod support;
-
+use crate::support::services::{TempDatabase, sqs_endpoint, unique_env};
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::queue::relay::SqsRelay;
 use payretry::queue::sqs::{self as sqs_queue, SqsQueue};
@@ -33,7 +32,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::services::{TempDatabase, sqs_endpoint, unique_env};
 use tokio::sync::Barrier;
 
 macro_rules! queue_conformance {
@@ -42,7 +40,7 @@ macro_rules! queue_conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::run(crate::Harness::embedded_sqlite, crate::$test).await;
+                    super::run(super::Harness::embedded_sqlite, super::$test).await;
                 }
             )+
         }
@@ -51,7 +49,7 @@ macro_rules! queue_conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::run(crate::Harness::embedded_postgres, crate::$test).await;
+                    super::run(super::Harness::embedded_postgres, super::$test).await;
                 }
             )+
         }
@@ -60,7 +58,7 @@ macro_rules! queue_conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::run(crate::Harness::sqs, crate::$test).await;
+                    super::run(super::Harness::sqs, super::$test).await;
                 }
             )+
         }

@@ -50,7 +50,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::on_sqlite(crate::$test).await;
+                    super::on_sqlite(super::$test).await;
                 }
             )+
         }
@@ -59,7 +59,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::on_postgres(crate::$test).await;
+                    super::on_postgres(super::$test).await;
                 }
             )+
         }
