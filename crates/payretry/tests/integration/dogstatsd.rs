@@ -24,12 +24,7 @@ async fn a_retry_flow_emits_the_contract_metrics_over_udp() {
     })
     .await;
     let buyer = app.buyer();
-    let id = app.create_checkout(&buyer).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    app.decline(&id, 0, "insufficient_funds").await;
+    let id = app.declined_session(&buyer).await.id;
     assert_eq!(app.retry(&buyer, &id, "k1").await.status(), 202);
     app.wait_for_status(&id, "open").await;
     app.decline(&id, 1, "card_declined").await;

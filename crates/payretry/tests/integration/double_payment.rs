@@ -4,7 +4,7 @@
 //! `PAYRETRY_AUTO_REFUND_DUPLICATES=true`, refunded through the provider exactly once.
 
 use crate::support::app::{
-    Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent,
+    Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent, text,
 };
 use crate::support::fake_stripe::FailureMode;
 use payretry::provider::duplicate_refund_key;
@@ -13,13 +13,6 @@ use payretry::storage::SandboxCheckoutStatus;
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
-}
 
 /// The fake Stripe API, with automatic refunds on or off, on `database`.
 async fn stripe_app(auto_refund: bool, database: Database) -> TestApp {

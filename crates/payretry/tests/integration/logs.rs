@@ -6,6 +6,7 @@
 //! signing key) is ever written, even at debug level.
 #![cfg(unix)]
 
+use crate::support::app::session_id;
 use crate::support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
 use payretry::http::auth::JwtKeys;
 use payretry::secret::Secret;
@@ -230,7 +231,7 @@ async fn json_logs_carry_request_and_job_context_and_never_a_secret() {
         "the caller's x-request-id is echoed"
     );
     let created: Value = created.json().await.unwrap();
-    let id = created["sessionId"].as_str().expect("sessionId").to_owned();
+    let id = session_id(&created);
     let first_checkout = created["providerSessionId"]
         .as_str()
         .expect("providerSessionId")

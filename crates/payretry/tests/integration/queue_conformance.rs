@@ -17,7 +17,6 @@ use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::queue::relay::SqsRelay;
 use payretry::queue::sqs::{self as sqs_queue, SqsQueue};
 use payretry::queue::{Delivery, JobQueue};
-use payretry::storage::postgres::PostgresStorage;
 use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{Committed, NewAuditEntry, NewSession, SessionRecord, Storage, Transition};
 use payretry_domain::{
@@ -112,12 +111,9 @@ enum Raw {
     },
 }
 
-async fn sqlite_storage() -> (Arc<SqliteStorage>, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("queue.db").display());
-    let storage = SqliteStorage::connect(&url).await.expect("open SQLite");
-    storage.migrate().await.expect("migrate SQLite");
-    (Arc::new(storage), url, dir)
+async fn sqlite_storage() -> (Arc<SqliteStorage>, String, TempDatabase) {
+    let db = TempDatabase::sqlite();
+    (Arc::new(db.sqlite_storage().await), db.url.clone(), db)
 }
 
 impl Harness {
@@ -133,13 +129,8 @@ impl Harness {
     }
 
     async fn embedded_postgres() -> Self {
-        let db = TempDatabase::create().await;
-        let storage = Arc::new(
-            PostgresStorage::connect(&db.url, 8)
-                .await
-                .expect("connect to the test database"),
-        );
-        storage.migrate().await.expect("migrate PostgreSQL");
+        let db = TempDatabase::postgres().await;
+        let storage = Arc::new(db.postgres_storage(8).await);
         Self {
             storage: storage.clone(),
             queue: storage,

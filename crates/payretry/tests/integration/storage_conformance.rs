@@ -8,10 +8,9 @@
 //! cannot be reached the PostgreSQL tests fail, they never skip: a green run must mean both
 //! backends were tested.
 
+use crate::support::services::TempDatabase;
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::queue::{Delivery, JobQueue, Outbox};
-use payretry::storage::postgres::PostgresStorage;
-use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
     AnalyticsEvent, AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus,
     IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter,
@@ -23,11 +22,8 @@ use payretry_domain::{
     ProviderSessionId, RetryJob, SessionStatus, UserId,
 };
 use serde_json::json;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Barrier;
@@ -37,8 +33,6 @@ trait Backend: Storage + JobQueue + Outbox {}
 impl<T: Storage + JobQueue + Outbox> Backend for T {}
 
 type Store = Arc<dyn Backend>;
-
-const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Pool size per test database: enough for the concurrency tests, small enough that the
 /// tests cargo runs in parallel stay well under the server's `max_connections`.
@@ -105,57 +99,18 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("conformance.db").display());
-    let storage = SqliteStorage::connect(&url).await.expect("open SQLite");
-    storage.migrate().await.expect("migrate SQLite");
-    test(Arc::new(storage)).await;
+    let db = TempDatabase::sqlite();
+    test(Arc::new(db.sqlite_storage().await)).await;
 }
 
 async fn on_postgres<F, Fut>(test: F)
 where
-    F: FnOnce(Store) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
 {
-    let server = std::env::var("PAYRETRY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
-    let mut admin = PgConnection::connect(&server)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL is not reachable at {server}: {error}\n\
-             The PostgreSQL storage conformance tests need a running server and never skip. \
-             Start PostgreSQL, or set PAYRETRY_TEST_POSTGRES_URL to a server where this user \
-             may CREATE DATABASE."
-            )
-        });
-    let name = format!("payretry_t_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|error| panic!("CREATE DATABASE {name} on {server}: {error}"));
-    let options = PgConnectOptions::from_str(&server)
-        .expect("PAYRETRY_TEST_POSTGRES_URL is a postgres:// URL")
-        .database(&name);
-    // Run in a task so that a failing test still reaches the DROP below.
-    let outcome = tokio::spawn(async move {
-        let storage = PostgresStorage::connect_with(options, TEST_POOL_SIZE)
-            .await
-            .expect("connect to the test database");
-        storage.migrate().await.expect("migrate PostgreSQL");
-        test(Arc::new(storage)).await;
-    })
-    .await;
-    // FORCE: the test's pool may still hold connections while it is being dropped.
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap_or_else(|error| panic!("DROP DATABASE {name}: {error}"));
-    if let Err(error) = outcome {
-        std::panic::resume_unwind(error.into_panic());
-    }
+    // Dropped, pool connections and all, even when the test panics.
+    let db = TempDatabase::postgres().await;
+    test(Arc::new(db.postgres_storage(TEST_POOL_SIZE).await)).await;
 }
 
 // ----- fixtures --------------------------------------------------------------------------

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::support::app::{Options, TestApp, assert_problem};
+use crate::support::app::{Options, Session, TestApp, assert_problem, text};
 use crate::support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
@@ -36,22 +36,6 @@ fn fake(app: &TestApp) -> &FakeStripe {
     app.stripe
         .as_ref()
         .expect("started with the fake Stripe API")
-}
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
-}
-
-/// A new 25.00 USD session whose original checkout (attempt 0) was declined.
-async fn declined_session(app: &TestApp) -> (String, String) {
-    let created = app.create_checkout(&app.buyer()).await;
-    let id = text(&created, "sessionId");
-    let checkout = text(&created, "providerSessionId");
-    app.decline(&id, 0, "insufficient_funds").await;
-    (id, checkout)
 }
 
 async fn audit_entries(app: &TestApp, id: &str) -> Vec<Value> {
@@ -115,9 +99,7 @@ async fn wait_for_fake(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 async fn db(app: &TestApp) -> sqlx::SqliteConnection {
-    sqlx::SqliteConnection::connect(&format!("sqlite://{}", app.db_path.display()))
-        .await
-        .unwrap()
+    sqlx::SqliteConnection::connect(&app.db.url).await.unwrap()
 }
 
 /// The queue message body of the session's pending retry job.
@@ -176,7 +158,7 @@ async fn redrive(app: &TestApp, dead_letter_id: &str) -> reqwest::Response {
 /// the job is dead-lettered (`PAYRETRY_MAX_RECEIVES=2`). Returns the session, its first
 /// checkout and the dead letter's id. The injected failures are used up on return.
 async fn dead_lettered_session(app: &TestApp) -> (String, String, String) {
-    let (id, checkout) = declined_session(app).await;
+    let Session { id, checkout } = app.declined_session(&app.buyer()).await;
     // Each delivery asks the provider for the current checkout first and gives up after
     // `STRIPE_TRIES_PER_CALL` transient answers; two deliveries use exactly this many.
     fake(app).fail_next(2 * STRIPE_TRIES_PER_CALL, FailureMode::Status(500));
@@ -217,7 +199,10 @@ async fn the_fourth_retry_is_refused_and_the_last_decline_abandons_the_retry() {
     // Arrange
     let app = stripe_app(vec![delays("1s")]).await;
     let buyer = app.buyer();
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let mut checkouts = vec![first_checkout];
 
     // Act: three retries, each declined.
@@ -287,7 +272,10 @@ async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let fake = fake(&app);
     // The first delivery (inside the window) finds the provider down and is redelivered
     // about 2 s later, after the window.
@@ -378,7 +366,10 @@ async fn the_sweeper_expires_a_session_whose_window_closed_and_closes_its_checko
 async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
     // Arrange
     let app = stripe_app(vec![delays("2s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let accepted = app.retry(&app.buyer(), &id, "key-1").await;
     assert_eq!(accepted.status(), 202);
 
@@ -423,7 +414,7 @@ async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
 async fn a_redelivered_job_after_processing_creates_no_second_checkout() {
     // Arrange
     let app = stripe_app(vec![delays("1s")]).await;
-    let (id, _) = declined_session(&app).await;
+    let id = app.declined_session(&app.buyer()).await.id;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
     let payload = queued_payload(&app, &id).await;
     let open = app.wait_for_status(&id, "open").await;
@@ -452,7 +443,10 @@ async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_l
     // worker; the provider answers each one's first request slowly, so both pass the
     // session check before either commits.
     let app = stripe_app(vec![delays("1s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
     sqlx::query(
         "INSERT INTO retry_jobs (session_id, attempt_number, payload, run_at, created_at)
@@ -495,7 +489,10 @@ async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_l
 async fn a_payment_the_provider_never_reported_is_found_before_retrying() {
     // Arrange: the original checkout was paid, but no webhook said so.
     let app = stripe_app(vec![delays("1s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let fake = fake(&app);
     fake.mark_paid(&first_checkout);
 
@@ -670,7 +667,10 @@ async fn a_redrive_after_the_buyer_retried_again_is_refused() {
 async fn the_retry_checkout_is_created_before_the_previous_one_is_closed() {
     // Arrange
     let app = stripe_app(vec![delays("1s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
 
     // Act
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
@@ -783,11 +783,10 @@ async fn on_the_embedded_queue_the_checkout_and_its_acknowledgement_commit_toget
         ..Options::default()
     })
     .await;
-    let (id, _) = declined_session(&app).await;
+    let id = app.declined_session(&app.buyer()).await.id;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
-    let url = format!("sqlite://{}", app.db_path.display());
     let queue = std::sync::Arc::new(CountingQueue {
-        inner: payretry::storage::sqlite::SqliteStorage::connect(&url)
+        inner: payretry::storage::sqlite::SqliteStorage::connect(&app.db.url)
             .await
             .unwrap(),
         acks: std::sync::atomic::AtomicUsize::new(0),
