@@ -210,6 +210,23 @@ async fn due_job(db: &Store) -> RetryJob {
     job
 }
 
+/// Receives until something is delivered (a job falling due, a lease running out), for up to
+/// five seconds.
+async fn receive_once_delivered(db: &Store, lease: Duration) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let deliveries = receive(db, 10, lease).await;
+        if !deliveries.is_empty() {
+            return deliveries;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was delivered within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn receive(db: &Store, max: u32, lease: Duration) -> Vec<Delivery> {
     db.receive(max, lease).await.expect("receive")
 }
@@ -879,9 +896,7 @@ async fn enqueued_job_is_received_once_due(db: Store) {
     assert!(receive(&db, 10, Duration::from_secs(30)).await.is_empty());
     assert_eq!(db.next_due().await.expect("next due"), Some(due));
 
-    let wait = (due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
-    tokio::time::sleep(wait).await;
-    let deliveries = receive(&db, 10, Duration::from_secs(30)).await;
+    let deliveries = receive_once_delivered(&db, Duration::from_secs(30)).await;
     assert_eq!(deliveries.len(), 1);
     assert_eq!(deliveries[0].job, job);
     assert_eq!(deliveries[0].receive_count, 1);
@@ -898,8 +913,7 @@ async fn lease_hides_job_until_it_expires(db: Store) {
         "a leased job is hidden"
     );
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let second = receive(&db, 10, Duration::from_secs(30)).await;
+    let second = receive_once_delivered(&db, Duration::from_secs(30)).await;
     assert_eq!(second.len(), 1, "redelivered after the lease expired");
     assert_eq!(second[0].job, job);
     assert_eq!(second[0].receive_count, 2);
@@ -910,8 +924,7 @@ async fn stale_ack_keeps_the_released_job(db: Store) {
     due_job(&db).await;
     let first = receive(&db, 10, Duration::from_millis(200)).await;
     assert_eq!(first.len(), 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = receive(&db, 10, Duration::from_secs(60)).await;
+    let second = receive_once_delivered(&db, Duration::from_secs(60)).await;
     assert_eq!(second.len(), 1);
 
     // The first worker finishes late: its receipt no longer matches the lease.
@@ -941,8 +954,7 @@ async fn a_transition_settles_the_delivery_it_records(db: Store) {
     let job = due_job(&db).await;
     let stale = receive(&db, 10, Duration::from_millis(200)).await;
     assert_eq!(stale.len(), 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let current = receive(&db, 10, Duration::from_secs(60)).await;
+    let current = receive_once_delivered(&db, Duration::from_secs(60)).await;
     assert_eq!(current.len(), 1);
 
     // A worker whose lease ran out records its outcome, but the job stays with the worker

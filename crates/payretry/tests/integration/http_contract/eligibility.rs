@@ -151,9 +151,9 @@ async fn after_the_window_retry_is_410_and_status_is_expired() {
     let paid_id = paid["sessionId"].as_str().unwrap();
     app.pay(paid_id, 0, paid["providerSessionId"].as_str().unwrap())
         .await;
-    let closes = rfc3339_utc(&open["expiresAt"]);
-    let wait = (closes - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(300);
-    tokio::time::sleep(wait).await;
+    // Until the window has passed for both.
+    app.wait_for_status(open_id, "expired").await;
+    app.wait_for_status(&failed, "expired").await;
 
     let failed_retry = app.retry(&buyer, &failed, "late-1").await;
     let open_retry = app.retry(&buyer, open_id, "late-2").await;
@@ -191,9 +191,8 @@ async fn window_passing_while_a_retry_is_scheduled_is_410_before_the_sweeper_run
         app.retry(&buyer, &id, "in-time").await.status(),
         StatusCode::ACCEPTED
     );
-    let closes = rfc3339_utc(&app.status(&buyer, &id).await["expiresAt"]);
-    let wait = (closes - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(300);
-    tokio::time::sleep(wait).await;
+    // Until the window has passed: the status reports it before anything is stored.
+    app.wait_for_status(&id, "expired").await;
 
     let response = app.retry(&buyer, &id, "too-late").await;
 
