@@ -217,7 +217,7 @@ async fn assert_crashed(process: &mut ServeProcess, point: &str) {
     );
 }
 
-fn count_of<'a>(actions: &'a [String], action: &str) -> usize {
+fn count_of(actions: &[String], action: &str) -> usize {
     actions.iter().filter(|a| *a == action).count()
 }
 

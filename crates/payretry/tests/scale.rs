@@ -576,16 +576,7 @@ async fn run_session(ctx: Arc<Ctx>, i: usize) -> SessionResult {
 }
 
 async fn count(db: &TempDatabase, sql: &'static str) -> i64 {
-    use sqlx::Connection;
-    let mut conn = sqlx::PgConnection::connect(&db.url)
-        .await
-        .expect("connect to the test database");
-    let n = sqlx::query_scalar::<_, i64>(sql)
-        .fetch_one(&mut conn)
-        .await
-        .expect(sql);
-    let _ = conn.close().await;
-    n
+    db.count(sql).await
 }
 
 /// Visible + in flight + delayed messages of one queue.
@@ -648,7 +639,7 @@ async fn scale_run() {
     let started = Instant::now();
     let endpoint = sqs_endpoint();
     let env = unique_env();
-    let db = TempDatabase::create().await;
+    let db = TempDatabase::postgres().await;
     let stripe = Arc::new(FakeStripe::start().await);
     let dir = std::env::temp_dir().join(format!("payretry-scale-{env}"));
     std::fs::create_dir_all(&dir).expect("log directory");

@@ -39,7 +39,7 @@ use crate::secret::Secret;
 /// The Stripe API version payretry is written against. Pinned on every request so a change of
 /// the account's default version cannot change the shapes parsed here. Events follow the
 /// webhook endpoint's version instead, so the endpoint is created with this `api_version`
-/// (README, "Using Stripe"; `tests/stripe_limits.rs` keeps the docs naming this value).
+/// (README, "Using Stripe"; `tests/integration/stripe_limits.rs` keeps the docs naming this value).
 pub const STRIPE_VERSION: &str = "2024-06-20";
 
 /// The public Stripe API (`STRIPE_API_BASE` default).

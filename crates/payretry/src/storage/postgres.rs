@@ -1,8 +1,8 @@
 //! PostgreSQL storage: for running several API and worker processes on one database.
 //!
 //! The behaviour is the SQLite backend's (`sqlite.rs`), statement for statement, and the
-//! storage conformance suite (`tests/storage_conformance.rs`) runs the same tests against
-//! both. What differs is how exclusivity is obtained: SQLite has one writer, so every
+//! storage conformance suite (`tests/integration/storage_conformance.rs`) runs the same
+//! tests against both. What differs is how exclusivity is obtained: SQLite has one writer, so every
 //! write transaction is serial; PostgreSQL runs them concurrently at READ COMMITTED and
 //! relies on row locks instead:
 //!

@@ -1,7 +1,9 @@
-//! `TestApp`: the real payretry server on an ephemeral port, with its own temporary SQLite
-//! file, optionally backed by the fake Stripe API instead of the sandbox.
+//! `TestApp`: the real payretry server on an ephemeral port, with its own temporary database
+//! (SQLite or PostgreSQL), optionally backed by the fake Stripe API instead of the sandbox.
 
 use super::fake_stripe::FakeStripe;
+pub use super::services::Database;
+use super::services::TempDatabase;
 use payretry::app::{App, ServeRole, Tuning};
 use payretry::config::Config;
 use payretry::http::auth::JwtKeys;
@@ -33,14 +35,6 @@ pub struct Options {
     pub queue: Queue,
     /// The HTTP server's timeouts and connection cap.
     pub http: payretry::http::server::Limits,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Database {
-    /// A temporary SQLite file.
-    Sqlite,
-    /// A fresh PostgreSQL database, dropped afterwards.
-    Postgres,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,12 +76,10 @@ pub struct TestApp {
     pub jwt: Arc<JwtKeys>,
     pub payments: Arc<Payments>,
     pub stripe: Option<FakeStripe>,
-    pub db_path: std::path::PathBuf,
-    /// Set when running on PostgreSQL (dropped with the app).
-    pub postgres: Option<super::services::TempDatabase>,
+    /// The app's database, dropped with the app.
+    pub db: TempDatabase,
     trigger: Option<ShutdownTrigger>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
 }
 
 impl TestApp {
@@ -96,18 +88,14 @@ impl TestApp {
     }
 
     pub async fn spawn_with(options: Options) -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let db_path = dir.path().join("payretry.db");
+        let db = TempDatabase::create(options.database).await;
         let stripe = if options.stripe {
             Some(FakeStripe::start().await)
         } else {
             None
         };
         let mut vars: HashMap<&str, String> = HashMap::new();
-        vars.insert(
-            "PAYRETRY_DATABASE_URL",
-            format!("sqlite://{}", db_path.display()),
-        );
+        vars.insert("PAYRETRY_DATABASE_URL", db.url.clone());
         vars.insert("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned());
         vars.insert("PAYRETRY_JWT_SECRET", JWT_SECRET.to_owned());
         if let Some(fake) = &stripe {
@@ -117,13 +105,6 @@ impl TestApp {
                 "STRIPE_SECRET_KEY",
                 super::fake_stripe::TEST_SECRET_KEY.to_owned(),
             );
-        }
-        let postgres = match options.database {
-            Database::Sqlite => None,
-            Database::Postgres => Some(super::services::TempDatabase::create().await),
-        };
-        if let Some(db) = &postgres {
-            vars.insert("PAYRETRY_DATABASE_URL", db.url.clone());
         }
         if options.queue == Queue::Sqs {
             let endpoint = super::services::sqs_endpoint();
@@ -166,11 +147,9 @@ impl TestApp {
             jwt,
             payments,
             stripe,
-            db_path,
-            postgres,
+            db,
             trigger: Some(trigger),
             server: Some(server),
-            _dir: dir,
         }
     }
 
@@ -235,6 +214,23 @@ impl TestApp {
             .await;
         assert_eq!(response.status(), StatusCode::CREATED);
         response.json().await.unwrap()
+    }
+
+    /// A new session of `token`'s buyer with its first checkout live.
+    pub async fn open_session(&self, token: &str) -> Session {
+        let created = self.create_checkout(token).await;
+        Session {
+            id: session_id(&created),
+            checkout: text(&created, "providerSessionId"),
+        }
+    }
+
+    /// A new session of `token`'s buyer whose first checkout (attempt 0) the provider
+    /// declined for insufficient funds: a retry is possible.
+    pub async fn declined_session(&self, token: &str) -> Session {
+        let session = self.open_session(token).await;
+        self.decline(&session.id, 0, "insufficient_funds").await;
+        session
     }
 
     pub async fn status(&self, token: &str, id: &str) -> Value {
@@ -359,23 +355,28 @@ impl TestApp {
 
     /// Reads one number straight from the database (SQLite file or PostgreSQL).
     pub async fn count(&self, sql: &'static str) -> i64 {
-        use sqlx::Connection;
-        if let Some(db) = &self.postgres {
-            let mut conn = sqlx::PgConnection::connect(&db.url).await.unwrap();
-            return sqlx::query_scalar::<_, i64>(sql)
-                .fetch_one(&mut conn)
-                .await
-                .unwrap();
-        }
-        let mut conn =
-            sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.db_path.display()))
-                .await
-                .unwrap();
-        sqlx::query_scalar::<_, i64>(sql)
-            .fetch_one(&mut conn)
-            .await
-            .unwrap()
+        self.db.count(sql).await
     }
+}
+
+/// A payment session the tests made: its id and the id of its first checkout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Session {
+    pub id: String,
+    pub checkout: String,
+}
+
+/// A string field of a JSON object, or a panic naming the field and the object.
+pub fn text(value: &Value, field: &str) -> String {
+    value[field]
+        .as_str()
+        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
+        .to_owned()
+}
+
+/// The `sessionId` of a status object (a created checkout, a status read).
+pub fn session_id(status: &Value) -> String {
+    text(status, "sessionId")
 }
 
 fn unique_event_id() -> String {

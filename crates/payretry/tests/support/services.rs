@@ -1,5 +1,5 @@
-//! The real engines the scale-out tests need: a fresh PostgreSQL database per test, and
-//! moto's SQS server. Both fail loudly when unavailable: these tests never skip.
+//! The real engines the tests need: a temporary database per test (SQLite or PostgreSQL),
+//! and moto's SQS server. Both fail loudly when unavailable: these tests never skip.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
@@ -8,15 +8,49 @@ use std::time::{Duration, Instant};
 
 const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
-/// A database created for one test and dropped when this is dropped.
+/// Which engine holds a test's state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// A temporary SQLite file.
+    Sqlite,
+    /// A fresh PostgreSQL database, dropped afterwards.
+    Postgres,
+}
+
+/// A database of one test's own, gone when this is dropped: a SQLite file in a temporary
+/// directory, or a database `payretry_t_<random>` created on the PostgreSQL server of
+/// `PAYRETRY_TEST_POSTGRES_URL`. Empty: whoever opens it first migrates it. The one way the
+/// tests get a database, for the storage suites and the app harness alike.
 pub struct TempDatabase {
+    /// The URL payretry connects to (`PAYRETRY_DATABASE_URL`).
     pub url: String,
-    name: String,
-    server: String,
+    place: Place,
+}
+
+enum Place {
+    Sqlite(tempfile::TempDir),
+    Postgres { name: String, server: String },
 }
 
 impl TempDatabase {
-    pub async fn create() -> Self {
+    pub async fn create(database: Database) -> Self {
+        match database {
+            Database::Sqlite => Self::sqlite(),
+            Database::Postgres => Self::postgres().await,
+        }
+    }
+
+    /// A SQLite file (not yet created) in a fresh temporary directory.
+    pub fn sqlite() -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        Self {
+            url: format!("sqlite://{}", dir.path().join("payretry.db").display()),
+            place: Place::Sqlite(dir),
+        }
+    }
+
+    /// A new database on the test PostgreSQL server; fails loudly when it is unreachable.
+    pub async fn postgres() -> Self {
         use sqlx::Connection;
         let server = std::env::var("PAYRETRY_TEST_POSTGRES_URL")
             .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
@@ -29,52 +63,119 @@ impl TempDatabase {
                  PAYRETRY_TEST_POSTGRES_URL to a server where this user may CREATE DATABASE."
                 )
             });
-        let name = format!("payretry_t_{:016x}", rand::random::<u64>());
+        let name = format!("payretry_t_{}", uuid::Uuid::new_v4().simple());
         sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut admin)
             .await
-            .unwrap_or_else(|error| panic!("CREATE DATABASE {name}: {error}"));
+            .unwrap_or_else(|error| panic!("CREATE DATABASE {name} on {server}: {error}"));
+        let _ = admin.close().await;
         let (base, _) = server
             .rsplit_once('/')
             .expect("a postgres URL with a database");
         Self {
             url: format!("{base}/{name}"),
-            name,
-            server,
+            place: Place::Postgres { name, server },
         }
+    }
+
+    pub fn engine(&self) -> Database {
+        match self.place {
+            Place::Sqlite(_) => Database::Sqlite,
+            Place::Postgres { .. } => Database::Postgres,
+        }
+    }
+
+    /// payretry's SQLite storage on this database, migrated.
+    pub async fn sqlite_storage(&self) -> payretry::storage::sqlite::SqliteStorage {
+        use payretry::storage::Storage;
+        assert_eq!(self.engine(), Database::Sqlite, "not a SQLite database");
+        let storage = payretry::storage::sqlite::SqliteStorage::connect(&self.url)
+            .await
+            .expect("open SQLite");
+        storage.migrate().await.expect("migrate SQLite");
+        storage
+    }
+
+    /// payretry's PostgreSQL storage on this database with a pool of `pool_size`, migrated.
+    pub async fn postgres_storage(
+        &self,
+        pool_size: u32,
+    ) -> payretry::storage::postgres::PostgresStorage {
+        use payretry::storage::Storage;
+        assert_eq!(
+            self.engine(),
+            Database::Postgres,
+            "not a PostgreSQL database"
+        );
+        let storage = payretry::storage::postgres::PostgresStorage::connect(&self.url, pool_size)
+            .await
+            .expect("connect to the test database");
+        storage.migrate().await.expect("migrate PostgreSQL");
+        storage
+    }
+
+    /// Reads one number straight from the database, on a connection of its own.
+    pub async fn count(&self, sql: &'static str) -> i64 {
+        use sqlx::Connection;
+        match self.engine() {
+            Database::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open the test database");
+                let n = sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect(sql);
+                let _ = conn.close().await;
+                n
+            }
+            Database::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to the test database");
+                let n = sqlx::query_scalar::<_, i64>(sql)
+                    .fetch_one(&mut conn)
+                    .await
+                    .expect(sql);
+                let _ = conn.close().await;
+                n
+            }
+        }
+    }
+
+    /// Drops the PostgreSQL database now, connections and all, as an outage would take it
+    /// away.
+    pub fn drop_now(&self) {
+        let Place::Postgres { name, server } = &self.place else {
+            panic!("drop_now is for PostgreSQL databases");
+        };
+        let status = drop_database(server, name, Stdio::inherit());
+        assert!(status.success(), "could not drop {name}");
     }
 }
 
-impl TempDatabase {
-    /// Drops the database now, connections and all, as an outage would take it away.
-    pub fn drop_now(&self) {
-        let status = Command::new("psql")
-            .args([
-                &self.server,
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .stdout(Stdio::null())
-            .status()
-            .expect("run psql");
-        assert!(status.success(), "could not drop {}", self.name);
-    }
+/// `DROP DATABASE … WITH (FORCE)` through psql, which works outside a runtime too (in
+/// `Drop`); FORCE, since the test's pools may still be connected.
+fn drop_database(server: &str, name: &str, stderr: Stdio) -> std::process::ExitStatus {
+    Command::new("psql")
+        .args([
+            server,
+            "-q",
+            "-c",
+            &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .status()
+        .expect("run psql")
 }
 
 impl Drop for TempDatabase {
     fn drop(&mut self) {
-        // Drop may run outside a runtime: use psql, which the PostgreSQL machines have.
-        let _ = Command::new("psql")
-            .args([
-                &self.server,
-                "-q",
-                "-c",
-                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        // A SQLite file goes with its directory.
+        if let Place::Postgres { name, server } = &self.place {
+            let _ = drop_database(server, name, Stdio::null());
+        }
     }
 }
 

@@ -5,11 +5,9 @@
 //! - A payment Radar blocks for highest risk is read where Stripe puts its reason in a
 //!   `payment_intent.payment_failed` event (`last_payment_error`).
 
-mod support;
-
+use crate::support::app::{Options, TestApp};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::app::{Options, TestApp};
 
 async fn stripe_app() -> TestApp {
     TestApp::spawn_with(Options {
@@ -254,7 +252,7 @@ fn stripe_without_a_public_url_stops_start_up_naming_the_variable() {
 async fn the_webhook_endpoint_setup_names_the_pinned_stripe_version() {
     use payretry::provider::stripe::STRIPE_VERSION;
 
-    let readme = include_str!("../../../README.md");
+    let readme = include_str!("../../../../README.md");
     assert!(
         readme.contains(&format!("api_version={STRIPE_VERSION}")),
         "README's webhook endpoint setup must pass api_version={STRIPE_VERSION}"

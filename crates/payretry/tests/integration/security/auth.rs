@@ -30,10 +30,7 @@ async fn status_with(app: &TestApp, id: &str, authorization: &[&str]) -> reqwest
 
 async fn session_of(app: &TestApp, buyer: &str) -> String {
     let token = app.token(buyer, payretry_domain::Role::Buyer);
-    app.create_checkout(&token).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned()
+    app.open_session(&token).await.id
 }
 
 #[tokio::test]

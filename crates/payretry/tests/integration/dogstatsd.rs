@@ -1,11 +1,14 @@
 //! DogStatsD datagrams of a full fail → retry → fail → retry → success flow, received on a
-//! real UDP socket. Its own test binary: the metrics recorder is process-wide.
+//! real UDP socket.
+//!
+//! The metrics recorder is process-wide and the first app a process builds installs it: this
+//! test needs a process of its own. cargo-nextest gives every test one; under `cargo test`
+//! run it alone (`cargo test -p payretry --test integration -- dogstatsd::`, as
+//! scripts/test.sh does).
 
-mod support;
-
+use crate::support::app::{Options, TestApp};
 use std::collections::BTreeSet;
 use std::time::Duration;
-use support::app::{Options, TestApp};
 use tokio::net::UdpSocket;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -21,12 +24,7 @@ async fn a_retry_flow_emits_the_contract_metrics_over_udp() {
     })
     .await;
     let buyer = app.buyer();
-    let id = app.create_checkout(&buyer).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-
-    app.decline(&id, 0, "insufficient_funds").await;
+    let id = app.declined_session(&buyer).await.id;
     assert_eq!(app.retry(&buyer, &id, "k1").await.status(), 202);
     app.wait_for_status(&id, "open").await;
     app.decline(&id, 1, "card_declined").await;

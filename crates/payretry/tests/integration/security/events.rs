@@ -1,7 +1,7 @@
 //! Provider events are matched to checkouts payretry created: a signed event cannot invent
 //! an attempt, a duplicate payment, or a metric tag.
 
-use crate::support::app::{TestApp, paid_event};
+use crate::support::app::{TestApp, paid_event, session_id};
 use reqwest::{Method, StatusCode};
 
 #[tokio::test]
@@ -10,7 +10,7 @@ async fn a_signed_success_for_an_attempt_or_checkout_that_never_existed_is_ignor
     let app = TestApp::spawn().await;
     let buyer = app.buyer();
     let status = app.create_checkout(&buyer).await;
-    let id = status["sessionId"].as_str().unwrap().to_owned();
+    let id = session_id(&status);
     let checkout = status["providerSessionId"].as_str().unwrap().to_owned();
 
     // Act: correctly signed successes naming attempts and checkouts that do not exist.

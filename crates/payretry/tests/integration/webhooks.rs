@@ -2,22 +2,15 @@
 //! (secret, tolerance, rotation on either side), deduplication by event id, and which events
 //! change a session.
 
-mod support;
-
+use crate::support::app::{
+    Options, Session, TestApp, WEBHOOK_SECRET, assert_problem, declined_event, paid_event,
+};
 use payretry::webhook::signature::sign;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::app::{Options, TestApp, WEBHOOK_SECRET, assert_problem, declined_event, paid_event};
 
 fn now() -> i64 {
     chrono::Utc::now().timestamp()
-}
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
 }
 
 /// Posts raw bytes with this `Stripe-Signature` header (none if `None`).
@@ -36,15 +29,6 @@ async fn post_webhook(app: &TestApp, body: &[u8], signature: Option<&str>) -> re
 /// The hex signature of a `t=…,v1=…` header.
 fn v1_of(header: &str) -> &str {
     header.split_once(",v1=").expect("a v1 entry").1
-}
-
-/// A session with its first checkout live; returns its id and checkout id.
-async fn open_session(app: &TestApp) -> (String, String) {
-    let created = app.create_checkout(&app.buyer()).await;
-    (
-        text(&created, "sessionId"),
-        text(&created, "providerSessionId"),
-    )
 }
 
 async fn audit_entries(app: &TestApp, id: &str) -> Vec<Value> {
@@ -70,7 +54,7 @@ fn count_of(actions: &[String], action: &str) -> usize {
 async fn a_correctly_signed_event_is_accepted() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let body = serde_json::to_vec(&declined_event(&id, 0, "insufficient_funds")).unwrap();
     let signature = sign(&body, WEBHOOK_SECRET, now());
 
@@ -88,7 +72,7 @@ async fn a_correctly_signed_event_is_accepted() {
 async fn an_event_signed_with_another_secret_is_refused() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let body = serde_json::to_vec(&declined_event(&id, 0, "insufficient_funds")).unwrap();
     let signature = sign(&body, "whsec_someone_else", now());
 
@@ -105,7 +89,7 @@ async fn an_event_signed_with_another_secret_is_refused() {
 async fn an_event_signed_outside_the_five_minute_tolerance_is_refused() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let body = serde_json::to_vec(&declined_event(&id, 0, "insufficient_funds")).unwrap();
 
     for t in [now() - 301, now() + 301] {
@@ -122,7 +106,7 @@ async fn an_event_signed_outside_the_five_minute_tolerance_is_refused() {
 async fn an_event_without_a_signature_header_is_refused() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let body = serde_json::to_vec(&declined_event(&id, 0, "insufficient_funds")).unwrap();
 
     // Act
@@ -137,7 +121,7 @@ async fn an_event_without_a_signature_header_is_refused() {
 async fn a_signature_over_another_body_is_refused() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let signed = serde_json::to_vec(&declined_event(&id, 0, "insufficient_funds")).unwrap();
     let sent = serde_json::to_vec(&declined_event(&id, 0, "do_not_honor")).unwrap();
 
@@ -153,7 +137,7 @@ async fn a_signature_over_another_body_is_refused() {
 async fn a_header_whose_second_v1_entry_is_valid_is_accepted() {
     // Arrange: the provider is rolling its secret and sends both signatures.
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let body = serde_json::to_vec(&declined_event(&id, 0, "insufficient_funds")).unwrap();
     let t = now();
     let stale = sign(&body, "whsec_retired_secret", t);
@@ -176,9 +160,9 @@ async fn with_two_configured_secrets_either_one_verifies() {
         ..Options::default()
     })
     .await;
-    let (first, _) = open_session(&app).await;
-    let (second, _) = open_session(&app).await;
-    let (third, _) = open_session(&app).await;
+    let first = app.open_session(&app.buyer()).await.id;
+    let second = app.open_session(&app.buyer()).await.id;
+    let third = app.open_session(&app.buyer()).await.id;
     let body_for = |id: &str| serde_json::to_vec(&declined_event(id, 0, "card_declined")).unwrap();
 
     // Act
@@ -207,7 +191,7 @@ async fn with_two_configured_secrets_either_one_verifies() {
 async fn a_replayed_event_is_applied_once() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let event = declined_event(&id, 0, "insufficient_funds");
 
     // Act
@@ -230,7 +214,7 @@ async fn a_replayed_event_is_applied_once() {
 async fn a_replayed_old_decline_does_not_overwrite_a_newer_one() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let older = declined_event(&id, 0, "insufficient_funds");
     assert_eq!(app.send_event(&older).await.status(), StatusCode::OK);
     app.decline(&id, 0, "do_not_honor").await;
@@ -249,7 +233,7 @@ async fn a_replayed_old_decline_does_not_overwrite_a_newer_one() {
 async fn an_unknown_event_type_is_acknowledged_and_changes_nothing() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, checkout) = open_session(&app).await;
+    let Session { id, checkout } = app.open_session(&app.buyer()).await;
     let before = app.status(&app.buyer(), &id).await;
     let event = json!({
         "id": "evt_test_unknown_type", "object": "event", "type": "customer.created",
@@ -271,7 +255,7 @@ async fn an_unknown_event_type_is_acknowledged_and_changes_nothing() {
 async fn an_event_for_an_unknown_session_is_acknowledged() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     let unknown = "ps_00000000000000000000000000000000";
     assert_ne!(unknown, id);
 
@@ -298,7 +282,10 @@ async fn an_event_for_an_unknown_session_is_acknowledged() {
 async fn an_older_attempts_failure_is_ignored_but_its_success_wins() {
     // Arrange: attempt 0 declined and retried; attempt 1's checkout is live.
     let app = TestApp::spawn().await;
-    let (id, first_checkout) = open_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.open_session(&app.buyer()).await;
     app.decline(&id, 0, "insufficient_funds").await;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
     let open = app.wait_for_status(&id, "open").await;
@@ -330,7 +317,7 @@ async fn an_older_attempts_failure_is_ignored_but_its_success_wins() {
 async fn a_later_decline_of_the_current_attempt_updates_the_reason() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, _) = open_session(&app).await;
+    let id = app.open_session(&app.buyer()).await.id;
     app.decline(&id, 0, "insufficient_funds").await;
 
     // Act
@@ -359,7 +346,7 @@ async fn a_later_decline_of_the_current_attempt_updates_the_reason() {
 async fn a_completed_but_unpaid_checkout_is_processing() {
     // Arrange
     let app = TestApp::spawn().await;
-    let (id, checkout) = open_session(&app).await;
+    let Session { id, checkout } = app.open_session(&app.buyer()).await;
     let mut event = paid_event(&id, 0, &checkout);
     event["data"]["object"]["payment_status"] = json!("unpaid");
 

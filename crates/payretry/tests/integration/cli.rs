@@ -1,9 +1,7 @@
 //! The client commands `payretry status|retry` against a real server.
 
-mod support;
-
+use crate::support::app::TestApp;
 use std::process::Command;
-use support::app::TestApp;
 
 fn payretry(args: &[&str], token: &str) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_payretry"))
@@ -22,9 +20,7 @@ fn payretry(args: &[&str], token: &str) -> (bool, String, String) {
 async fn status_and_retry_commands_speak_the_contract() {
     let app = TestApp::spawn().await;
     let buyer = app.buyer();
-    let created = app.create_checkout(&buyer).await;
-    let id = created["sessionId"].as_str().unwrap().to_owned();
-    app.decline(&id, 0, "insufficient_funds").await;
+    let id = app.declined_session(&buyer).await.id;
 
     let (ok, out, err) = payretry(&["status", &id, "--url", &app.base], &buyer);
     assert!(ok, "{err}");

@@ -12,13 +12,11 @@
 //! "nothing arrives early" assertion is written as "what arrives, arrives no earlier than".
 //! PostgreSQL and moto are required: these tests fail, never skip, when they are missing.
 
-mod support;
-
+use crate::support::services::{TempDatabase, sqs_endpoint, unique_env};
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::queue::relay::SqsRelay;
 use payretry::queue::sqs::{self as sqs_queue, SqsQueue};
 use payretry::queue::{Delivery, JobQueue};
-use payretry::storage::postgres::PostgresStorage;
 use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{Committed, NewAuditEntry, NewSession, SessionRecord, Storage, Transition};
 use payretry_domain::{
@@ -33,7 +31,6 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use support::services::{TempDatabase, sqs_endpoint, unique_env};
 use tokio::sync::Barrier;
 
 macro_rules! queue_conformance {
@@ -42,7 +39,7 @@ macro_rules! queue_conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::run(crate::Harness::embedded_sqlite, crate::$test).await;
+                    super::run(super::Harness::embedded_sqlite, super::$test).await;
                 }
             )+
         }
@@ -51,7 +48,7 @@ macro_rules! queue_conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::run(crate::Harness::embedded_postgres, crate::$test).await;
+                    super::run(super::Harness::embedded_postgres, super::$test).await;
                 }
             )+
         }
@@ -60,7 +57,7 @@ macro_rules! queue_conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::run(crate::Harness::sqs, crate::$test).await;
+                    super::run(super::Harness::sqs, super::$test).await;
                 }
             )+
         }
@@ -114,12 +111,9 @@ enum Raw {
     },
 }
 
-async fn sqlite_storage() -> (Arc<SqliteStorage>, String, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("queue.db").display());
-    let storage = SqliteStorage::connect(&url).await.expect("open SQLite");
-    storage.migrate().await.expect("migrate SQLite");
-    (Arc::new(storage), url, dir)
+async fn sqlite_storage() -> (Arc<SqliteStorage>, String, TempDatabase) {
+    let db = TempDatabase::sqlite();
+    (Arc::new(db.sqlite_storage().await), db.url.clone(), db)
 }
 
 impl Harness {
@@ -135,13 +129,8 @@ impl Harness {
     }
 
     async fn embedded_postgres() -> Self {
-        let db = TempDatabase::create().await;
-        let storage = Arc::new(
-            PostgresStorage::connect(&db.url, 8)
-                .await
-                .expect("connect to the test database"),
-        );
-        storage.migrate().await.expect("migrate PostgreSQL");
+        let db = TempDatabase::postgres().await;
+        let storage = Arc::new(db.postgres_storage(8).await);
         Self {
             storage: storage.clone(),
             queue: storage,

@@ -185,7 +185,7 @@ async fn anonymous_sandbox_requests_have_a_per_address_budget() {
 #[test]
 fn a_bad_trusted_proxies_setting_stops_start_up_naming_it() {
     for bad in ["localhost", "10.0.0.0/33", "10.0.0.0/8;::1/128"] {
-        crate::settings::assert_refused(
+        super::settings::assert_refused(
             &[("PAYRETRY_TRUSTED_PROXIES", bad)],
             "PAYRETRY_TRUSTED_PROXIES",
         );

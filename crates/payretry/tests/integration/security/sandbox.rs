@@ -1,6 +1,6 @@
 //! The sandbox's hosted checkout: absent under `stripe`, unguessable ids, one outcome each.
 
-use crate::support::app::{Options, TestApp, assert_problem};
+use crate::support::app::{Options, TestApp, assert_problem, session_id};
 use chrono::{TimeDelta, Utc};
 use payretry::provider::CheckoutRequest;
 use payretry::storage::{SandboxCheckout, SandboxCheckoutStatus};
@@ -13,10 +13,6 @@ fn stripe() -> Options {
         stripe: true,
         ..Options::default()
     }
-}
-
-fn session_id(status: &serde_json::Value) -> String {
-    status["sessionId"].as_str().expect("sessionId").to_owned()
 }
 
 /// Presses Decline on the sandbox page, as a browser posts the form.

@@ -8,10 +8,9 @@
 //! cannot be reached the PostgreSQL tests fail, they never skip: a green run must mean both
 //! backends were tested.
 
+use crate::support::services::TempDatabase;
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::queue::{Delivery, JobQueue, Outbox};
-use payretry::storage::postgres::PostgresStorage;
-use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
     AnalyticsEvent, AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus,
     IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter,
@@ -23,11 +22,8 @@ use payretry_domain::{
     ProviderSessionId, RetryJob, SessionStatus, UserId,
 };
 use serde_json::json;
-use sqlx::postgres::PgConnectOptions;
-use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use std::collections::BTreeSet;
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Barrier;
@@ -37,8 +33,6 @@ trait Backend: Storage + JobQueue + Outbox {}
 impl<T: Storage + JobQueue + Outbox> Backend for T {}
 
 type Store = Arc<dyn Backend>;
-
-const DEFAULT_POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 /// Pool size per test database: enough for the concurrency tests, small enough that the
 /// tests cargo runs in parallel stay well under the server's `max_connections`.
@@ -50,7 +44,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::on_sqlite(crate::$test).await;
+                    super::on_sqlite(super::$test).await;
                 }
             )+
         }
@@ -59,7 +53,7 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $test() {
-                    crate::on_postgres(crate::$test).await;
+                    super::on_postgres(super::$test).await;
                 }
             )+
         }
@@ -106,57 +100,18 @@ where
     F: FnOnce(Store) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let url = format!("sqlite://{}", dir.path().join("conformance.db").display());
-    let storage = SqliteStorage::connect(&url).await.expect("open SQLite");
-    storage.migrate().await.expect("migrate SQLite");
-    test(Arc::new(storage)).await;
+    let db = TempDatabase::sqlite();
+    test(Arc::new(db.sqlite_storage().await)).await;
 }
 
 async fn on_postgres<F, Fut>(test: F)
 where
-    F: FnOnce(Store) -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send + 'static,
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
 {
-    let server = std::env::var("PAYRETRY_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| DEFAULT_POSTGRES_URL.to_owned());
-    let mut admin = PgConnection::connect(&server)
-        .await
-        .unwrap_or_else(|error| {
-            panic!(
-                "PostgreSQL is not reachable at {server}: {error}\n\
-             The PostgreSQL storage conformance tests need a running server and never skip. \
-             Start PostgreSQL, or set PAYRETRY_TEST_POSTGRES_URL to a server where this user \
-             may CREATE DATABASE."
-            )
-        });
-    let name = format!("payretry_t_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
-        .execute(&mut admin)
-        .await
-        .unwrap_or_else(|error| panic!("CREATE DATABASE {name} on {server}: {error}"));
-    let options = PgConnectOptions::from_str(&server)
-        .expect("PAYRETRY_TEST_POSTGRES_URL is a postgres:// URL")
-        .database(&name);
-    // Run in a task so that a failing test still reaches the DROP below.
-    let outcome = tokio::spawn(async move {
-        let storage = PostgresStorage::connect_with(options, TEST_POOL_SIZE)
-            .await
-            .expect("connect to the test database");
-        storage.migrate().await.expect("migrate PostgreSQL");
-        test(Arc::new(storage)).await;
-    })
-    .await;
-    // FORCE: the test's pool may still hold connections while it is being dropped.
-    sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-    )))
-    .execute(&mut admin)
-    .await
-    .unwrap_or_else(|error| panic!("DROP DATABASE {name}: {error}"));
-    if let Err(error) = outcome {
-        std::panic::resume_unwind(error.into_panic());
-    }
+    // Dropped, pool connections and all, even when the test panics.
+    let db = TempDatabase::postgres().await;
+    test(Arc::new(db.postgres_storage(TEST_POOL_SIZE).await)).await;
 }
 
 // ----- fixtures --------------------------------------------------------------------------
@@ -254,6 +209,23 @@ async fn due_job(db: &Store) -> RetryJob {
     let job = job(&session.id, 1, now_ms() - TimeDelta::seconds(1));
     enqueue(db, job.clone()).await;
     job
+}
+
+/// Receives until something is delivered (a job falling due, a lease running out), for up to
+/// five seconds.
+async fn receive_once_delivered(db: &Store, lease: Duration) -> Vec<Delivery> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let deliveries = receive(db, 10, lease).await;
+        if !deliveries.is_empty() {
+            return deliveries;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "nothing was delivered within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 async fn receive(db: &Store, max: u32, lease: Duration) -> Vec<Delivery> {
@@ -925,9 +897,7 @@ async fn enqueued_job_is_received_once_due(db: Store) {
     assert!(receive(&db, 10, Duration::from_secs(30)).await.is_empty());
     assert_eq!(db.next_due().await.expect("next due"), Some(due));
 
-    let wait = (due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(50);
-    tokio::time::sleep(wait).await;
-    let deliveries = receive(&db, 10, Duration::from_secs(30)).await;
+    let deliveries = receive_once_delivered(&db, Duration::from_secs(30)).await;
     assert_eq!(deliveries.len(), 1);
     assert_eq!(deliveries[0].job, job);
     assert_eq!(deliveries[0].receive_count, 1);
@@ -944,8 +914,7 @@ async fn lease_hides_job_until_it_expires(db: Store) {
         "a leased job is hidden"
     );
 
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let second = receive(&db, 10, Duration::from_secs(30)).await;
+    let second = receive_once_delivered(&db, Duration::from_secs(30)).await;
     assert_eq!(second.len(), 1, "redelivered after the lease expired");
     assert_eq!(second[0].job, job);
     assert_eq!(second[0].receive_count, 2);
@@ -956,8 +925,7 @@ async fn stale_ack_keeps_the_released_job(db: Store) {
     due_job(&db).await;
     let first = receive(&db, 10, Duration::from_millis(200)).await;
     assert_eq!(first.len(), 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = receive(&db, 10, Duration::from_secs(60)).await;
+    let second = receive_once_delivered(&db, Duration::from_secs(60)).await;
     assert_eq!(second.len(), 1);
 
     // The first worker finishes late: its receipt no longer matches the lease.
@@ -987,8 +955,7 @@ async fn a_transition_settles_the_delivery_it_records(db: Store) {
     let job = due_job(&db).await;
     let stale = receive(&db, 10, Duration::from_millis(200)).await;
     assert_eq!(stale.len(), 1);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let current = receive(&db, 10, Duration::from_secs(60)).await;
+    let current = receive_once_delivered(&db, Duration::from_secs(60)).await;
     assert_eq!(current.len(), 1);
 
     // A worker whose lease ran out records its outcome, but the job stays with the worker

@@ -2,17 +2,22 @@
 //! the fake Stripe API (DESIGN.md §1, §2, §4, §5): the attempt cap, the window, success on an
 //! older checkout, duplicate deliveries, reconciliation, provider outages and redrive, and the
 //! provider contract of every checkout created.
-
-mod support;
+//!
+//! Where what a delivery leads to is the point, a test drives a [`Worker`] of its own, one
+//! delivery at a time, beside an API-only server ([`driven`]): no polling of a running worker.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use crate::support::app::{Options, Session, TestApp, assert_problem, text};
+use crate::support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
+use payretry::app::ServeRole;
+use payretry::queue::{Delivery, JobQueue};
+use payretry::storage::sqlite::SqliteStorage;
+use payretry::worker::{Outcome, Worker, WorkerSettings};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
-use sqlx::Connection;
-use support::app::{Options, TestApp, assert_problem};
-use support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
+use std::sync::Arc;
 
 /// How long the polling helpers wait before failing the test.
 const POLL_LIMIT: Duration = Duration::from_secs(10);
@@ -30,6 +35,47 @@ async fn stripe_app(vars: Vec<(&'static str, String)>) -> TestApp {
     .await
 }
 
+/// An API-only server on the fake Stripe API, so no worker and no sweeper of its own, and a
+/// worker the test drives itself over the same embedded queue.
+struct Driven {
+    app: TestApp,
+    queue: Arc<SqliteStorage>,
+    worker: Worker,
+}
+
+async fn driven(vars: Vec<(&'static str, String)>) -> Driven {
+    let app = TestApp::spawn_with(Options {
+        vars,
+        stripe: true,
+        role: ServeRole::Api,
+        ..Options::default()
+    })
+    .await;
+    let queue = Arc::new(SqliteStorage::connect(&app.db.url).await.unwrap());
+    let worker = Worker::new(
+        app.payments.clone(),
+        queue.clone(),
+        WorkerSettings::default(),
+    );
+    Driven { app, queue, worker }
+}
+
+/// Receives from `queue` until a job falls due (within [`POLL_LIMIT`]); returns its delivery.
+async fn next_delivery(queue: &dyn JobQueue) -> Delivery {
+    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
+    loop {
+        let mut deliveries = queue.receive(1, Duration::from_secs(60)).await.unwrap();
+        if let Some(delivery) = deliveries.pop() {
+            return delivery;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no retry job fell due"
+        );
+        tokio::time::sleep(POLL_EVERY).await;
+    }
+}
+
 fn delays(value: &str) -> (&'static str, String) {
     ("PAYRETRY_RETRY_DELAYS", value.to_owned())
 }
@@ -38,22 +84,6 @@ fn fake(app: &TestApp) -> &FakeStripe {
     app.stripe
         .as_ref()
         .expect("started with the fake Stripe API")
-}
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
-}
-
-/// A new 25.00 USD session whose original checkout (attempt 0) was declined.
-async fn declined_session(app: &TestApp) -> (String, String) {
-    let created = app.create_checkout(&app.buyer()).await;
-    let id = text(&created, "sessionId");
-    let checkout = text(&created, "providerSessionId");
-    app.decline(&id, 0, "insufficient_funds").await;
-    (id, checkout)
 }
 
 async fn audit_entries(app: &TestApp, id: &str) -> Vec<Value> {
@@ -91,22 +121,6 @@ async fn wait_for_audit(app: &TestApp, id: &str, action: &str) -> Vec<Value> {
     }
 }
 
-/// Polls a `SELECT COUNT(*)` until it reads `wanted`.
-async fn wait_for_count(app: &TestApp, sql: &'static str, wanted: i64) {
-    let deadline = tokio::time::Instant::now() + POLL_LIMIT;
-    loop {
-        let count = app.count(sql).await;
-        if count == wanted {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{sql} stayed {count}, expected {wanted}"
-        );
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-}
-
 /// Polls the fake until `done` holds.
 async fn wait_for_fake(what: &str, mut done: impl FnMut() -> bool) {
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
@@ -114,38 +128,6 @@ async fn wait_for_fake(what: &str, mut done: impl FnMut() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(POLL_EVERY).await;
     }
-}
-
-async fn db(app: &TestApp) -> sqlx::SqliteConnection {
-    sqlx::SqliteConnection::connect(&format!("sqlite://{}", app.db_path.display()))
-        .await
-        .unwrap()
-}
-
-/// The queue message body of the session's pending retry job.
-async fn queued_payload(app: &TestApp, id: &str) -> String {
-    sqlx::query_scalar("SELECT payload FROM retry_jobs WHERE session_id = ?")
-        .bind(id)
-        .fetch_one(&mut db(app).await)
-        .await
-        .unwrap()
-}
-
-/// Puts a copy of a queue message back on the embedded queue, due now (a redelivery).
-async fn enqueue_copy(app: &TestApp, id: &str, attempt: u32, payload: &str) {
-    let now = chrono::Utc::now().timestamp_millis();
-    sqlx::query(
-        "INSERT INTO retry_jobs (session_id, attempt_number, payload, run_at, created_at)
-         VALUES (?, ?, ?, ?, ?)",
-    )
-    .bind(id)
-    .bind(i64::from(attempt))
-    .bind(payload)
-    .bind(now)
-    .bind(now)
-    .execute(&mut db(app).await)
-    .await
-    .unwrap();
 }
 
 async fn dead_letters(app: &TestApp) -> Vec<Value> {
@@ -178,7 +160,7 @@ async fn redrive(app: &TestApp, dead_letter_id: &str) -> reqwest::Response {
 /// the job is dead-lettered (`PAYRETRY_MAX_RECEIVES=2`). Returns the session, its first
 /// checkout and the dead letter's id. The injected failures are used up on return.
 async fn dead_lettered_session(app: &TestApp) -> (String, String, String) {
-    let (id, checkout) = declined_session(app).await;
+    let Session { id, checkout } = app.declined_session(&app.buyer()).await;
     // Each delivery asks the provider for the current checkout first and gives up after
     // `STRIPE_TRIES_PER_CALL` transient answers; two deliveries use exactly this many.
     fake(app).fail_next(2 * STRIPE_TRIES_PER_CALL, FailureMode::Status(500));
@@ -219,7 +201,10 @@ async fn the_fourth_retry_is_refused_and_the_last_decline_abandons_the_retry() {
     // Arrange
     let app = stripe_app(vec![delays("1s")]).await;
     let buyer = app.buyer();
-    let (id, first_checkout) = declined_session(&app).await;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let mut checkouts = vec![first_checkout];
 
     // Act: three retries, each declined.
@@ -278,29 +263,29 @@ async fn the_fourth_retry_is_refused_and_the_last_decline_abandons_the_retry() {
 
 #[tokio::test]
 async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
-    // Arrange: a 3 s window, a 2 s delay, and a sweeper that, having found no session at
-    // start-up, sleeps its full 60 s: only the worker can notice the window closing.
-    let app = TestApp::spawn_with(Options {
-        vars: vec![("PAYRETRY_PAYMENT_WINDOW", "3s".to_owned()), delays("2s")],
-        stripe: true,
-        sweep_interval: Duration::from_secs(60),
-        backoff: Duration::from_secs(2),
-        ..Options::default()
-    })
+    // Arrange: a 2 s window and a 1 s delay; no sweeper runs, so only the worker can notice
+    // the window closing. The job falls due inside the window and is handled after it.
+    let d = driven(vec![
+        ("PAYRETRY_PAYMENT_WINDOW", "2s".to_owned()),
+        delays("1s"),
+    ])
     .await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (id, first_checkout) = declined_session(&app).await;
-    let fake = fake(&app);
-    // The first delivery (inside the window) finds the provider down and is redelivered
-    // about 2 s later, after the window.
-    fake.fail_next(STRIPE_TRIES_PER_CALL, FailureMode::Status(500));
-
-    // Act
+    let app = &d.app;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let accepted = app.retry(&app.buyer(), &id, "key-1").await;
     assert_eq!(accepted.status(), 202);
-    let entries = wait_for_audit(&app, &id, "session_expired").await;
+    let delivery = next_delivery(d.queue.as_ref()).await;
+    app.wait_for_status(&id, "expired").await;
+
+    // Act
+    let outcome = d.worker.handle(delivery).await.unwrap();
 
     // Assert
+    assert_eq!(outcome, Outcome::Abandoned);
+    let entries = audit_entries(app, &id).await;
     let status = app.status(&app.buyer(), &id).await;
     assert_eq!(status["status"], "expired");
     assert_eq!(status["retryAttempts"], 1);
@@ -318,26 +303,26 @@ async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
     let expired = entries_with(&entries, "session_expired");
     assert_eq!(expired.len(), 1, "{entries:?}");
     assert_eq!(expired[0]["details"]["previousStatus"], "retry_scheduled");
-    // The sweeper would have closed the session right at the window's end; the redelivery
-    // comes at least 1.6 s after the first delivery, which itself came 1 s before the end.
+    // Expired by the worker's handling, after the window's end.
     let at = |entry: &Value| chrono::DateTime::parse_from_rfc3339(&text(entry, "at")).unwrap();
     let window_end = chrono::DateTime::parse_from_rfc3339(&text(&status, "expiresAt")).unwrap();
     assert!(
-        at(expired[0]) - window_end >= chrono::TimeDelta::milliseconds(500),
-        "expired at {} by the sweeper, not the worker (window end {window_end})",
+        at(expired[0]) >= window_end,
+        "expired at {} before the window's end {window_end}",
         at(expired[0])
     );
     assert!(entries_with(&entries, "retry_initiated").is_empty());
-    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
+    let fake = fake(app);
     assert_eq!(
         fake.create_count(&id, 1),
         0,
         "no retry checkout after the window"
     );
-    wait_for_fake("the live checkout closed", || {
-        fake.expired_ids().contains(&first_checkout)
-    })
-    .await;
+    assert!(
+        fake.expired_ids().contains(&first_checkout),
+        "the live checkout is closed"
+    );
     assert_provider_contract(fake);
 }
 
@@ -379,8 +364,12 @@ async fn the_sweeper_expires_a_session_whose_window_closed_and_closes_its_checko
 #[tokio::test]
 async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
     // Arrange
-    let app = stripe_app(vec![delays("2s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let d = driven(vec![delays("1s")]).await;
+    let app = &d.app;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     let accepted = app.retry(&app.buyer(), &id, "key-1").await;
     assert_eq!(accepted.status(), 202);
 
@@ -388,21 +377,23 @@ async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
     app.pay(&id, 0, &first_checkout).await;
     let paid = app.status(&app.buyer(), &id).await;
     // The worker receives the job when it comes due, and drops it.
-    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    let outcome = d.worker.handle(next_delivery(d.queue.as_ref()).await).await;
 
     // Assert
+    assert!(matches!(outcome, Ok(Outcome::Dropped(_))), "{outcome:?}");
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
     assert_eq!(paid["status"], "succeeded");
     let status = app.status(&app.buyer(), &id).await;
     assert_eq!(status["status"], "succeeded");
     assert_eq!(status["providerSessionId"], first_checkout.as_str());
-    let fake = fake(&app);
+    let fake = fake(app);
     assert_eq!(fake.create_count(&id, 1), 0);
     assert_eq!(
         fake.requests().len(),
         1,
         "only the original create reached Stripe"
     );
-    let entries = audit_entries(&app, &id).await;
+    let entries = audit_entries(app, &id).await;
     let actions: Vec<&str> = entries
         .iter()
         .map(|e| e["action"].as_str().unwrap())
@@ -424,21 +415,23 @@ async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
 #[tokio::test]
 async fn a_redelivered_job_after_processing_creates_no_second_checkout() {
     // Arrange
-    let app = stripe_app(vec![delays("1s")]).await;
-    let (id, _) = declined_session(&app).await;
+    let d = driven(vec![delays("1s")]).await;
+    let app = &d.app;
+    let id = app.declined_session(&app.buyer()).await.id;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
-    let payload = queued_payload(&app, &id).await;
-    let open = app.wait_for_status(&id, "open").await;
-    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    let delivery = next_delivery(d.queue.as_ref()).await;
+    assert_eq!(d.worker.process(&delivery).await, Outcome::CheckoutCreated);
+    let open = app.status(&app.buyer(), &id).await;
+    assert_eq!(open["status"], "open");
 
     // Act: the queue delivers the same message again.
-    enqueue_copy(&app, &id, 1, &payload).await;
-    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    let again = d.worker.process(&delivery).await;
 
     // Assert
-    let fake = fake(&app);
+    assert!(matches!(again, Outcome::Dropped(_)), "{again:?}");
+    let fake = fake(app);
     assert_eq!(fake.create_count(&id, 1), 1);
-    let entries = audit_entries(&app, &id).await;
+    let entries = audit_entries(app, &id).await;
     assert_eq!(entries_with(&entries, "retry_initiated").len(), 1);
     let status = app.status(&app.buyer(), &id).await;
     assert_eq!(status["status"], "open");
@@ -450,35 +443,37 @@ async fn a_redelivered_job_after_processing_creates_no_second_checkout() {
 
 #[tokio::test]
 async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_live() {
-    // Arrange: the job is queued twice, both due at once, so one receive hands both to the
-    // worker; the provider answers each one's first request slowly, so both pass the
-    // session check before either commits.
-    let app = stripe_app(vec![delays("1s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    // Arrange: two deliveries of one job processed at once; the provider answers each one's
+    // first request slowly, so both pass the session check before either commits.
+    let d = driven(vec![delays("1s")]).await;
+    let app = &d.app;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
-    sqlx::query(
-        "INSERT INTO retry_jobs (session_id, attempt_number, payload, run_at, created_at)
-         SELECT session_id, attempt_number, payload, run_at, created_at FROM retry_jobs",
-    )
-    .execute(&mut db(&app).await)
-    .await
-    .unwrap();
-    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 2);
-    let fake = fake(&app);
+    let delivery = next_delivery(d.queue.as_ref()).await;
+    let fake = fake(app);
     fake.fail_next(2, FailureMode::Hang(Duration::from_millis(300)));
 
     // Act
-    let open = app.wait_for_status(&id, "open").await;
-    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
-    wait_for_fake("the superseded checkout closed", || {
-        fake.expired_ids().contains(&first_checkout)
-    })
-    .await;
+    let (first, second) = tokio::join!(d.worker.process(&delivery), d.worker.process(&delivery));
 
     // Assert
+    let mut outcomes = [first, second];
+    outcomes.sort_by_key(|o| o != &Outcome::CheckoutCreated);
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::CheckoutCreated,
+            Outcome::Dropped("session moved on during checkout creation")
+        ]
+    );
+    let open = app.status(&app.buyer(), &id).await;
+    assert_eq!(open["status"], "open");
     let current = text(&open, "providerSessionId");
     assert_eq!(fake.create_count(&id, 1), 1);
-    let entries = audit_entries(&app, &id).await;
+    let entries = audit_entries(app, &id).await;
     assert_eq!(entries_with(&entries, "retry_initiated").len(), 1);
     assert_eq!(
         fake.expired_ids(),
@@ -496,17 +491,24 @@ async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_l
 #[tokio::test]
 async fn a_payment_the_provider_never_reported_is_found_before_retrying() {
     // Arrange: the original checkout was paid, but no webhook said so.
-    let app = stripe_app(vec![delays("1s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
-    let fake = fake(&app);
+    let d = driven(vec![delays("1s")]).await;
+    let app = &d.app;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
+    let fake = fake(app);
     fake.mark_paid(&first_checkout);
-
-    // Act
     let accepted = app.retry(&app.buyer(), &id, "key-1").await;
     assert_eq!(accepted.status(), 202);
-    let status = app.wait_for_status(&id, "succeeded").await;
+
+    // Act
+    let outcome = d.worker.handle(next_delivery(d.queue.as_ref()).await).await;
 
     // Assert
+    assert_eq!(outcome.unwrap(), Outcome::Reconciled);
+    let status = app.status(&app.buyer(), &id).await;
+    assert_eq!(status["status"], "succeeded");
     assert_eq!(status["retryAttempts"], 1);
     assert_eq!(status["providerSessionId"], first_checkout.as_str());
     assert_eq!(
@@ -514,13 +516,13 @@ async fn a_payment_the_provider_never_reported_is_found_before_retrying() {
         0,
         "no retry checkout for a paid session"
     );
-    let entries = audit_entries(&app, &id).await;
+    let entries = audit_entries(app, &id).await;
     let succeeded = entries_with(&entries, "payment_succeeded");
     assert_eq!(succeeded.len(), 1, "{entries:?}");
     assert_eq!(succeeded[0]["attemptNumber"], 0);
     assert_eq!(succeeded[0]["details"]["reconciled"], true);
     assert!(entries_with(&entries, "retry_initiated").is_empty());
-    wait_for_count(&app, "SELECT COUNT(*) FROM retry_jobs", 0).await;
+    assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
     assert_provider_contract(fake);
 }
 
@@ -671,19 +673,25 @@ async fn a_redrive_after_the_buyer_retried_again_is_refused() {
 #[tokio::test]
 async fn the_retry_checkout_is_created_before_the_previous_one_is_closed() {
     // Arrange
-    let app = stripe_app(vec![delays("1s")]).await;
-    let (id, first_checkout) = declined_session(&app).await;
+    let d = driven(vec![delays("1s")]).await;
+    let app = &d.app;
+    let Session {
+        id,
+        checkout: first_checkout,
+    } = app.declined_session(&app.buyer()).await;
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
 
     // Act
-    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
-    let open = app.wait_for_status(&id, "open").await;
-    let fake = fake(&app);
-    wait_for_fake("the superseded checkout closed", || {
-        fake.expired_ids().contains(&first_checkout)
-    })
-    .await;
+    let outcome = d
+        .worker
+        .process(&next_delivery(d.queue.as_ref()).await)
+        .await;
 
     // Assert
+    assert_eq!(outcome, Outcome::CheckoutCreated);
+    let open = app.status(&app.buyer(), &id).await;
+    assert_eq!(open["status"], "open");
+    let fake = fake(app);
     let retry_checkout = fake
         .checkout(&text(&open, "providerSessionId"))
         .expect("the session points at a checkout the fake created");
@@ -776,44 +784,34 @@ impl payretry::queue::JobQueue for CountingQueue {
 
 #[tokio::test]
 async fn on_the_embedded_queue_the_checkout_and_its_acknowledgement_commit_together() {
-    use payretry::queue::JobQueue;
     // Arrange: an API-only server, so this test's worker is the only consumer.
     let app = TestApp::spawn_with(Options {
         vars: vec![delays("1s")],
         stripe: true,
-        role: payretry::app::ServeRole::Api,
+        role: ServeRole::Api,
         ..Options::default()
     })
     .await;
-    let (id, _) = declined_session(&app).await;
+    let id = app.declined_session(&app.buyer()).await.id;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
-    let url = format!("sqlite://{}", app.db_path.display());
     let queue = std::sync::Arc::new(CountingQueue {
-        inner: payretry::storage::sqlite::SqliteStorage::connect(&url)
+        inner: payretry::storage::sqlite::SqliteStorage::connect(&app.db.url)
             .await
             .unwrap(),
         acks: std::sync::atomic::AtomicUsize::new(0),
     });
-    let worker = payretry::worker::Worker::new(
+    let worker = Worker::new(
         app.payments.clone(),
         queue.clone(),
-        payretry::worker::WorkerSettings::default(),
+        WorkerSettings::default(),
     );
-    let mut deliveries = Vec::new();
-    for _ in 0..100 {
-        deliveries = queue.receive(1, Duration::from_secs(60)).await.unwrap();
-        if !deliveries.is_empty() {
-            break;
-        }
-        tokio::time::sleep(POLL_EVERY).await;
-    }
-    let delivery = deliveries.pop().expect("the retry job falls due");
+    let delivery = next_delivery(queue.as_ref()).await;
 
     // Act
     let outcome = worker.handle(delivery).await.unwrap();
 
     // Assert: recorded and acknowledged by one commit, with no separate acknowledgement.
-    assert_eq!(outcome, payretry::worker::Outcome::CheckoutCreated);
+    assert_eq!(outcome, Outcome::CheckoutCreated);
     assert_eq!(queue.acks.load(std::sync::atomic::Ordering::SeqCst), 0);
     assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
     assert_eq!(app.status(&app.buyer(), &id).await["status"], "open");

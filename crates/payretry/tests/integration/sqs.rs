@@ -4,8 +4,9 @@
 //! (the worker giving up, and a crash loop that the redrive policy moves to the DLQ).
 //! The queue behaviour shared with the embedded queue is in `queue_conformance.rs`.
 
-mod support;
-
+use crate::support::app::{Database, JWT_SECRET, Options, Queue, TestApp, text};
+use crate::support::fake_stripe::FailureMode;
+use crate::support::services::{MotoServer, TempDatabase, sqs_endpoint, unique_env};
 use aws_sdk_sqs::types::QueueAttributeName;
 use chrono::{DateTime, Duration as TimeDelta, Utc};
 use payretry::app::{App, ServeRole, Tuning};
@@ -30,9 +31,6 @@ use std::collections::{BTreeSet, HashMap};
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use support::app::{Database, JWT_SECRET, Options, Queue, TestApp};
-use support::fake_stripe::FailureMode;
-use support::services::{MotoServer, sqs_endpoint, unique_env};
 
 /// Calls through the Stripe client per failed delivery (the default `max_tries`).
 const STRIPE_TRIES_PER_CALL: usize = 3;
@@ -61,23 +59,20 @@ async fn queues(max_receives: u32) -> (String, aws_sdk_sqs::Client, String, Stri
     (env, client, main, dlq)
 }
 
-/// An outbox (SQLite) in a temporary directory.
+/// An outbox (SQLite) in a temporary database.
 struct Outboxed {
     storage: Arc<SqliteStorage>,
     url: String,
-    _dir: tempfile::TempDir,
+    _db: TempDatabase,
 }
 
 impl Outboxed {
     async fn new() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
-        let storage = SqliteStorage::connect(&url).await.expect("open SQLite");
-        storage.migrate().await.expect("migrate SQLite");
+        let db = TempDatabase::sqlite();
         Self {
-            storage: Arc::new(storage),
-            url,
-            _dir: dir,
+            storage: Arc::new(db.sqlite_storage().await),
+            url: db.url.clone(),
+            _db: db,
         }
     }
 
@@ -271,21 +266,6 @@ async fn dead_letters(app: &TestApp) -> Vec<Value> {
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = response.json().await.unwrap();
     body["deadLetters"].as_array().unwrap().clone()
-}
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
-}
-
-/// Creates a session on `app` and declines its original checkout; returns its id.
-async fn declined_session(app: &TestApp) -> String {
-    let created = app.create_checkout(&app.buyer()).await;
-    let id = text(&created, "sessionId");
-    app.decline(&id, 0, "insufficient_funds").await;
-    id
 }
 
 // ----- payretry sqs setup ----------------------------------------------------------------
@@ -598,11 +578,11 @@ impl Outage {
 async fn the_relay_holds_rows_through_an_sqs_outage_and_loses_none() {
     let lease = Duration::from_secs(2);
     let mut outage = Outage::start(lease).await;
-    let failed_at = Instant::now();
     outage.relay_fails_and_keeps_the_rows().await;
+    // The failed round leased the rows before it returned: they are claimable again once its
+    // lease has run from here, whatever time the claim itself took.
+    let claimable_at = Instant::now() + lease + Duration::from_millis(100);
     outage.recover().await;
-    // The failed round leased the rows: they are claimable again when its lease ends.
-    let claimable_at = failed_at + lease + Duration::from_millis(100);
     tokio::time::sleep(claimable_at.saturating_duration_since(Instant::now())).await;
     outage.relay_sends_everything_once().await;
 }
@@ -633,7 +613,7 @@ async fn provider_failures_dead_letter_the_job_and_redrive_reopens(database: Dat
     })
     .await;
     let fake = app.stripe.as_ref().expect("the fake Stripe API");
-    let id = declined_session(&app).await;
+    let id = app.declined_session(&app.buyer()).await.id;
 
     // Each delivery asks the provider for the current checkout and gives up after
     // `STRIPE_TRIES_PER_CALL` 500s; two deliveries use exactly this many.
@@ -705,7 +685,7 @@ async fn a_crash_loop_ends_in_the_dlq_and_is_drained_into_a_dead_letter() {
         ..Options::on(Database::Sqlite, Queue::Sqs)
     })
     .await;
-    let id = declined_session(&app).await;
+    let id = app.declined_session(&app.buyer()).await.id;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
 
     // Two receives that never settle (a 1 s visibility timeout each).
@@ -783,10 +763,7 @@ async fn a_crash_loop_ends_in_the_dlq_and_is_drained_into_a_dead_letter() {
 
     // The CLI sees the same dead letters, and redrives through the outbox and SQS.
     let vars = vec![
-        (
-            "PAYRETRY_DATABASE_URL",
-            format!("sqlite://{}", app.db_path.display()),
-        ),
+        ("PAYRETRY_DATABASE_URL", app.db.url.clone()),
         ("PAYRETRY_JWT_SECRET", JWT_SECRET.to_owned()),
         ("PAYRETRY_QUEUE", "sqs".to_owned()),
         ("PAYRETRY_SQS_ENDPOINT", endpoint),

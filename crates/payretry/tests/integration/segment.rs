@@ -1,24 +1,18 @@
 //! Segment analytics through the real path: the analytics outbox, the relay, and a local
 //! HTTP server standing in for Segment's `/v1/batch`.
 
-mod support;
-
+use crate::support::app::{Options, TestApp};
+use crate::support::fake_segment::FakeSegment;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::time::Duration;
-use support::app::{Options, TestApp};
-use support::fake_segment::FakeSegment;
 
 const WRITE_KEY: &str = "segment-write-key-test";
 
 /// Drives fail → retry → fail → retry → success, then the limit on a second session.
 async fn run_story(app: &TestApp) -> (String, String) {
     let buyer = app.buyer();
-    let id = app.create_checkout(&buyer).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    app.decline(&id, 0, "insufficient_funds").await;
+    let id = app.declined_session(&buyer).await.id;
     assert_eq!(app.retry(&buyer, &id, "s1").await.status(), 202);
     app.wait_for_status(&id, "open").await;
     app.decline(&id, 1, "card_declined").await;
@@ -28,10 +22,7 @@ async fn run_story(app: &TestApp) -> (String, String) {
         .await;
 
     let other = app.token("buyer-2", payretry_domain::Role::Buyer);
-    let exhausted = app.create_checkout(&other).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let exhausted = app.open_session(&other).await.id;
     app.decline(&exhausted, 0, "do_not_honor").await;
     for attempt in 1..=3 {
         assert_eq!(

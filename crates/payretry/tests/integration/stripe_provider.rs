@@ -2,11 +2,10 @@
 //! (`support::fake_stripe`): the request contract, idempotency under retries, the
 //! transient / permanent split, state mapping, and that the secret key never leaks.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
 use chrono::{TimeDelta, Utc};
 use payretry::provider::stripe::{STRIPE_VERSION, StripeConfig, StripeProvider};
 use payretry::provider::{
@@ -16,7 +15,6 @@ use payretry::secret::Secret;
 use payretry_domain::{
     Amount, AttemptNumber, Currency, Money, PaymentSessionId, ProviderSessionId,
 };
-use support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
 
 fn checkout_request(attempt: u32) -> CheckoutRequest {
     let session_id = PaymentSessionId::from_random(rand::random());

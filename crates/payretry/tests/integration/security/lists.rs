@@ -3,7 +3,7 @@
 //! audit log that anonymous sandbox traffic grew to thousands of rows no longer comes back in
 //! one answer, and a bad `limit` or `cursor` is a 400 `invalid_request`, never a 500.
 
-use crate::support::app::{TestApp, assert_problem};
+use crate::support::app::{TestApp, assert_problem, session_id};
 use payretry::storage::{
     Committed, DuplicatePaymentStatus, NewAuditEntry, NewDeadLetter, NewDuplicatePayment,
     SessionRecord, Transition,
@@ -38,7 +38,7 @@ async fn commit(app: &TestApp, t: Transition) {
 /// numbered in its details so order and coverage can be checked.
 async fn session_with_long_audit_log(app: &TestApp) -> String {
     let created = app.create_checkout(&app.buyer()).await;
-    let raw = created["sessionId"].as_str().unwrap().to_owned();
+    let raw = session_id(&created);
     let id = PaymentSessionId::parse(&raw).unwrap();
     let mut n = 1;
     while n < AUDIT_ENTRIES {

@@ -4,23 +4,16 @@
 //! `PAYRETRY_AUTO_REFUND_DUPLICATES=true`, refunded through the provider exactly once (by the
 //! refund runner, after the webhook's answer: tests wait for the refund's outcome).
 
-mod support;
-
+use crate::support::app::{
+    Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent, text,
+};
+use crate::support::fake_stripe::FailureMode;
 use payretry::provider::RefundRequest;
 use payretry::provider::sandbox::events;
 use payretry::storage::SandboxCheckoutStatus;
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::app::{Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent};
-use support::fake_stripe::FailureMode;
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
-}
 
 /// The fake Stripe API, with automatic refunds on or off, on `database`.
 async fn stripe_app(auto_refund: bool, database: Database) -> TestApp {

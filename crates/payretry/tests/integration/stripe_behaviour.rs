@@ -3,23 +3,16 @@
 //! a create with the same key is still running, 500s Stripe saves and replays under the key,
 //! and `Stripe-Should-Retry`.
 
-mod support;
-
+use crate::support::app::{
+    Database, Options, Queue, TestApp, assert_problem, declined_event, text,
+};
+use crate::support::fake_stripe::{CreateMode, FailureMode, FakeStripe};
 use payretry::provider::stripe::StripeProvider;
 use payretry::provider::{CheckoutRequest, PaymentProvider, ProviderError, checkout_expires_at};
 use payretry_domain::{Amount, AttemptNumber, Currency, Money, PaymentSessionId};
 use reqwest::StatusCode;
 use serde_json::Value;
 use std::time::Duration;
-use support::app::{Database, Options, Queue, TestApp, assert_problem, declined_event};
-use support::fake_stripe::{CreateMode, FailureMode, FakeStripe};
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
-}
 
 /// The fake Stripe API with 1 s retry delays and `vars` on top, on `database`.
 async fn stripe_app(database: Database, vars: &[(&'static str, &str)]) -> TestApp {
@@ -247,7 +240,7 @@ async fn wait_for_checkout(
     app: &TestApp,
     checkout: &str,
     status: &str,
-) -> support::fake_stripe::FakeCheckout {
+) -> crate::support::fake_stripe::FakeCheckout {
     let mut last = stripe(app).checkout(checkout).unwrap();
     for _ in 0..300 {
         if last.status == status {

@@ -1,21 +1,16 @@
 //! `/readyz` tells a load balancer the truth: 503 while the database is unreachable, with
 //! nothing internal in the body, while `/healthz` (the process is alive) stays 200.
 
-mod support;
-
+use crate::support::app::{Database, Options, Queue, TestApp, assert_problem};
 use reqwest::Method;
 use serde_json::Value;
-use support::app::{Database, Options, Queue, TestApp, assert_problem};
 
 #[tokio::test]
 async fn readyz_answers_503_while_the_database_is_gone() {
     // Arrange: a healthy app on its own PostgreSQL database.
     let app = TestApp::spawn_with(Options::on(Database::Postgres, Queue::Embedded)).await;
     let buyer = app.buyer();
-    let id = app.create_checkout(&buyer).await["sessionId"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let id = app.open_session(&buyer).await.id;
     assert_eq!(
         app.request(Method::GET, "/readyz", None, None, None)
             .await
@@ -24,7 +19,7 @@ async fn readyz_answers_503_while_the_database_is_gone() {
     );
 
     // Act: the database goes away.
-    app.postgres.as_ref().expect("on PostgreSQL").drop_now();
+    app.db.drop_now();
 
     // Assert
     let ready = app.request(Method::GET, "/readyz", None, None, None).await;

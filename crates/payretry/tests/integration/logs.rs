@@ -6,8 +6,8 @@
 //! signing key) is ever written, even at debug level.
 #![cfg(unix)]
 
-mod support;
-
+use crate::support::app::session_id;
+use crate::support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
 use payretry::http::auth::JwtKeys;
 use payretry::secret::Secret;
 use payretry_domain::Role;
@@ -17,7 +17,6 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
-use support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
 
 /// Distinctive values, so any appearance in the output is unmistakably a leak.
 const JWT_SECRET: &str = "logs-test-jwt-signing-key-Zq7vK2pW9xR4mN8bT3";
@@ -233,7 +232,7 @@ async fn json_logs_carry_request_and_job_context_and_never_a_secret() {
         "the caller's x-request-id is echoed"
     );
     let created: Value = created.json().await.unwrap();
-    let id = created["sessionId"].as_str().expect("sessionId").to_owned();
+    let id = session_id(&created);
     let first_checkout = created["providerSessionId"]
         .as_str()
         .expect("providerSessionId")

@@ -4,13 +4,13 @@
 //! Stripe's refund event says `succeeded`, and one that fails is listed for support with
 //! Stripe's reason.
 
-mod support;
-
+use crate::support::app::{
+    Database, Options, Queue, TestApp, WEBHOOK_SECRET, paid_event_with_intent, text,
+};
+use crate::support::fake_stripe::{FakeStripe, RefundAnswer, RefundEventStyle, RefundOutcome};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use std::time::Duration;
-use support::app::{Database, Options, Queue, TestApp, WEBHOOK_SECRET, paid_event_with_intent};
-use support::fake_stripe::{FakeStripe, RefundAnswer, RefundEventStyle, RefundOutcome};
 
 /// Polls `probe` every 50 ms until it returns `Some` (10 s at most).
 async fn eventually<T, F, Fut>(what: &str, mut probe: F) -> T
@@ -25,13 +25,6 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     panic!("{what} did not happen within 10 s");
-}
-
-fn text(value: &Value, field: &str) -> String {
-    value[field]
-        .as_str()
-        .unwrap_or_else(|| panic!("{field} is not a string in {value}"))
-        .to_owned()
 }
 
 /// The stripe provider against the fake Stripe API, automatic refunds on, the fake's refund
@@ -281,7 +274,7 @@ async fn a_refund_event_delivered_twice_or_late_changes_nothing_more() {
         .into_iter()
         .find(|r| r.id == refund_id)
         .unwrap();
-    let stale = support::fake_stripe::refund_event("refund.updated", &refund);
+    let stale = crate::support::fake_stripe::refund_event("refund.updated", &refund);
     stripe
         .settle_refund(&refund_id, RefundOutcome::Succeeded)
         .await;
@@ -291,7 +284,7 @@ async fn a_refund_event_delivered_twice_or_late_changes_nothing_more() {
         .into_iter()
         .find(|r| r.id == refund_id)
         .unwrap();
-    let succeeded = support::fake_stripe::refund_event("refund.updated", &settled);
+    let succeeded = crate::support::fake_stripe::refund_event("refund.updated", &settled);
     let url = app.url("/webhooks/stripe");
 
     // Act: the same success again, and the older `pending` arriving late.

@@ -1,8 +1,6 @@
 //! The story end to end through HTTP: create → decline → retry → new checkout → pay.
 
-mod support;
-
-use support::app::{Database, Options, Queue, TestApp};
+use crate::support::app::{Database, Options, Queue, TestApp, session_id};
 
 #[tokio::test]
 async fn failed_payment_is_retried_on_a_new_checkout_and_then_paid() {
@@ -28,7 +26,7 @@ async fn the_story(options: Options) {
     let app = TestApp::spawn_with(options).await;
     let buyer = app.buyer();
     let created = app.create_checkout(&buyer).await;
-    let id = created["sessionId"].as_str().unwrap().to_owned();
+    let id = session_id(&created);
     assert_eq!(created["status"], "open");
     assert_eq!(created["retryAttemptsRemaining"], 3);
     assert_eq!(created["retryUnavailableReason"], "payment_not_failed");
