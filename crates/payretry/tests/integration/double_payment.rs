@@ -5,7 +5,7 @@
 //! refund runner, after the webhook's answer: tests wait for the refund's outcome).
 
 use crate::support::app::{
-    Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent, text,
+    Database, Options, Queue, TestApp, assert_problem, paid_event_with_intent, text, with_action,
 };
 use crate::support::fake_stripe::FailureMode;
 use payretry::provider::RefundRequest;
@@ -79,25 +79,6 @@ async fn paid_twice(app: &TestApp) -> PaidTwice {
     }
 }
 
-async fn audit_entries(app: &TestApp, id: &str) -> Vec<Value> {
-    let response = app
-        .request(
-            Method::GET,
-            &format!("/payments/checkout/{id}/audit"),
-            Some(&app.admin()),
-            None,
-            None,
-        )
-        .await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    body["entries"].as_array().unwrap().clone()
-}
-
-fn with_action<'a>(entries: &'a [Value], action: &str) -> Vec<&'a Value> {
-    entries.iter().filter(|e| e["action"] == action).collect()
-}
-
 /// `GET /admin/duplicate-payments` as `token`'s caller.
 async fn list_duplicates(app: &TestApp, token: &str) -> reqwest::Response {
     app.request(
@@ -155,7 +136,7 @@ async fn assert_first_payment_stands(app: &TestApp, case: &PaidTwice) {
     let status = app.status(&app.buyer(), &case.id).await;
     assert_eq!(status["status"], "succeeded");
     assert_eq!(status["providerSessionId"], case.paid_checkout.as_str());
-    let entries = audit_entries(app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     let succeeded = with_action(&entries, "payment_succeeded");
     assert_eq!(succeeded.len(), 1, "{entries:?}");
     assert_eq!(succeeded[0]["attemptNumber"], 1);
@@ -173,7 +154,7 @@ async fn a_late_payment_of_an_older_checkout_is_recorded_as_a_double_payment() {
     // Assert
     assert_eq!(response.status(), StatusCode::OK);
     assert_first_payment_stands(&app, &case).await;
-    let entries = audit_entries(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     let detected = with_action(&entries, "double_payment_detected");
     assert_eq!(detected.len(), 1, "{entries:?}");
     assert_eq!(detected[0]["attemptNumber"], 0);
@@ -255,7 +236,7 @@ async fn the_same_event_delivered_twice_records_one_double_payment() {
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(again.status(), StatusCode::OK);
     wait_for_duplicate(&app, &case.id, "refunded").await;
-    let entries = audit_entries(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     assert_eq!(with_action(&entries, "double_payment_detected").len(), 1);
     assert_eq!(with_action(&entries, "duplicate_refunded").len(), 1);
     assert_eq!(app.stripe.as_ref().unwrap().refunds().len(), 1);
@@ -298,7 +279,7 @@ async fn a_double_payment_is_refunded_exactly_once(database: Database) {
     assert_eq!(listed[0]["refundId"], refunds[0].id.as_str());
 
     assert_first_payment_stands(&app, &case).await;
-    let entries = audit_entries(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     let detected = with_action(&entries, "double_payment_detected");
     assert_eq!(detected.len(), 1, "{entries:?}");
     assert_eq!(detected[0]["details"]["refundRequested"], true);
@@ -361,7 +342,7 @@ async fn a_refund_the_provider_could_not_take_is_retried_later_and_made_once() {
     assert_eq!((settled, settled_again), (1, 0));
     assert_eq!(stripe.refunds().len(), 1);
     assert_eq!(duplicates_of(&app, &case.id).await[0]["status"], "refunded");
-    let entries = audit_entries(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     assert_eq!(with_action(&entries, "duplicate_refunded").len(), 1);
     assert!(stripe.violations().is_empty(), "{:?}", stripe.violations());
 }
@@ -423,7 +404,7 @@ async fn a_refund_the_provider_refuses_is_marked_failed_for_support() {
     let listed = wait_for_duplicate(&app, &case.id, "refund_failed").await;
     assert!(stripe.refunds().is_empty());
     assert!(listed["lastError"].is_string(), "{listed:?}");
-    let entries = audit_entries(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     assert!(with_action(&entries, "duplicate_refunded").is_empty());
     // Settled: the periodic retry leaves it to support.
     let settled = app

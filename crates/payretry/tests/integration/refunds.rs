@@ -5,7 +5,7 @@
 //! Stripe's reason.
 
 use crate::support::app::{
-    Database, Options, Queue, TestApp, WEBHOOK_SECRET, paid_event_with_intent, text,
+    Database, Options, Queue, TestApp, WEBHOOK_SECRET, paid_event_with_intent, text, with_action,
 };
 use crate::support::fake_stripe::{FakeStripe, RefundAnswer, RefundEventStyle, RefundOutcome};
 use reqwest::{Method, StatusCode};
@@ -105,25 +105,6 @@ async fn wait_for_duplicate(app: &TestApp, id: &str, wanted: &str) -> Value {
     .await
 }
 
-async fn audit(app: &TestApp, id: &str) -> Vec<Value> {
-    let response = app
-        .request(
-            Method::GET,
-            &format!("/payments/checkout/{id}/audit?limit=100"),
-            Some(&app.admin()),
-            None,
-            None,
-        )
-        .await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    body["entries"].as_array().unwrap().clone()
-}
-
-fn with_action<'a>(entries: &'a [Value], action: &str) -> Vec<&'a Value> {
-    entries.iter().filter(|e| e["action"] == action).collect()
-}
-
 /// Stripe answers the refund `pending`: recorded as `refund_pending` with its id, not as
 /// refunded; Stripe's `refund.updated` (`succeeded`) then makes it `refunded`, once.
 async fn a_pending_refund_is_refunded_when_stripe_reports_it_succeeded(database: Database) {
@@ -141,7 +122,7 @@ async fn a_pending_refund_is_refunded_when_stripe_reports_it_succeeded(database:
     assert_eq!(refund.payment_intent, case.late_intent);
     assert_eq!(refund.metadata["payment_session_id"], case.id);
     assert_eq!(refund.metadata["duplicate_attempt"], "0");
-    let entries = audit(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     assert_eq!(with_action(&entries, "duplicate_refund_pending").len(), 1);
     assert!(with_action(&entries, "duplicate_refunded").is_empty());
 
@@ -155,7 +136,7 @@ async fn a_pending_refund_is_refunded_when_stripe_reports_it_succeeded(database:
     let refunded = wait_for_duplicate(&app, &case.id, "refunded").await;
     assert_eq!(refunded["refundId"], refund.id.as_str());
     assert_eq!(refunded["failureReason"], Value::Null);
-    let entries = audit(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     let done = with_action(&entries, "duplicate_refunded");
     assert_eq!(done.len(), 1, "{entries:?}");
     assert_eq!(done[0]["attemptNumber"], 0);
@@ -204,7 +185,7 @@ async fn a_pending_refund_that_fails_is_listed_for_support_with_its_reason(datab
         text(&failed, "lastError").contains("expired_or_canceled_card"),
         "{failed}"
     );
-    let entries = audit(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     let audited = with_action(&entries, "duplicate_refund_failed");
     assert_eq!(audited.len(), 1, "{entries:?}");
     assert_eq!(
@@ -295,7 +276,7 @@ async fn a_refund_event_delivered_twice_or_late_changes_nothing_more() {
     // Assert
     assert_eq!((again, replayed, late), (200, 200, 200));
     assert_eq!(duplicate_of(&app, &case.id).await["status"], "refunded");
-    let entries = audit(&app, &case.id).await;
+    let entries = app.audit_entries(&case.id).await;
     assert_eq!(with_action(&entries, "duplicate_refunded").len(), 1);
     assert_eq!(with_action(&entries, "duplicate_refund_pending").len(), 1);
 }

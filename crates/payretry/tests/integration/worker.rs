@@ -9,7 +9,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use crate::support::app::{Options, Session, TestApp, assert_problem, text};
+use crate::support::app::{Options, Session, TestApp, assert_problem, text, with_action};
 use crate::support::fake_stripe::{FailureMode, FakeStripe, TEST_SECRET_KEY};
 use payretry::app::ServeRole;
 use payretry::queue::{Delivery, JobQueue};
@@ -86,31 +86,12 @@ fn fake(app: &TestApp) -> &FakeStripe {
         .expect("started with the fake Stripe API")
 }
 
-async fn audit_entries(app: &TestApp, id: &str) -> Vec<Value> {
-    let response = app
-        .request(
-            Method::GET,
-            &format!("/payments/checkout/{id}/audit"),
-            Some(&app.admin()),
-            None,
-            None,
-        )
-        .await;
-    assert_eq!(response.status(), StatusCode::OK);
-    let body: Value = response.json().await.unwrap();
-    body["entries"].as_array().unwrap().clone()
-}
-
-fn entries_with<'a>(entries: &'a [Value], action: &str) -> Vec<&'a Value> {
-    entries.iter().filter(|e| e["action"] == action).collect()
-}
-
 /// Polls the audit log until it holds `action`; returns the whole log.
 async fn wait_for_audit(app: &TestApp, id: &str, action: &str) -> Vec<Value> {
     let deadline = tokio::time::Instant::now() + POLL_LIMIT;
     loop {
-        let entries = audit_entries(app, id).await;
-        if !entries_with(&entries, action).is_empty() {
+        let entries = app.audit_entries(id).await;
+        if !with_action(&entries, action).is_empty() {
             return entries;
         }
         assert!(
@@ -233,10 +214,10 @@ async fn the_fourth_retry_is_refused_and_the_last_decline_abandons_the_retry() {
     assert_eq!(status["retryAttemptsRemaining"], 0);
     assert_eq!(status["retryAvailable"], false);
     assert_eq!(status["retryUnavailableReason"], "limit_reached");
-    let entries = audit_entries(&app, &id).await;
-    assert_eq!(entries_with(&entries, "retry_initiated").len(), 3);
-    assert_eq!(entries_with(&entries, "payment_failed").len(), 4);
-    let abandoned = entries_with(&entries, "retry_abandoned");
+    let entries = app.audit_entries(&id).await;
+    assert_eq!(with_action(&entries, "retry_initiated").len(), 3);
+    assert_eq!(with_action(&entries, "payment_failed").len(), 4);
+    let abandoned = with_action(&entries, "retry_abandoned");
     assert_eq!(abandoned.len(), 1, "{entries:?}");
     assert_eq!(abandoned[0]["attemptNumber"], 3);
     assert_eq!(abandoned[0]["details"]["reason"], "attempts_exhausted");
@@ -285,7 +266,7 @@ async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
 
     // Assert
     assert_eq!(outcome, Outcome::Abandoned);
-    let entries = audit_entries(app, &id).await;
+    let entries = app.audit_entries(&id).await;
     let status = app.status(&app.buyer(), &id).await;
     assert_eq!(status["status"], "expired");
     assert_eq!(status["retryAttempts"], 1);
@@ -296,11 +277,11 @@ async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
         1,
         "the stored status, not only the reported one"
     );
-    let abandoned = entries_with(&entries, "retry_abandoned");
+    let abandoned = with_action(&entries, "retry_abandoned");
     assert_eq!(abandoned.len(), 1, "{entries:?}");
     assert_eq!(abandoned[0]["attemptNumber"], 1);
     assert_eq!(abandoned[0]["details"]["reason"], "window_expired");
-    let expired = entries_with(&entries, "session_expired");
+    let expired = with_action(&entries, "session_expired");
     assert_eq!(expired.len(), 1, "{entries:?}");
     assert_eq!(expired[0]["details"]["previousStatus"], "retry_scheduled");
     // Expired by the worker's handling, after the window's end.
@@ -311,7 +292,7 @@ async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
         "expired at {} before the window's end {window_end}",
         at(expired[0])
     );
-    assert!(entries_with(&entries, "retry_initiated").is_empty());
+    assert!(with_action(&entries, "retry_initiated").is_empty());
     assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
     let fake = fake(app);
     assert_eq!(
@@ -393,7 +374,7 @@ async fn a_payment_on_the_older_checkout_drops_the_pending_retry() {
         1,
         "only the original create reached Stripe"
     );
-    let entries = audit_entries(app, &id).await;
+    let entries = app.audit_entries(&id).await;
     let actions: Vec<&str> = entries
         .iter()
         .map(|e| e["action"].as_str().unwrap())
@@ -431,8 +412,8 @@ async fn a_redelivered_job_after_processing_creates_no_second_checkout() {
     assert!(matches!(again, Outcome::Dropped(_)), "{again:?}");
     let fake = fake(app);
     assert_eq!(fake.create_count(&id, 1), 1);
-    let entries = audit_entries(app, &id).await;
-    assert_eq!(entries_with(&entries, "retry_initiated").len(), 1);
+    let entries = app.audit_entries(&id).await;
+    assert_eq!(with_action(&entries, "retry_initiated").len(), 1);
     let status = app.status(&app.buyer(), &id).await;
     assert_eq!(status["status"], "open");
     assert_eq!(status["providerSessionId"], open["providerSessionId"]);
@@ -473,8 +454,8 @@ async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_l
     assert_eq!(open["status"], "open");
     let current = text(&open, "providerSessionId");
     assert_eq!(fake.create_count(&id, 1), 1);
-    let entries = audit_entries(app, &id).await;
-    assert_eq!(entries_with(&entries, "retry_initiated").len(), 1);
+    let entries = app.audit_entries(&id).await;
+    assert_eq!(with_action(&entries, "retry_initiated").len(), 1);
     assert_eq!(
         fake.expired_ids(),
         [first_checkout],
@@ -516,12 +497,12 @@ async fn a_payment_the_provider_never_reported_is_found_before_retrying() {
         0,
         "no retry checkout for a paid session"
     );
-    let entries = audit_entries(app, &id).await;
-    let succeeded = entries_with(&entries, "payment_succeeded");
+    let entries = app.audit_entries(&id).await;
+    let succeeded = with_action(&entries, "payment_succeeded");
     assert_eq!(succeeded.len(), 1, "{entries:?}");
     assert_eq!(succeeded[0]["attemptNumber"], 0);
     assert_eq!(succeeded[0]["details"]["reconciled"], true);
-    assert!(entries_with(&entries, "retry_initiated").is_empty());
+    assert!(with_action(&entries, "retry_initiated").is_empty());
     assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
     assert_provider_contract(fake);
 }
@@ -555,8 +536,8 @@ async fn a_job_the_provider_keeps_failing_is_dead_lettered_and_can_be_redriven_o
     assert!(!last_error.is_empty());
     assert!(!last_error.contains(TEST_SECRET_KEY), "{last_error}");
     chrono::DateTime::parse_from_rfc3339(&text(dead, "deadAt")).expect("deadAt is RFC 3339");
-    let entries = audit_entries(&app, &id).await;
-    let dead_lettered = entries_with(&entries, "retry_dead_lettered");
+    let entries = app.audit_entries(&id).await;
+    let dead_lettered = with_action(&entries, "retry_dead_lettered");
     assert_eq!(dead_lettered.len(), 1, "{entries:?}");
     assert_eq!(dead_lettered[0]["attemptNumber"], 1);
     assert_eq!(dead_lettered[0]["details"]["receiveCount"], 2);
@@ -582,7 +563,7 @@ async fn a_job_the_provider_keeps_failing_is_dead_lettered_and_can_be_redriven_o
     assert_eq!(open["retryAttempts"], 1);
     assert_eq!(fake.create_count(&id, 1), 1);
     assert!(dead_letters(&app).await.is_empty());
-    let entries = audit_entries(&app, &id).await;
+    let entries = app.audit_entries(&id).await;
     let actions: Vec<&str> = entries
         .iter()
         .map(|e| e["action"].as_str().unwrap())
@@ -633,7 +614,7 @@ async fn a_redrive_after_the_session_was_paid_is_refused() {
     assert_eq!(app.status(&app.buyer(), &id).await["status"], "succeeded");
     assert_eq!(dead_letters(&app).await.len(), 1, "the dead letter stays");
     assert_eq!(app.count("SELECT COUNT(*) FROM retry_jobs").await, 0);
-    assert!(entries_with(&audit_entries(&app, &id).await, "retry_redriven").is_empty());
+    assert!(with_action(&app.audit_entries(&id).await, "retry_redriven").is_empty());
     assert_provider_contract(fake(&app));
 }
 
@@ -666,7 +647,7 @@ async fn a_redrive_after_the_buyer_retried_again_is_refused() {
         "the dead-lettered attempt never ran"
     );
     assert_eq!(fake.create_count(&id, 2), 1);
-    assert!(entries_with(&audit_entries(&app, &id).await, "retry_redriven").is_empty());
+    assert!(with_action(&app.audit_entries(&id).await, "retry_redriven").is_empty());
     assert_provider_contract(fake);
 }
 

@@ -312,9 +312,10 @@ impl TestApp {
         body[field].as_array().expect(field).clone()
     }
 
-    /// The audit log's actions, oldest first: every page, followed to the end.
-    pub async fn audit_actions(&self, id: &str) -> Vec<String> {
-        let mut actions = Vec::new();
+    /// The session's audit entries, oldest first, as an admin reads them: every page,
+    /// followed to the end.
+    pub async fn audit_entries(&self, id: &str) -> Vec<Value> {
+        let mut entries = Vec::new();
         let mut path = format!("/payments/checkout/{id}/audit?limit=100");
         loop {
             let response = self
@@ -322,20 +323,23 @@ impl TestApp {
                 .await;
             assert_eq!(response.status(), StatusCode::OK);
             let body: Value = response.json().await.unwrap();
-            actions.extend(
-                body["entries"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|e| e["action"].as_str().unwrap().to_owned()),
-            );
+            entries.extend(body["entries"].as_array().unwrap().iter().cloned());
             match body["nextCursor"].as_str() {
                 Some(cursor) => {
                     path = format!("/payments/checkout/{id}/audit?limit=100&cursor={cursor}");
                 }
-                None => return actions,
+                None => return entries,
             }
         }
+    }
+
+    /// The audit log's actions, oldest first.
+    pub async fn audit_actions(&self, id: &str) -> Vec<String> {
+        self.audit_entries(id)
+            .await
+            .iter()
+            .map(|e| e["action"].as_str().unwrap().to_owned())
+            .collect()
     }
 
     /// Polls [`TestApp::count`] until it reads `wanted` (for up to five seconds)
@@ -367,6 +371,11 @@ pub struct Session {
 }
 
 /// A string field of a JSON object, or a panic naming the field and the object.
+/// The audit entries with `action`.
+pub fn with_action<'a>(entries: &'a [Value], action: &str) -> Vec<&'a Value> {
+    entries.iter().filter(|e| e["action"] == action).collect()
+}
+
 pub fn text(value: &Value, field: &str) -> String {
     value[field]
         .as_str()
