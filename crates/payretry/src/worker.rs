@@ -7,7 +7,7 @@
 //! cannot create a second checkout; the session update is a compare-and-set on the attempt.
 
 use crate::provider::{CheckoutRequest, CheckoutState, ProviderError, checkout_expires_at};
-use crate::queue::{Delivery, JobQueue};
+use crate::queue::{Delivery, JobQueue, QueueError};
 use crate::service::{Payments, ServiceError, record};
 use crate::shutdown::Shutdown;
 use crate::storage::{SessionRecord, StorageError};
@@ -44,6 +44,15 @@ pub enum Outcome {
     Permanent(String),
     /// Delivered before its due time (an SQS delay is at most 15 minutes): queued again.
     NotDue,
+}
+
+/// Why a delivery could not be settled: recording its outcome or telling the queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }
 
 /// Tuning of the worker loop.
@@ -230,7 +239,7 @@ impl Worker {
     }
 
     /// Processes one delivery and settles it with the queue.
-    pub async fn handle(&self, delivery: Delivery) -> Result<Outcome, StorageError> {
+    pub async fn handle(&self, delivery: Delivery) -> Result<Outcome, SettleError> {
         let outcome = if delivery.receive_count > self.settings.max_receives {
             // Earlier deliveries ended without settling (the process died): give up on it.
             Outcome::RetryLater("the worker stopped while processing this job".to_owned())

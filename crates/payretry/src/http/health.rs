@@ -22,14 +22,17 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     // A database that is down makes a pool wait for a connection; a load balancer needs its
     // answer now, so no answer within a second counts as unreachable.
     let checks = async {
-        state.payments.storage.ping().await?;
-        state.queue.ping().await
+        state
+            .payments
+            .storage
+            .ping()
+            .await
+            .map_err(|e| e.to_string())?;
+        state.queue.ping().await.map_err(|e| e.to_string())
     };
     let reachable = match tokio::time::timeout(READY_TIMEOUT, checks).await {
         Ok(result) => result,
-        Err(_) => Err(crate::storage::StorageError::Queue(
-            "readiness check timed out".to_owned(),
-        )),
+        Err(_) => Err("readiness check timed out".to_owned()),
     };
     match reachable {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),

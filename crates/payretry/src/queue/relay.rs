@@ -5,8 +5,8 @@
 //! after restart) claims them when the lease ends, so a row may be sent twice, which the
 //! worker's attempt check makes harmless.
 
-use super::Outbox;
 use super::sqs::SqsQueue;
+use super::{Outbox, QueueResult};
 use crate::shutdown::Shutdown;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +27,7 @@ pub struct SqsRelay {
 impl SqsRelay {
     /// Relays one round; returns how many rows SQS accepted. Rows it did not accept are
     /// released at once, so they go as soon as SQS is back rather than after their lease.
-    pub async fn relay_once(&self) -> Result<usize, crate::storage::StorageError> {
+    pub async fn relay_once(&self) -> QueueResult<usize> {
         let rows = self.outbox.claim_outbox(BATCH, self.lease).await?;
         if rows.is_empty() {
             return Ok(0);

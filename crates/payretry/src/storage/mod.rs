@@ -39,8 +39,6 @@ pub enum StorageError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("queue error: {0}")]
-    Queue(String),
     /// Another request with the same idempotency key stored its response first; the
     /// transaction that wanted to store one was rolled back, and that response stands.
     #[error("the idempotency key was answered by another request")]
@@ -48,6 +46,19 @@ pub enum StorageError {
 }
 
 pub type StorageResult<T> = Result<T, StorageError>;
+
+/// The embedded queue and the outbox live in the database: their failures are storage's.
+impl From<StorageError> for crate::queue::QueueError {
+    fn from(error: StorageError) -> Self {
+        Self::Storage(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for crate::queue::QueueError {
+    fn from(error: sqlx::Error) -> Self {
+        StorageError::from(error).into()
+    }
+}
 
 /// The mutable part of a session, and the attempt rows: the domain's lifecycle types.
 pub use payretry_domain::lifecycle::{AttemptChange, AttemptStatus, SessionState};

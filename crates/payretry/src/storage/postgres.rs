@@ -24,7 +24,7 @@
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
 
 use super::*;
-use crate::queue::{Delivery, JobQueue, Outbox};
+use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
 use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -887,25 +887,20 @@ impl PostgresStorage {
 /// The embedded queue: the outbox table itself, claimed with a lease, as with SQLite.
 #[async_trait]
 impl JobQueue for PostgresStorage {
-    async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, true).await
+    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, true).await?)
     }
 
     fn settles_in_transition(&self) -> bool {
         true
     }
 
-    async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         let mut conn = self.pool.acquire().await?;
-        delete_delivered_job(&mut conn, &delivery.receipt).await
+        Ok(delete_delivered_job(&mut conn, &delivery.receipt).await?)
     }
 
-    async fn release(
-        &self,
-        delivery: &Delivery,
-        error: &str,
-        delay: Duration,
-    ) -> StorageResult<()> {
+    async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
         let (id, lease) = parse_receipt(&delivery.receipt)?;
         let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
         sqlx::query(
@@ -921,25 +916,25 @@ impl JobQueue for PostgresStorage {
         Ok(())
     }
 
-    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> StorageResult<()> {
+    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {
         // As with SQLite: the lease token is the lease's end, so it cannot move without
         // invalidating the receipt; the embedded lease is sized above the provider's worst
         // case instead.
         Ok(())
     }
 
-    async fn defer(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
         let remaining = (delivery.job.scheduled_for - Utc::now())
             .to_std()
             .unwrap_or_default();
         self.release(delivery, "not due yet", remaining).await
     }
 
-    async fn ping(&self) -> StorageResult<()> {
-        Storage::ping(self).await
+    async fn ping(&self) -> QueueResult<()> {
+        Ok(Storage::ping(self).await?)
     }
 
-    async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
+    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
         // A leased job is next due when its lease runs out (a lease always ends after its
         // run_at). Two indexed lookups instead of a scan of the whole table; LEAST ignores
         // NULLs.
@@ -950,7 +945,7 @@ impl JobQueue for PostgresStorage {
         )
         .fetch_one(&self.pool)
         .await?;
-        opt_time(next)
+        Ok(opt_time(next)?)
     }
 
     async fn enqueued(&self) {
@@ -1009,26 +1004,28 @@ impl PostgresStorage {
 /// The outbox seen from a relay to an external queue (SQS): the same table and leases.
 #[async_trait]
 impl Outbox for PostgresStorage {
-    async fn claim_outbox(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, false).await
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, false).await?)
     }
 
-    async fn delete_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
-    async fn release_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
     async fn outbox_written(&self) {

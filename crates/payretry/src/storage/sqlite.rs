@@ -4,7 +4,7 @@
 //! in-process avoids `SQLITE_BUSY` reaching a caller. Reads use a separate pool.
 
 use super::*;
-use crate::queue::{Delivery, JobQueue, Outbox};
+use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
 use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -841,27 +841,22 @@ impl SqliteStorage {
 /// The embedded queue: the outbox table itself, claimed with a lease.
 #[async_trait]
 impl JobQueue for SqliteStorage {
-    async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, true).await
+    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, true).await?)
     }
 
     fn settles_in_transition(&self) -> bool {
         true
     }
 
-    async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         let mut tx = self.begin_write().await?;
         delete_delivered_job(&mut tx, &delivery.receipt).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn release(
-        &self,
-        delivery: &Delivery,
-        error: &str,
-        delay: Duration,
-    ) -> StorageResult<()> {
+    async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
         let (id, lease) = parse_receipt(&delivery.receipt)?;
         let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
         let mut tx = self.begin_write().await?;
@@ -879,25 +874,25 @@ impl JobQueue for SqliteStorage {
         Ok(())
     }
 
-    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> StorageResult<()> {
+    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {
         // The lease token is the lease's end, so it cannot move without invalidating the
         // receipt. The embedded lease (see `WorkerSettings::lease`) is sized above the
         // provider's worst case instead.
         Ok(())
     }
 
-    async fn defer(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
         let remaining = (delivery.job.scheduled_for - Utc::now())
             .to_std()
             .unwrap_or_default();
         self.release(delivery, "not due yet", remaining).await
     }
 
-    async fn ping(&self) -> StorageResult<()> {
-        Storage::ping(self).await
+    async fn ping(&self) -> QueueResult<()> {
+        Ok(Storage::ping(self).await?)
     }
 
-    async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
+    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
         // A leased job is next due when its lease runs out (a lease always ends after its
         // run_at). Two indexed lookups instead of a scan of the whole table.
         let next: Option<i64> = sqlx::query_scalar(
@@ -908,7 +903,7 @@ impl JobQueue for SqliteStorage {
         )
         .fetch_one(&self.reader)
         .await?;
-        opt_time(next)
+        Ok(opt_time(next)?)
     }
 
     async fn enqueued(&self) {
@@ -962,26 +957,28 @@ impl SqliteStorage {
 
 #[async_trait]
 impl Outbox for SqliteStorage {
-    async fn claim_outbox(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, false).await
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, false).await?)
     }
 
-    async fn delete_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
-    async fn release_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
     async fn outbox_written(&self) {
