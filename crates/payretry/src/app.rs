@@ -236,7 +236,7 @@ impl App {
             .segment_write_key
             .clone()
             .map(|write_key| SegmentRelay {
-                storage: storage.clone(),
+                outbox: storage.clone(),
                 endpoint: config.segment_endpoint.clone(),
                 write_key,
                 http: http_client,

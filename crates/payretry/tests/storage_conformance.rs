@@ -13,11 +13,12 @@ use payretry::queue::{Delivery, JobQueue, Outbox};
 use payretry::storage::postgres::PostgresStorage;
 use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
-    AnalyticsEvent, AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus,
-    IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter,
-    NewDuplicatePayment, NewSession, Page, Paged, SandboxCheckout, SandboxCheckoutStatus,
-    SessionRecord, SessionState, Storage, StoredResponse, Transition,
+    AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus, IdempotencyBegin,
+    IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter, NewDuplicatePayment,
+    NewSession, Page, Paged, SandboxCheckout, SandboxCheckoutStatus, SessionRecord, SessionState,
+    Storage, StoredResponse, Transition,
 };
+use payretry::telemetry::analytics::AnalyticsEvent;
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
     ProviderSessionId, RetryJob, SessionStatus, UserId,

@@ -20,15 +20,7 @@ use payretry_domain::{
 };
 use serde_json::Value;
 
-pub use crate::telemetry::analytics::AnalyticsEvent;
-
-/// An analytics outbox row awaiting delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AnalyticsRow {
-    pub id: i64,
-    /// The Segment track object.
-    pub payload: Value,
-}
+use crate::telemetry::analytics::{AnalyticsEvent, AnalyticsOutbox, AnalyticsOutboxError};
 
 /// Storage failures. Details are logged, never shown to API callers.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +47,19 @@ impl From<StorageError> for crate::queue::QueueError {
 }
 
 impl From<sqlx::Error> for crate::queue::QueueError {
+    fn from(error: sqlx::Error) -> Self {
+        StorageError::from(error).into()
+    }
+}
+
+/// The analytics outbox is a table of the database: its failures are storage's.
+impl From<StorageError> for AnalyticsOutboxError {
+    fn from(error: StorageError) -> Self {
+        Self(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for AnalyticsOutboxError {
     fn from(error: sqlx::Error) -> Self {
         StorageError::from(error).into()
     }
@@ -443,9 +448,10 @@ impl std::str::FromStr for SandboxCheckoutStatus {
     }
 }
 
-/// The repository of payment sessions and everything attached to them.
+/// The repository of payment sessions and everything attached to them. It is the analytics
+/// outbox too: a transition's [`Transition::analytics`] events are committed with it.
 #[async_trait]
-pub trait Storage: Send + Sync + 'static {
+pub trait Storage: AnalyticsOutbox + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;
 
@@ -516,18 +522,6 @@ pub trait Storage: Send + Sync + 'static {
         name: &str,
         generate: &(dyn Fn() -> String + Sync),
     ) -> StorageResult<String>;
-
-    /// The oldest undelivered analytics events that are due, at most `limit`.
-    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>>;
-
-    /// Segment accepted these events: delete them.
-    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()>;
-
-    /// Segment refused these events for good: keep them for review, out of the relay's way.
-    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()>;
-
-    /// Resolves when this process committed analytics events (so the relay need not poll).
-    async fn analytics_enqueued(&self);
 
     /// One page of the recorded double payments, oldest first.
     async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>>;

@@ -25,6 +25,7 @@
 
 use super::*;
 use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
+use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -670,52 +671,6 @@ impl Storage for PostgresStorage {
         )
     }
 
-    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>> {
-        let rows = sqlx::query(
-            "SELECT id, payload FROM analytics_events
-             WHERE next_attempt_at <= $1 ORDER BY id LIMIT $2",
-        )
-        .bind(to_millis(Utc::now()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("payload")?;
-                Ok(AnalyticsRow {
-                    id: row.try_get("id")?,
-                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()> {
-        sqlx::query("DELETE FROM analytics_events WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()> {
-        // Due "never" (i64::MAX), as with SQLite: kept for review, skipped by the relay.
-        sqlx::query(
-            "UPDATE analytics_events SET next_attempt_at = $1, attempts = attempts + 1,
-                last_error = $2 WHERE id = ANY($3)",
-        )
-        .bind(i64::MAX)
-        .bind(error)
-        .bind(ids)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn analytics_enqueued(&self) {
-        self.wakeups.analytics_written().await;
-    }
-
     async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
         let rows =
             sqlx::query("SELECT * FROM duplicate_payments WHERE id > $1 ORDER BY id LIMIT $2")
@@ -1030,6 +985,55 @@ impl Outbox for PostgresStorage {
 
     async fn outbox_written(&self) {
         self.wakeups.outbox_written().await
+    }
+}
+
+#[async_trait]
+impl AnalyticsOutbox for PostgresStorage {
+    async fn analytics_batch(&self, limit: u32) -> AnalyticsResult<Vec<AnalyticsRow>> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM analytics_events
+             WHERE next_attempt_at <= $1 ORDER BY id LIMIT $2",
+        )
+        .bind(to_millis(Utc::now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(AnalyticsRow {
+                    id: row.try_get("id")?,
+                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn analytics_delivered(&self, ids: &[i64]) -> AnalyticsResult<()> {
+        sqlx::query("DELETE FROM analytics_events WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> AnalyticsResult<()> {
+        // Due "never" (i64::MAX), as with SQLite: kept for review, skipped by the relay.
+        sqlx::query(
+            "UPDATE analytics_events SET next_attempt_at = $1, attempts = attempts + 1,
+                last_error = $2 WHERE id = ANY($3)",
+        )
+        .bind(i64::MAX)
+        .bind(error)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn analytics_enqueued(&self) {
+        self.wakeups.analytics_written().await;
     }
 }
 

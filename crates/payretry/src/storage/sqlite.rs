@@ -5,6 +5,7 @@
 
 use super::*;
 use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
+use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -599,59 +600,6 @@ impl Storage for SqliteStorage {
         )
     }
 
-    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>> {
-        let rows = sqlx::query(
-            "SELECT id, payload FROM analytics_events
-             WHERE next_attempt_at <= ? ORDER BY id LIMIT ?",
-        )
-        .bind(to_millis(Utc::now()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("payload")?;
-                Ok(AnalyticsRow {
-                    id: row.try_get("id")?,
-                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()> {
-        let mut tx = self.begin_write().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM analytics_events WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()> {
-        let mut tx = self.begin_write().await?;
-        for id in ids {
-            sqlx::query(
-                "UPDATE analytics_events SET next_attempt_at = ?, attempts = attempts + 1,
-                    last_error = ? WHERE id = ?",
-            )
-            .bind(i64::MAX)
-            .bind(error)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn analytics_enqueued(&self) {
-        self.wakeups.analytics_written().await;
-    }
-
     async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
         let rows = sqlx::query("SELECT * FROM duplicate_payments WHERE id > ? ORDER BY id LIMIT ?")
             .bind(page.after_id())
@@ -983,5 +931,61 @@ impl Outbox for SqliteStorage {
 
     async fn outbox_written(&self) {
         self.wakeups.outbox_written().await
+    }
+}
+
+#[async_trait]
+impl AnalyticsOutbox for SqliteStorage {
+    async fn analytics_batch(&self, limit: u32) -> AnalyticsResult<Vec<AnalyticsRow>> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM analytics_events
+             WHERE next_attempt_at <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(to_millis(Utc::now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(AnalyticsRow {
+                    id: row.try_get("id")?,
+                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn analytics_delivered(&self, ids: &[i64]) -> AnalyticsResult<()> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM analytics_events WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> AnalyticsResult<()> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query(
+                "UPDATE analytics_events SET next_attempt_at = ?, attempts = attempts + 1,
+                    last_error = ? WHERE id = ?",
+            )
+            .bind(i64::MAX)
+            .bind(error)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_enqueued(&self) {
+        self.wakeups.analytics_written().await;
     }
 }
