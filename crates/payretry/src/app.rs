@@ -174,7 +174,7 @@ impl App {
                     .service_secret(SandboxProvider::ID_KEY_NAME, &|| random_secret(""))
                     .await?;
                 sandbox_pages = Some(Arc::new(SandboxPages {
-                    storage: storage.clone(),
+                    checkouts: storage.clone(),
                     signing_secret: webhook_secrets[0].clone(),
                     public_url: public_url.clone(),
                     http: http_client.clone(),

@@ -6,8 +6,7 @@
 mod support;
 
 use payretry::provider::duplicate_refund_key;
-use payretry::provider::sandbox::events;
-use payretry::storage::SandboxCheckoutStatus;
+use payretry::provider::sandbox::{SandboxCheckoutStatus, events};
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};

@@ -9,14 +9,14 @@
 //! backends were tested.
 
 use chrono::{DateTime, Duration as TimeDelta, Utc};
+use payretry::provider::sandbox::{SandboxCheckout, SandboxCheckoutStatus};
 use payretry::queue::{Delivery, JobQueue, Outbox};
 use payretry::storage::postgres::PostgresStorage;
 use payretry::storage::sqlite::SqliteStorage;
 use payretry::storage::{
     AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus, IdempotencyBegin,
     IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter, NewDuplicatePayment,
-    NewSession, Page, Paged, SandboxCheckout, SandboxCheckoutStatus, SessionRecord, SessionState,
-    Storage, StoredResponse, Transition,
+    NewSession, Page, Paged, SessionRecord, SessionState, Storage, StoredResponse, Transition,
 };
 use payretry::telemetry::analytics::AnalyticsEvent;
 use payretry_domain::{

@@ -20,6 +20,7 @@ use payretry_domain::{
 };
 use serde_json::Value;
 
+use crate::provider::sandbox::{SandboxCheckoutError, SandboxCheckouts};
 use crate::telemetry::analytics::{AnalyticsEvent, AnalyticsOutbox, AnalyticsOutboxError};
 
 /// Storage failures. Details are logged, never shown to API callers.
@@ -47,6 +48,19 @@ impl From<StorageError> for crate::queue::QueueError {
 }
 
 impl From<sqlx::Error> for crate::queue::QueueError {
+    fn from(error: sqlx::Error) -> Self {
+        StorageError::from(error).into()
+    }
+}
+
+/// The sandbox's checkouts are a table of the database: their failures are storage's.
+impl From<StorageError> for SandboxCheckoutError {
+    fn from(error: StorageError) -> Self {
+        Self(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for SandboxCheckoutError {
     fn from(error: sqlx::Error) -> Self {
         StorageError::from(error).into()
     }
@@ -387,71 +401,11 @@ pub struct NewSession {
     pub idempotency: Option<IdempotencyCompletion>,
 }
 
-/// A checkout of the built-in sandbox provider.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SandboxCheckout {
-    pub id: ProviderSessionId,
-    pub session_id: PaymentSessionId,
-    pub attempt: AttemptNumber,
-    pub amount: i64,
-    pub currency: String,
-    pub description: String,
-    pub success_url: String,
-    pub cancel_url: String,
-    pub expires_at: DateTime<Utc>,
-    pub status: SandboxCheckoutStatus,
-}
-
-/// Where a sandbox checkout stands. Only `Open` can be paid or declined, and only once: a
-/// declined checkout is closed, so an anonymous visitor cannot append declines without end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxCheckoutStatus {
-    Open,
-    Paid,
-    /// The buyer pressed Decline: the card was refused and this checkout is closed.
-    Declined,
-    Expired,
-    /// Paid, then refunded (a duplicate payment).
-    Refunded,
-}
-
-impl SandboxCheckoutStatus {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Open => "open",
-            Self::Paid => "paid",
-            Self::Declined => "declined",
-            Self::Expired => "expired",
-            Self::Refunded => "refunded",
-        }
-    }
-}
-
-impl std::fmt::Display for SandboxCheckoutStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SandboxCheckoutStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "open" => Ok(Self::Open),
-            "paid" => Ok(Self::Paid),
-            "declined" => Ok(Self::Declined),
-            "expired" => Ok(Self::Expired),
-            "refunded" => Ok(Self::Refunded),
-            other => Err(format!("unknown sandbox checkout status `{other}`")),
-        }
-    }
-}
-
 /// The repository of payment sessions and everything attached to them. It is the analytics
-/// outbox too: a transition's [`Transition::analytics`] events are committed with it.
+/// outbox too (a transition's [`Transition::analytics`] events are committed with it), and
+/// keeps the sandbox provider's checkouts, so every process on the database sees them.
 #[async_trait]
-pub trait Storage: AnalyticsOutbox + Send + Sync + 'static {
+pub trait Storage: AnalyticsOutbox + SandboxCheckouts + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;
 
@@ -559,22 +513,6 @@ pub trait Storage: AnalyticsOutbox + Send + Sync + 'static {
         session: &PaymentSessionId,
         checkout: &ProviderSessionId,
     ) -> StorageResult<Option<AttemptNumber>>;
-
-    async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> StorageResult<()>;
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> StorageResult<Option<SandboxCheckout>>;
-
-    /// Moves a sandbox checkout from `from` to `to`; `false` when it was not in `from` (it
-    /// moved on, or does not exist), so of two concurrent presses exactly one wins.
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> StorageResult<bool>;
 }
 
 /// The `status`, `refund_id` and `last_error` columns a settlement writes.

@@ -24,6 +24,9 @@
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
 
 use super::*;
+use crate::provider::sandbox::{
+    SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
+};
 use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use payretry_domain::{Amount, Currency, FailureReason};
@@ -772,55 +775,6 @@ impl Storage for PostgresStorage {
         .await?;
         Ok(number.map(attempt))
     }
-
-    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
-                description, success_url, cancel_url, expires_at, status, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(c.id.as_str())
-        .bind(c.session_id.as_str())
-        .bind(i64::from(c.attempt.get()))
-        .bind(c.amount)
-        .bind(&c.currency)
-        .bind(&c.description)
-        .bind(&c.success_url)
-        .bind(&c.cancel_url)
-        .bind(to_millis(c.expires_at))
-        .bind(c.status.as_str())
-        .bind(to_millis(Utc::now()))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> StorageResult<Option<SandboxCheckout>> {
-        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(sandbox_checkout_from_row).transpose()
-    }
-
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> StorageResult<bool> {
-        let done =
-            sqlx::query("UPDATE sandbox_checkouts SET status = $1 WHERE id = $2 AND status = $3")
-                .bind(to.as_str())
-                .bind(id.as_str())
-                .bind(from.as_str())
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
 }
 
 impl PostgresStorage {
@@ -1034,6 +988,58 @@ impl AnalyticsOutbox for PostgresStorage {
 
     async fn analytics_enqueued(&self) {
         self.wakeups.analytics_written().await;
+    }
+}
+
+#[async_trait]
+impl SandboxCheckouts for PostgresStorage {
+    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> SandboxCheckoutResult<()> {
+        sqlx::query(
+            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
+                description, success_url, cancel_url, expires_at, status, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(c.id.as_str())
+        .bind(c.session_id.as_str())
+        .bind(i64::from(c.attempt.get()))
+        .bind(c.amount)
+        .bind(&c.currency)
+        .bind(&c.description)
+        .bind(&c.success_url)
+        .bind(&c.cancel_url)
+        .bind(to_millis(c.expires_at))
+        .bind(c.status.as_str())
+        .bind(to_millis(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
+        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(sandbox_checkout_from_row).transpose()?)
+    }
+
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> SandboxCheckoutResult<bool> {
+        let done =
+            sqlx::query("UPDATE sandbox_checkouts SET status = $1 WHERE id = $2 AND status = $3")
+                .bind(to.as_str())
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

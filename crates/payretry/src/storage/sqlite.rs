@@ -4,6 +4,9 @@
 //! in-process avoids `SQLITE_BUSY` reaching a caller. Reads use a separate pool.
 
 use super::*;
+use crate::provider::sandbox::{
+    SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
+};
 use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use payretry_domain::{Amount, Currency, FailureReason};
@@ -698,71 +701,6 @@ impl Storage for SqliteStorage {
         .await?;
         Ok(number.map(attempt))
     }
-
-    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
-                description, success_url, cancel_url, expires_at, status, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(c.id.as_str())
-        .bind(c.session_id.as_str())
-        .bind(i64::from(c.attempt.get()))
-        .bind(c.amount)
-        .bind(&c.currency)
-        .bind(&c.description)
-        .bind(&c.success_url)
-        .bind(&c.cancel_url)
-        .bind(to_millis(c.expires_at))
-        .bind(c.status.as_str())
-        .bind(to_millis(Utc::now()))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> StorageResult<Option<SandboxCheckout>> {
-        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.writer)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let session_id: String = row.try_get("session_id")?;
-        Ok(Some(SandboxCheckout {
-            id: ProviderSessionId::new(row.try_get::<String, _>("id")?),
-            session_id: PaymentSessionId::parse(&session_id).map_err(corrupt)?,
-            attempt: attempt(row.try_get("attempt_number")?),
-            amount: row.try_get("amount")?,
-            currency: row.try_get("currency")?,
-            description: row.try_get("description")?,
-            success_url: row.try_get("success_url")?,
-            cancel_url: row.try_get("cancel_url")?,
-            expires_at: from_millis(row.try_get("expires_at")?)?,
-            status: row
-                .try_get::<String, _>("status")?
-                .parse()
-                .map_err(corrupt)?,
-        }))
-    }
-
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> StorageResult<bool> {
-        let done =
-            sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ? AND status = ?")
-                .bind(to.as_str())
-                .bind(id.as_str())
-                .bind(from.as_str())
-                .execute(&self.writer)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
 }
 
 impl SqliteStorage {
@@ -987,5 +925,73 @@ impl AnalyticsOutbox for SqliteStorage {
 
     async fn analytics_enqueued(&self) {
         self.wakeups.analytics_written().await;
+    }
+}
+
+#[async_trait]
+impl SandboxCheckouts for SqliteStorage {
+    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> SandboxCheckoutResult<()> {
+        sqlx::query(
+            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
+                description, success_url, cancel_url, expires_at, status, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(c.id.as_str())
+        .bind(c.session_id.as_str())
+        .bind(i64::from(c.attempt.get()))
+        .bind(c.amount)
+        .bind(&c.currency)
+        .bind(&c.description)
+        .bind(&c.success_url)
+        .bind(&c.cancel_url)
+        .bind(to_millis(c.expires_at))
+        .bind(c.status.as_str())
+        .bind(to_millis(Utc::now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
+        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.writer)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let session_id: String = row.try_get("session_id")?;
+        Ok(Some(SandboxCheckout {
+            id: ProviderSessionId::new(row.try_get::<String, _>("id")?),
+            session_id: PaymentSessionId::parse(&session_id).map_err(corrupt)?,
+            attempt: attempt(row.try_get("attempt_number")?),
+            amount: row.try_get("amount")?,
+            currency: row.try_get("currency")?,
+            description: row.try_get("description")?,
+            success_url: row.try_get("success_url")?,
+            cancel_url: row.try_get("cancel_url")?,
+            expires_at: from_millis(row.try_get("expires_at")?)?,
+            status: row
+                .try_get::<String, _>("status")?
+                .parse()
+                .map_err(corrupt)?,
+        }))
+    }
+
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> SandboxCheckoutResult<bool> {
+        let done =
+            sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ? AND status = ?")
+                .bind(to.as_str())
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .execute(&self.writer)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
