@@ -10,6 +10,7 @@ pub mod form;
 pub mod health;
 pub mod idempotency;
 pub mod openapi;
+pub mod page;
 pub mod pagination;
 pub mod pay_page;
 pub mod payments;

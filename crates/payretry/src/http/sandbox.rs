@@ -11,7 +11,7 @@
 
 use super::AppState;
 use super::form::Form;
-use super::pay_page::{STYLE, nonce, page_headers};
+use super::page::{STYLE, escape, nonce, page_headers};
 use super::rate_limit;
 use crate::provider::sandbox::{
     SandboxCheckout, SandboxCheckoutStatus, SandboxCheckouts, deliver, events,
@@ -62,14 +62,6 @@ pub const DECLINE_REASONS: [(&str, &str); 6] = [
     ("stolen_card", "Stolen card (not retryable)"),
 ];
 
-pub(crate) fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
 async fn load(pages: &SandboxPages, id: &str) -> Result<SandboxCheckout, Response> {
     let id = ProviderSessionId::new(id);
     match pages.checkouts.sandbox_checkout(&id).await {
@@ -93,7 +85,7 @@ async fn load(pages: &SandboxPages, id: &str) -> Result<SandboxCheckout, Respons
     }
 }
 
-/// A sandbox page in the buyer page's look (`pay_page::STYLE`), with its security headers.
+/// A sandbox page in the buyer page's look ([`STYLE`]), with its security headers.
 fn page(title: &str, body: &str) -> (HeaderArray, Html<String>) {
     let nonce = nonce();
     let html = format!(
