@@ -7,7 +7,7 @@
 //! cannot create a second checkout; the session update is a compare-and-set on the attempt.
 
 use crate::provider::{CheckoutRequest, CheckoutState, ProviderError, checkout_expires_at};
-use crate::queue::{Delivery, JobQueue, QueueError};
+use crate::queue::{DeadLetterQueue, Delivery, JobQueue, QueueError};
 use crate::service::{Payments, ServiceError, record};
 use crate::shutdown::Shutdown;
 use crate::storage::{SessionRecord, StorageError};
@@ -425,12 +425,12 @@ impl Worker {
 }
 
 impl Worker {
-    /// Drains SQS's dead-letter queue into payretry's dead letters: a message lands there when
-    /// deliveries never settled (workers kept dying), and the session must not stay
-    /// `retry_scheduled`. Each message is recorded, then deleted from the queue.
+    /// Drains a queue's dead-letter queue (SQS's) into payretry's dead letters: a message
+    /// lands there when deliveries never settled (workers kept dying), and the session must
+    /// not stay `retry_scheduled`. Each message is recorded, then deleted from the queue.
     pub async fn drain_sqs_dead_letters(
         self: Arc<Self>,
-        sqs: Arc<crate::queue::sqs::SqsQueue>,
+        sqs: Arc<dyn DeadLetterQueue>,
         mut shutdown: Shutdown,
     ) {
         while !shutdown.is_triggered() {

@@ -69,6 +69,17 @@ pub trait JobQueue: Send + Sync + 'static {
     async fn enqueued(&self);
 }
 
+/// A queue's dead-letter queue, where the queue itself moves jobs whose deliveries never
+/// settled (SQS's redrive policy); the worker drains it into payretry's dead letters.
+#[async_trait]
+pub trait DeadLetterQueue: Send + Sync + 'static {
+    /// Up to `max` messages that were moved to the dead-letter queue.
+    async fn receive_dead(&self, max: u32) -> QueueResult<Vec<Delivery>>;
+
+    /// Deletes a message from the dead-letter queue once it was recorded.
+    async fn delete_dead(&self, delivery: &Delivery) -> QueueResult<()>;
+}
+
 /// The transactional outbox, seen from a relay that forwards its rows to an external queue.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {

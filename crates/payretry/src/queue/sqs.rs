@@ -9,7 +9,7 @@
 //!   queue; the worker drains that queue into payretry's dead letters so the session is
 //!   handed back to the buyer (never stuck in `retry_scheduled`).
 
-use super::{Delivery, JobQueue, QueueError, QueueResult};
+use super::{DeadLetterQueue, Delivery, JobQueue, QueueError, QueueResult};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
@@ -198,28 +198,6 @@ impl SqsQueue {
             .filter_map(|entry| entry.id().parse::<usize>().ok())
             .collect())
     }
-
-    /// Messages the redrive policy moved to the dead-letter queue (crash loops).
-    pub async fn receive_dead(&self, max: u32) -> QueueResult<Vec<Delivery>> {
-        receive(&self.client, &self.dlq_url, max, Duration::from_secs(60), 0).await
-    }
-
-    /// Deletes a message from the dead-letter queue once it was recorded.
-    pub async fn delete_dead(&self, delivery: &Delivery) -> QueueResult<()> {
-        self.client
-            .delete_message()
-            .queue_url(&self.dlq_url)
-            .receipt_handle(&delivery.receipt)
-            .send()
-            .await
-            .map_err(|e| {
-                sqs_error(
-                    "delete dead letter",
-                    aws_sdk_sqs::error::DisplayErrorContext(e),
-                )
-            })?;
-        Ok(())
-    }
 }
 
 async fn receive(
@@ -264,6 +242,31 @@ async fn receive(
         }
     }
     Ok(deliveries)
+}
+
+#[async_trait]
+impl DeadLetterQueue for SqsQueue {
+    /// Messages the redrive policy moved to the dead-letter queue (crash loops).
+    async fn receive_dead(&self, max: u32) -> QueueResult<Vec<Delivery>> {
+        receive(&self.client, &self.dlq_url, max, Duration::from_secs(60), 0).await
+    }
+
+    /// Deletes a message from the dead-letter queue once it was recorded.
+    async fn delete_dead(&self, delivery: &Delivery) -> QueueResult<()> {
+        self.client
+            .delete_message()
+            .queue_url(&self.dlq_url)
+            .receipt_handle(&delivery.receipt)
+            .send()
+            .await
+            .map_err(|e| {
+                sqs_error(
+                    "delete dead letter",
+                    aws_sdk_sqs::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(())
+    }
 }
 
 #[async_trait]
