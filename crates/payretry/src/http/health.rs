@@ -2,10 +2,20 @@
 
 use super::AppState;
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use axum::routing::get;
 use serde_json::{Value, json};
+
+/// Liveness, readiness and metrics, served by every process.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
 
 /// How long `/readyz` waits for the database and queue to answer.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);

@@ -4,9 +4,17 @@
 //! the JSON API. The page has no build step and no external assets: its one style sheet and
 //! one script are inline, allowed by a per-response CSP nonce.
 
+use super::AppState;
 use super::page::{STYLE, escape, nonce, page_headers};
+use axum::Router;
 use axum::extract::Path;
 use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+
+/// The buyer's status page.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/pay/{session_id}", get(show))
+}
 
 fn render(session_id: &str, nonce: &str) -> String {
     // The nonce and style go in first, so a session id cannot smuggle a placeholder in.
