@@ -13,8 +13,8 @@ use crate::shutdown::Shutdown;
 use crate::storage::{SessionRecord, StorageError};
 use crate::telemetry::metrics;
 use chrono::{DateTime, Utc};
-use payretry_domain::ProviderSessionId;
 use payretry_domain::lifecycle::{self, JobStep};
+use payretry_domain::{Backoff, Jitter, ProviderSessionId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -287,14 +287,10 @@ impl Worker {
     }
 
     fn backoff(&self, receive_count: u32) -> Duration {
-        let exponent = receive_count.saturating_sub(1).min(16);
-        let base = self
-            .settings
-            .backoff
-            .saturating_mul(1 << exponent)
-            .min(Duration::from_secs(900));
         // ±20% jitter so a provider outage does not end in a synchronized stampede.
-        base.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+        Backoff::doubling(self.settings.backoff, 16, Duration::from_secs(900))
+            .with_jitter(Jitter::Scale { min: 0.8, max: 1.2 })
+            .jittered(receive_count.saturating_sub(1), rand::random::<f64>())
     }
 
     /// Moves a job aside and hands the session back to the buyer: the attempt stays spent,
@@ -346,9 +342,8 @@ impl Worker {
                         // The queue is down: look again later, backing off, rather than
                         // spinning on a connection that is refused at once.
                         receive_failures += 1;
-                        let wait = Duration::from_millis(100)
-                            .saturating_mul(1 << receive_failures.min(6))
-                            .min(IDLE_POLL * 5);
+                        let wait = Backoff::doubling(Duration::from_millis(100), 6, IDLE_POLL * 5)
+                            .delay(receive_failures);
                         tracing::error!(%error, retry_in_ms = wait.as_millis() as u64, "could not receive retry jobs");
                         next_look = tokio::time::Instant::now() + wait;
                         self.wait_for_room_or(&mut running, next_look, &mut shutdown)

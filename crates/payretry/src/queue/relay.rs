@@ -8,6 +8,7 @@
 use super::sqs::SqsQueue;
 use super::{Outbox, QueueResult};
 use crate::shutdown::Shutdown;
+use payretry_domain::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -69,9 +70,9 @@ impl SqsRelay {
                 Ok(_) => IDLE_POLL,
                 Err(error) => {
                     failures += 1;
-                    let delay = Duration::from_millis(200)
-                        .saturating_mul(1 << failures.min(8))
-                        .min(Duration::from_secs(30));
+                    let delay =
+                        Backoff::doubling(Duration::from_millis(200), 8, Duration::from_secs(30))
+                            .delay(failures);
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "outbox relay to SQS failed; rows kept");
                     delay
                 }

@@ -12,7 +12,7 @@ use crate::secret::Secret;
 use crate::shutdown::Shutdown;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use payretry_domain::{AttemptNumber, PaymentSessionId, UserId};
+use payretry_domain::{AttemptNumber, Backoff, PaymentSessionId, UserId};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -154,10 +154,8 @@ impl SegmentRelay {
                 Delivery::Idle => IDLE_POLL,
                 Delivery::Failed(error) => {
                     failures += 1;
-                    let delay = self
-                        .backoff
-                        .saturating_mul(1 << failures.min(10))
-                        .min(Duration::from_secs(60));
+                    let delay = Backoff::doubling(self.backoff, 10, Duration::from_secs(60))
+                        .delay(failures);
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "segment delivery failed");
                     delay
                 }
