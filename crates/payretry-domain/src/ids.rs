@@ -14,9 +14,10 @@ pub enum IdError {
 }
 
 /// Our payment session id (`ps_…`). It is preserved across every retry: only the provider
-/// checkout changes.
+/// checkout changes. Deserialised through [`PaymentSessionId::parse`], so JSON cannot build
+/// an invalid one.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(transparent)]
+#[serde(try_from = "String", into = "String")]
 pub struct PaymentSessionId(String);
 
 impl PaymentSessionId {
@@ -41,6 +42,20 @@ impl PaymentSessionId {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl TryFrom<String> for PaymentSessionId {
+    type Error = IdError;
+
+    fn try_from(raw: String) -> Result<Self, IdError> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<PaymentSessionId> for String {
+    fn from(id: PaymentSessionId) -> Self {
+        id.0
     }
 }
 
@@ -93,7 +108,9 @@ impl fmt::Display for UserId {
 }
 
 /// A client-chosen `Idempotency-Key`: 1–255 printable ASCII characters (space to `~`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// Deserialised through [`IdempotencyKey::parse`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct IdempotencyKey(String);
 
 impl IdempotencyKey {
@@ -112,6 +129,20 @@ impl IdempotencyKey {
 
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+}
+
+impl TryFrom<String> for IdempotencyKey {
+    type Error = IdError;
+
+    fn try_from(raw: String) -> Result<Self, IdError> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<IdempotencyKey> for String {
+    fn from(key: IdempotencyKey) -> Self {
+        key.0
     }
 }
 
@@ -184,6 +215,38 @@ mod tests {
         assert!(IdempotencyKey::parse(&"k".repeat(256)).is_err());
         assert!(IdempotencyKey::parse("tab\tkey").is_err());
         assert!(IdempotencyKey::parse("clé").is_err());
+    }
+
+    #[test]
+    fn session_id_deserialises_only_through_parse() {
+        let id: PaymentSessionId = serde_json::from_str(r#""ps_abc""#).unwrap();
+        assert_eq!(id.as_str(), "ps_abc");
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#""ps_abc""#);
+        let too_long = format!("\"ps_{}\"", "a".repeat(65));
+        for raw in [
+            r#""""#,
+            r#""ps_""#,
+            r#""cs_abc""#,
+            r#""ps_a/b""#,
+            "42",
+            "null",
+            &too_long,
+        ] {
+            let refused = serde_json::from_str::<PaymentSessionId>(raw);
+            assert!(refused.is_err(), "{raw} is refused: {refused:?}");
+        }
+    }
+
+    #[test]
+    fn idempotency_key_deserialises_only_through_parse() {
+        let key: IdempotencyKey = serde_json::from_str(r#""key-1""#).unwrap();
+        assert_eq!(key.as_str(), "key-1");
+        assert_eq!(serde_json::to_string(&key).unwrap(), r#""key-1""#);
+        let too_long = format!("\"{}\"", "k".repeat(256));
+        for raw in [r#""""#, r#""tab\tkey""#, r#""clé""#, "7", &too_long] {
+            let refused = serde_json::from_str::<IdempotencyKey>(raw);
+            assert!(refused.is_err(), "{raw} is refused: {refused:?}");
+        }
     }
 
     proptest! {

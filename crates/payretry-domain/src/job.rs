@@ -71,4 +71,23 @@ mod tests {
         let back: RetryJob = serde_json::from_value(body).unwrap();
         assert_eq!(back, job);
     }
+
+    #[test]
+    fn a_job_with_an_invalid_session_id_is_refused() {
+        let at = DateTime::from_timestamp(1_800_000_000, 0).unwrap();
+        let job = RetryJob::new(
+            PaymentSessionId::parse("ps_abc").unwrap(),
+            AttemptNumber::new(2),
+            300,
+            at,
+            at,
+        );
+        let mut body = serde_json::to_value(&job).unwrap();
+        body["paymentSessionId"] = serde_json::json!("ps_a b");
+        let refused = serde_json::from_value::<RetryJob>(body).unwrap_err();
+        assert!(
+            refused.to_string().contains("payment session id"),
+            "{refused}"
+        );
+    }
 }

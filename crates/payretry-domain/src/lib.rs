@@ -11,11 +11,13 @@
 //! - [`lifecycle`]: the session's state and what each event does to it, with its effects.
 //! - [`audit`]: roles, actors and the audit log's actions.
 //! - [`job`]: the queue message shared by every queue backend.
+//! - [`backoff`]: the exponential backoff every "try again later" uses.
 //!
 //! This crate must never depend on tokio, sqlx or reqwest: everything with I/O lives in the
 //! service crate behind traits this crate does not know.
 
 pub mod audit;
+pub mod backoff;
 pub mod charge_limits;
 pub mod eligibility;
 pub mod failure;
@@ -27,6 +29,7 @@ pub mod policy;
 pub mod status;
 
 pub use audit::{Actor, AuditAction, Principal, Role};
+pub use backoff::{Backoff, Jitter};
 pub use eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
 pub use failure::FailureReason;
 pub use ids::{AttemptNumber, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId};

@@ -175,7 +175,7 @@ impl App {
                     .service_secret(SandboxProvider::ID_KEY_NAME, &|| random_secret(""))
                     .await?;
                 sandbox_pages = Some(Arc::new(SandboxPages {
-                    storage: storage.clone(),
+                    checkouts: storage.clone(),
                     signing_secret: webhook_secrets[0].clone(),
                     public_url: public_url.clone(),
                     http: http_client.clone(),
@@ -238,7 +238,7 @@ impl App {
             .segment_write_key
             .clone()
             .map(|write_key| SegmentRelay {
-                storage: storage.clone(),
+                outbox: storage.clone(),
                 endpoint: config.segment_endpoint.clone(),
                 write_key,
                 http: http_client,

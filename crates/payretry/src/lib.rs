@@ -1,9 +1,26 @@
 //! payretry: safe, bounded retries of failed card payments inside the payment window.
+//! The rules themselves (eligibility, delays, the session lifecycle) are the pure crate
+//! `payretry_domain`; this crate runs them.
 //!
 //! Layout:
-//! - `provider`: the payment provider trait, with the built-in `sandbox` and `stripe`.
-//! - `webhook`: provider webhook signatures and event parsing.
-//! - `secret`: secrets that cannot be printed by accident.
+//! - [`app`]: wiring: builds storage, queue, provider and service from the configuration,
+//!   then serves the API and runs the background tasks until shutdown.
+//! - [`cli`]: the `payretry` command line (`serve`, `migrate`, `token`, `dead-letters`, `sqs`, `demo`).
+//! - [`config`]: configuration from the environment, validated at start-up.
+//! - [`demo`]: `payretry demo`, the whole retry story end to end on the embedded default.
+//! - [`http`]: the HTTP edge: routes, authentication, idempotency, rate limits, the error
+//!   type and the server-rendered pages.
+//! - [`provider`]: the payment provider trait, with the built-in `sandbox` and `stripe`.
+//! - [`queue`]: the retry-job queue traits, the SQS backend and its outbox relay.
+//! - [`secret`]: secrets that cannot be printed by accident.
+//! - [`service`]: the business operations, each ending in one atomic storage transition.
+//! - [`shutdown`]: the shutdown signal shared by the server and the background tasks.
+//! - [`storage`]: durable state and its transitions, on SQLite or PostgreSQL (also the
+//!   embedded queue, the analytics outbox and the sandbox's checkouts).
+//! - [`sweeper`]: expires sessions whose window closed and purges old records.
+//! - [`telemetry`]: metrics, logs, and Segment analytics with their relay.
+//! - [`webhook`]: provider webhook signatures and event parsing.
+//! - [`worker`]: the retry worker that turns a due job into a new checkout.
 
 pub mod app;
 pub mod cli;

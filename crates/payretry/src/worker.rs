@@ -7,14 +7,14 @@
 //! cannot create a second checkout; the session update is a compare-and-set on the attempt.
 
 use crate::provider::{CheckoutRequest, CheckoutState, ProviderError, checkout_expires_at};
-use crate::queue::{Delivery, JobQueue};
+use crate::queue::{DeadLetterQueue, Delivery, JobQueue, QueueError};
 use crate::service::{Payments, ServiceError, record};
 use crate::shutdown::Shutdown;
 use crate::storage::{SessionRecord, StorageError};
 use crate::telemetry::metrics;
 use chrono::{DateTime, Utc};
-use payretry_domain::ProviderSessionId;
 use payretry_domain::lifecycle::{self, JobStep};
+use payretry_domain::{Backoff, Jitter, ProviderSessionId};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::task::JoinSet;
@@ -45,6 +45,15 @@ pub enum Outcome {
     Permanent(String),
     /// Delivered before its due time (an SQS delay is at most 15 minutes): queued again.
     NotDue,
+}
+
+/// Why a delivery could not be settled: recording its outcome or telling the queue failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SettleError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Queue(#[from] QueueError),
 }
 
 /// Tuning of the worker loop.
@@ -230,7 +239,7 @@ impl Worker {
     }
 
     /// Processes one delivery and settles it with the queue.
-    pub async fn handle(&self, delivery: Delivery) -> Result<Outcome, StorageError> {
+    pub async fn handle(&self, delivery: Delivery) -> Result<Outcome, SettleError> {
         let outcome = if delivery.receive_count > self.settings.max_receives {
             // Earlier deliveries ended without settling (the process died): give up on it.
             Outcome::RetryLater("the worker stopped while processing this job".to_owned())
@@ -278,14 +287,10 @@ impl Worker {
     }
 
     fn backoff(&self, receive_count: u32) -> Duration {
-        let exponent = receive_count.saturating_sub(1).min(16);
-        let base = self
-            .settings
-            .backoff
-            .saturating_mul(1 << exponent)
-            .min(Duration::from_secs(900));
         // ±20% jitter so a provider outage does not end in a synchronized stampede.
-        base.mul_f64(0.8 + rand::random::<f64>() * 0.4)
+        Backoff::doubling(self.settings.backoff, 16, Duration::from_secs(900))
+            .with_jitter(Jitter::Scale { min: 0.8, max: 1.2 })
+            .jittered(receive_count.saturating_sub(1), rand::random::<f64>())
     }
 
     /// Moves a job aside and hands the session back to the buyer: the attempt stays spent,
@@ -337,9 +342,8 @@ impl Worker {
                         // The queue is down: look again later, backing off, rather than
                         // spinning on a connection that is refused at once.
                         receive_failures += 1;
-                        let wait = Duration::from_millis(100)
-                            .saturating_mul(1 << receive_failures.min(6))
-                            .min(IDLE_POLL * 5);
+                        let wait = Backoff::doubling(Duration::from_millis(100), 6, IDLE_POLL * 5)
+                            .delay(receive_failures);
                         tracing::error!(%error, retry_in_ms = wait.as_millis() as u64, "could not receive retry jobs");
                         next_look = tokio::time::Instant::now() + wait;
                         self.wait_for_room_or(&mut running, next_look, &mut shutdown)
@@ -416,12 +420,12 @@ impl Worker {
 }
 
 impl Worker {
-    /// Drains SQS's dead-letter queue into payretry's dead letters: a message lands there when
-    /// deliveries never settled (workers kept dying), and the session must not stay
-    /// `retry_scheduled`. Each message is recorded, then deleted from the queue.
+    /// Drains a queue's dead-letter queue (SQS's) into payretry's dead letters: a message
+    /// lands there when deliveries never settled (workers kept dying), and the session must
+    /// not stay `retry_scheduled`. Each message is recorded, then deleted from the queue.
     pub async fn drain_sqs_dead_letters(
         self: Arc<Self>,
-        sqs: Arc<crate::queue::sqs::SqsQueue>,
+        sqs: Arc<dyn DeadLetterQueue>,
         mut shutdown: Shutdown,
     ) {
         while !shutdown.is_triggered() {

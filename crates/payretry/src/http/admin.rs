@@ -6,11 +6,21 @@ use super::error::ApiError;
 use super::pagination::{self, PageParams, PageQuery};
 use crate::storage::{DeadLetter, DuplicatePayment, DuplicatePaymentStatus};
 use axum::Json;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
+use axum::routing::{get, post};
 use payretry_domain::Role;
 use serde::Serialize;
 use utoipa::ToSchema;
+
+/// The admin routes: dead letters and double payments.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/admin/dead-letters", get(list))
+        .route("/admin/dead-letters/{id}/redrive", post(redrive))
+        .route("/admin/duplicate-payments", get(duplicate_payments))
+}
 
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]

@@ -2,10 +2,20 @@
 
 use super::AppState;
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
+use axum::routing::get;
 use serde_json::{Value, json};
+
+/// Liveness, readiness and metrics, served by every process.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
 
 /// How long `/readyz` waits for the database and queue to answer.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -22,14 +32,17 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Value>) 
     // A database that is down makes a pool wait for a connection; a load balancer needs its
     // answer now, so no answer within a second counts as unreachable.
     let checks = async {
-        state.payments.storage.ping().await?;
-        state.queue.ping().await
+        state
+            .payments
+            .storage
+            .ping()
+            .await
+            .map_err(|e| e.to_string())?;
+        state.queue.ping().await.map_err(|e| e.to_string())
     };
     let reachable = match tokio::time::timeout(READY_TIMEOUT, checks).await {
         Ok(result) => result,
-        Err(_) => Err(crate::storage::StorageError::Queue(
-            "readiness check timed out".to_owned(),
-        )),
+        Err(_) => Err("readiness check timed out".to_owned()),
     };
     match reachable {
         Ok(()) => (StatusCode::OK, Json(json!({"status": "ready"}))),

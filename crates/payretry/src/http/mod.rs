@@ -10,6 +10,7 @@ pub mod form;
 pub mod health;
 pub mod idempotency;
 pub mod openapi;
+pub mod page;
 pub mod pagination;
 pub mod pay_page;
 pub mod payments;
@@ -20,12 +21,11 @@ pub mod webhooks;
 
 use crate::secret::Secret;
 use crate::service::Payments;
+use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use bytes::Bytes;
 use error::ApiError;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -185,38 +185,17 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
-async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    use utoipa::OpenApi;
-    Json(openapi::ApiDoc::openapi())
-}
-
 /// Routes every process serves: health, readiness, metrics, the OpenAPI document.
 fn operations() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi_json))
+    health::router().merge(openapi::router())
 }
 
 /// The full API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/payments/checkout", post(payments::create_checkout))
-        .route(
-            "/payments/checkout/{session_id}/status",
-            get(payments::status),
-        )
-        .route(
-            "/payments/checkout/{session_id}/audit",
-            get(payments::audit),
-        )
-        .route("/payments/retry/{session_id}", post(payments::retry))
-        .route("/webhooks/stripe", post(webhooks::stripe))
-        .route("/admin/dead-letters", get(admin::list))
-        .route("/admin/dead-letters/{id}/redrive", post(admin::redrive))
-        .route("/admin/duplicate-payments", get(admin::duplicate_payments))
-        .route("/pay/{session_id}", get(pay_page::show))
+    payments::router()
+        .merge(webhooks::router())
+        .merge(admin::router())
+        .merge(pay_page::router())
         .merge(match &state.sandbox {
             Some(pages) => sandbox::router(pages.clone(), &state),
             None => Router::new(),

@@ -1,7 +1,19 @@
 //! The OpenAPI document served at `/openapi.json`, generated from the handlers.
 
+use super::AppState;
+use axum::routing::get;
+use axum::{Json, Router};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
+
+/// `GET /openapi.json`: the document of this API.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/openapi.json", get(openapi_json))
+}
+
+async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
+    Json(ApiDoc::openapi())
+}
 
 #[derive(OpenApi)]
 #[openapi(

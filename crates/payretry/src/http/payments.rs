@@ -10,13 +10,24 @@ use super::{AppState, JsonBody};
 use crate::service::checkout::NewCheckout;
 use crate::service::views::{RetryAcceptedView, StatusView};
 use axum::Json;
+use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, Method};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
 use payretry_domain::{Amount, Currency, Money, PaymentSessionId, Role};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
+
+/// The buyer-facing payment routes: checkout, status, retry and the audit log.
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/payments/checkout", post(create_checkout))
+        .route("/payments/checkout/{session_id}/status", get(status))
+        .route("/payments/checkout/{session_id}/audit", get(audit))
+        .route("/payments/retry/{session_id}", post(retry))
+}
 
 /// `POST /payments/checkout` body.
 #[derive(Debug, Deserialize, ToSchema)]

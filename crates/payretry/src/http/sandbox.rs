@@ -11,11 +11,12 @@
 
 use super::AppState;
 use super::form::Form;
-use super::pay_page::{STYLE, nonce, page_headers};
+use super::page::{STYLE, escape, nonce, page_headers};
 use super::rate_limit;
-use crate::provider::sandbox::{deliver, events};
+use crate::provider::sandbox::{
+    SandboxCheckout, SandboxCheckoutStatus, SandboxCheckouts, deliver, events,
+};
 use crate::secret::Secret;
-use crate::storage::{SandboxCheckout, SandboxCheckoutStatus, Storage};
 use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderName, HeaderValue, StatusCode};
@@ -28,7 +29,7 @@ use std::sync::Arc;
 
 /// What the sandbox's hosted pages need; exists only when the provider is the sandbox.
 pub struct SandboxPages {
-    pub storage: Arc<dyn Storage>,
+    pub checkouts: Arc<dyn SandboxCheckouts>,
     /// Signs the events the pages deliver to this service's own webhook endpoint.
     pub signing_secret: Secret,
     /// Where those events are delivered (`{public_url}/webhooks/stripe`).
@@ -61,17 +62,9 @@ pub const DECLINE_REASONS: [(&str, &str); 6] = [
     ("stolen_card", "Stolen card (not retryable)"),
 ];
 
-pub(crate) fn escape(text: &str) -> String {
-    text.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-        .replace('\'', "&#39;")
-}
-
 async fn load(pages: &SandboxPages, id: &str) -> Result<SandboxCheckout, Response> {
     let id = ProviderSessionId::new(id);
-    match pages.storage.sandbox_checkout(&id).await {
+    match pages.checkouts.sandbox_checkout(&id).await {
         Ok(Some(checkout)) => Ok(checkout),
         Ok(None) => Err((
             StatusCode::NOT_FOUND,
@@ -92,7 +85,7 @@ async fn load(pages: &SandboxPages, id: &str) -> Result<SandboxCheckout, Respons
     }
 }
 
-/// A sandbox page in the buyer page's look (`pay_page::STYLE`), with its security headers.
+/// A sandbox page in the buyer page's look ([`STYLE`]), with its security headers.
 fn page(title: &str, body: &str) -> (HeaderArray, Html<String>) {
     let nonce = nonce();
     let html = format!(
@@ -214,7 +207,7 @@ async fn close(
 ) -> Result<SandboxCheckout, Response> {
     let checkout = load(pages, id).await?;
     let closed = pages
-        .storage
+        .checkouts
         .set_sandbox_checkout_status(&checkout.id, SandboxCheckoutStatus::Open, to)
         .await;
     match closed {

@@ -5,9 +5,16 @@ use super::error::ApiError;
 use super::{AppState, RequestBody};
 use crate::webhook::{event, refund_event, signature};
 use axum::Json;
+use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
+use axum::routing::post;
 use serde_json::{Value, json};
+
+/// The provider's webhook endpoint.
+pub fn router() -> Router<AppState> {
+    Router::new().route("/webhooks/stripe", post(stripe))
+}
 
 /// Receive a provider event.
 ///

@@ -15,17 +15,104 @@ use super::{
     RefundRequest, RefundState,
 };
 use crate::secret::Secret;
-use crate::storage::{SandboxCheckout, SandboxCheckoutStatus, Storage};
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use hmac::{KeyInit, Mac};
-use payretry_domain::ProviderSessionId;
+use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId};
 use serde_json::{Value, json};
 use sha2::Sha256;
 use std::sync::Arc;
 
+/// A checkout of the built-in sandbox provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxCheckout {
+    pub id: ProviderSessionId,
+    pub session_id: PaymentSessionId,
+    pub attempt: AttemptNumber,
+    pub amount: i64,
+    pub currency: String,
+    pub description: String,
+    pub success_url: String,
+    pub cancel_url: String,
+    pub expires_at: DateTime<Utc>,
+    pub status: SandboxCheckoutStatus,
+}
+
+/// Where a sandbox checkout stands. Only `Open` can be paid or declined, and only once: a
+/// declined checkout is closed, so an anonymous visitor cannot append declines without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SandboxCheckoutStatus {
+    Open,
+    Paid,
+    /// The buyer pressed Decline: the card was refused and this checkout is closed.
+    Declined,
+    Expired,
+    /// Paid, then refunded (a duplicate payment).
+    Refunded,
+}
+
+impl SandboxCheckoutStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Paid => "paid",
+            Self::Declined => "declined",
+            Self::Expired => "expired",
+            Self::Refunded => "refunded",
+        }
+    }
+}
+
+impl std::fmt::Display for SandboxCheckoutStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for SandboxCheckoutStatus {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "open" => Ok(Self::Open),
+            "paid" => Ok(Self::Paid),
+            "declined" => Ok(Self::Declined),
+            "expired" => Ok(Self::Expired),
+            "refunded" => Ok(Self::Refunded),
+            other => Err(format!("unknown sandbox checkout status `{other}`")),
+        }
+    }
+}
+
+/// The sandbox checkouts could not be read or written (their database failed).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct SandboxCheckoutError(pub Box<dyn std::error::Error + Send + Sync>);
+
+pub type SandboxCheckoutResult<T> = Result<T, SandboxCheckoutError>;
+
+/// Where the sandbox keeps its checkouts: the service's database (storage implements this).
+#[async_trait]
+pub trait SandboxCheckouts: Send + Sync + 'static {
+    async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> SandboxCheckoutResult<()>;
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> SandboxCheckoutResult<Option<SandboxCheckout>>;
+
+    /// Moves a sandbox checkout from `from` to `to`; `false` when it was not in `from` (it
+    /// moved on, or does not exist), so of two concurrent presses exactly one wins.
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> SandboxCheckoutResult<bool>;
+}
+
 pub struct SandboxProvider {
-    storage: Arc<dyn Storage>,
+    storage: Arc<dyn SandboxCheckouts>,
     public_url: String,
     /// Keys checkout ids (see the module doc); shared by every process on the database.
     id_key: Secret,
@@ -35,7 +122,7 @@ impl SandboxProvider {
     /// The name of the id key among the service secrets.
     pub const ID_KEY_NAME: &'static str = "sandbox_checkout_ids";
 
-    pub fn new(storage: Arc<dyn Storage>, public_url: String, id_key: Secret) -> Self {
+    pub fn new(storage: Arc<dyn SandboxCheckouts>, public_url: String, id_key: Secret) -> Self {
         Self {
             storage,
             public_url,

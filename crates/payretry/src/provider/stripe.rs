@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use payretry_domain::ProviderSessionId;
+use payretry_domain::{Backoff, Jitter, ProviderSessionId};
 use rand::Rng;
 use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, Method, StatusCode, Url};
@@ -639,15 +639,9 @@ fn checkout_state(
 /// Wait after the `failed_tries`-th failure: `initial × 2^(failed_tries-1)` plus up to half of
 /// that again as jitter (`jitter` in `0.0..1.0`), never above [`MAX_RETRY_WAIT`].
 fn backoff_delay(initial: Duration, failed_tries: u32, jitter: f64) -> Duration {
-    let exponent = failed_tries.saturating_sub(1).min(31);
-    let base = initial.saturating_mul(1u32 << exponent).min(MAX_RETRY_WAIT);
-    let fraction = if jitter.is_finite() {
-        jitter.clamp(0.0, 1.0)
-    } else {
-        0.0
-    };
-    let jitter = base.mul_f64(fraction / 2.0);
-    (base + jitter).min(MAX_RETRY_WAIT)
+    Backoff::doubling(initial, 31, MAX_RETRY_WAIT)
+        .with_jitter(Jitter::AddUpTo { fraction: 0.5 })
+        .jittered(failed_tries.saturating_sub(1), jitter)
 }
 
 /// `Retry-After` as delta-seconds or an HTTP date, uncapped; `None` if absent or unreadable.

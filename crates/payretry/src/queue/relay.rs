@@ -5,9 +5,10 @@
 //! after restart) claims them when the lease ends, so a row may be sent twice, which the
 //! worker's attempt check makes harmless.
 
-use super::Outbox;
 use super::sqs::SqsQueue;
+use super::{Outbox, QueueResult};
 use crate::shutdown::Shutdown;
+use payretry_domain::Backoff;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ pub struct SqsRelay {
 impl SqsRelay {
     /// Relays one round; returns how many rows SQS accepted. Rows it did not accept are
     /// released at once, so they go as soon as SQS is back rather than after their lease.
-    pub async fn relay_once(&self) -> Result<usize, crate::storage::StorageError> {
+    pub async fn relay_once(&self) -> QueueResult<usize> {
         let rows = self.outbox.claim_outbox(BATCH, self.lease).await?;
         if rows.is_empty() {
             return Ok(0);
@@ -69,9 +70,9 @@ impl SqsRelay {
                 Ok(_) => IDLE_POLL,
                 Err(error) => {
                     failures += 1;
-                    let delay = Duration::from_millis(200)
-                        .saturating_mul(1 << failures.min(8))
-                        .min(Duration::from_secs(30));
+                    let delay =
+                        Backoff::doubling(Duration::from_millis(200), 8, Duration::from_secs(30))
+                            .delay(failures);
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "outbox relay to SQS failed; rows kept");
                     delay
                 }

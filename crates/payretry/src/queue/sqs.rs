@@ -9,8 +9,7 @@
 //!   queue; the worker drains that queue into payretry's dead letters so the session is
 //!   handed back to the buyer (never stuck in `retry_scheduled`).
 
-use super::{Delivery, JobQueue};
-use crate::storage::StorageError;
+use super::{DeadLetterQueue, Delivery, JobQueue, QueueError, QueueResult};
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
@@ -33,8 +32,8 @@ pub fn queue_names(env: &str) -> (String, String) {
     (main, dlq)
 }
 
-fn sqs_error(context: &str, error: impl std::fmt::Display) -> StorageError {
-    StorageError::Queue(format!("SQS {context}: {error}"))
+fn sqs_error(context: &str, error: impl std::fmt::Display) -> QueueError {
+    QueueError::Sqs(format!("SQS {context}: {error}"))
 }
 
 /// Builds an SQS client from the standard AWS chain, optionally at a local endpoint.
@@ -52,11 +51,7 @@ pub async fn client(endpoint: Option<&str>) -> Client {
 }
 
 /// Creates both queues and the redrive policy; safe to run again.
-pub async fn setup(
-    client: &Client,
-    env: &str,
-    max_receives: u32,
-) -> Result<(String, String), StorageError> {
+pub async fn setup(client: &Client, env: &str, max_receives: u32) -> QueueResult<(String, String)> {
     let (main, dlq) = queue_names(env);
     let dlq_url = client
         .create_queue()
@@ -86,7 +81,7 @@ pub async fn setup(
         })?
         .attributes
         .and_then(|a| a.get(&QueueAttributeName::QueueArn).cloned())
-        .ok_or_else(|| StorageError::Queue("SQS returned no dead-letter queue ARN".into()))?;
+        .ok_or_else(|| QueueError::Sqs("SQS returned no dead-letter queue ARN".into()))?;
     let redrive = serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receives.to_string()});
     let main_url = client
         .create_queue()
@@ -121,7 +116,7 @@ pub struct SqsQueue {
 
 impl SqsQueue {
     /// Finds both queues by name; fails with a hint if `payretry sqs setup` was not run.
-    pub async fn connect(client: Client, env: &str) -> Result<Self, StorageError> {
+    pub async fn connect(client: Client, env: &str) -> QueueResult<Self> {
         let (main, dlq) = queue_names(env);
         let url = |name: String| {
             let client = client.clone();
@@ -138,7 +133,7 @@ impl SqsQueue {
                         )
                     })?
                     .queue_url
-                    .ok_or_else(|| StorageError::Queue(format!("SQS returned no URL for {name}")))
+                    .ok_or_else(|| QueueError::Sqs(format!("SQS returned no URL for {name}")))
             }
         };
         let queue_url = url(main).await?;
@@ -153,7 +148,7 @@ impl SqsQueue {
     /// Sends jobs with their remaining delay (rounded up to whole seconds, capped at 15
     /// minutes), in batches of 10. Returns the indexes (into `jobs`) SQS accepted, and the
     /// error that stopped any batch: one failed batch does not hide the ones that went.
-    pub async fn send(&self, jobs: &[RetryJob]) -> (Vec<usize>, Option<StorageError>) {
+    pub async fn send(&self, jobs: &[RetryJob]) -> (Vec<usize>, Option<QueueError>) {
         let mut accepted = Vec::with_capacity(jobs.len());
         let mut failure = None;
         for (chunk_index, chunk) in jobs.chunks(10).enumerate() {
@@ -165,7 +160,7 @@ impl SqsQueue {
         (accepted, failure)
     }
 
-    async fn send_batch(&self, chunk: &[RetryJob]) -> Result<Vec<usize>, StorageError> {
+    async fn send_batch(&self, chunk: &[RetryJob]) -> QueueResult<Vec<usize>> {
         let now = Utc::now();
         let entries = chunk
             .iter()
@@ -203,28 +198,6 @@ impl SqsQueue {
             .filter_map(|entry| entry.id().parse::<usize>().ok())
             .collect())
     }
-
-    /// Messages the redrive policy moved to the dead-letter queue (crash loops).
-    pub async fn receive_dead(&self, max: u32) -> Result<Vec<Delivery>, StorageError> {
-        receive(&self.client, &self.dlq_url, max, Duration::from_secs(60), 0).await
-    }
-
-    /// Deletes a message from the dead-letter queue once it was recorded.
-    pub async fn delete_dead(&self, delivery: &Delivery) -> Result<(), StorageError> {
-        self.client
-            .delete_message()
-            .queue_url(&self.dlq_url)
-            .receipt_handle(&delivery.receipt)
-            .send()
-            .await
-            .map_err(|e| {
-                sqs_error(
-                    "delete dead letter",
-                    aws_sdk_sqs::error::DisplayErrorContext(e),
-                )
-            })?;
-        Ok(())
-    }
 }
 
 async fn receive(
@@ -233,7 +206,7 @@ async fn receive(
     max: u32,
     lease: Duration,
     wait: i32,
-) -> Result<Vec<Delivery>, StorageError> {
+) -> QueueResult<Vec<Delivery>> {
     let output = client
         .receive_message()
         .queue_url(url)
@@ -272,12 +245,37 @@ async fn receive(
 }
 
 #[async_trait]
+impl DeadLetterQueue for SqsQueue {
+    /// Messages the redrive policy moved to the dead-letter queue (crash loops).
+    async fn receive_dead(&self, max: u32) -> QueueResult<Vec<Delivery>> {
+        receive(&self.client, &self.dlq_url, max, Duration::from_secs(60), 0).await
+    }
+
+    /// Deletes a message from the dead-letter queue once it was recorded.
+    async fn delete_dead(&self, delivery: &Delivery) -> QueueResult<()> {
+        self.client
+            .delete_message()
+            .queue_url(&self.dlq_url)
+            .receipt_handle(&delivery.receipt)
+            .send()
+            .await
+            .map_err(|e| {
+                sqs_error(
+                    "delete dead letter",
+                    aws_sdk_sqs::error::DisplayErrorContext(e),
+                )
+            })?;
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl JobQueue for SqsQueue {
-    async fn receive(&self, max: u32, lease: Duration) -> Result<Vec<Delivery>, StorageError> {
+    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
         receive(&self.client, &self.queue_url, max, lease, WAIT_TIME_SECONDS).await
     }
 
-    async fn ack(&self, delivery: &Delivery) -> Result<(), StorageError> {
+    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         self.client
             .delete_message()
             .queue_url(&self.queue_url)
@@ -288,12 +286,7 @@ impl JobQueue for SqsQueue {
         Ok(())
     }
 
-    async fn release(
-        &self,
-        delivery: &Delivery,
-        _error: &str,
-        delay: Duration,
-    ) -> Result<(), StorageError> {
+    async fn release(&self, delivery: &Delivery, _error: &str, delay: Duration) -> QueueResult<()> {
         self.client
             .change_message_visibility()
             .queue_url(&self.queue_url)
@@ -310,23 +303,23 @@ impl JobQueue for SqsQueue {
         Ok(())
     }
 
-    async fn extend(&self, delivery: &Delivery, lease: Duration) -> Result<(), StorageError> {
+    async fn extend(&self, delivery: &Delivery, lease: Duration) -> QueueResult<()> {
         self.release(delivery, "", lease).await
     }
 
-    async fn defer(&self, delivery: &Delivery) -> Result<(), StorageError> {
+    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
         // Re-send with the rest of the delay, then drop this copy: a redelivery of the old
         // one after a crash is harmless (the worker's attempt check drops duplicates).
         let (accepted, error) = self.send(std::slice::from_ref(&delivery.job)).await;
         if accepted.is_empty() {
             return Err(
-                error.unwrap_or_else(|| StorageError::Queue("SQS refused the deferred job".into()))
+                error.unwrap_or_else(|| QueueError::Sqs("SQS refused the deferred job".into()))
             );
         }
         self.ack(delivery).await
     }
 
-    async fn next_due(&self) -> Result<Option<DateTime<Utc>>, StorageError> {
+    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
         // Receive long-polls; there is nothing to sleep until.
         Ok(Some(Utc::now()))
     }
@@ -335,7 +328,7 @@ impl JobQueue for SqsQueue {
         std::future::pending::<()>().await
     }
 
-    async fn ping(&self) -> Result<(), StorageError> {
+    async fn ping(&self) -> QueueResult<()> {
         self.client
             .get_queue_attributes()
             .queue_url(&self.queue_url)

@@ -20,15 +20,8 @@ use payretry_domain::{
 };
 use serde_json::Value;
 
-pub use crate::telemetry::analytics::AnalyticsEvent;
-
-/// An analytics outbox row awaiting delivery.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AnalyticsRow {
-    pub id: i64,
-    /// The Segment track object.
-    pub payload: Value,
-}
+use crate::provider::sandbox::{SandboxCheckoutError, SandboxCheckouts};
+use crate::telemetry::analytics::{AnalyticsEvent, AnalyticsOutbox, AnalyticsOutboxError};
 
 /// Storage failures. Details are logged, never shown to API callers.
 #[derive(Debug, thiserror::Error)]
@@ -39,8 +32,6 @@ pub enum StorageError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
-    #[error("queue error: {0}")]
-    Queue(String),
     /// Another request with the same idempotency key stored its response first; the
     /// transaction that wanted to store one was rolled back, and that response stands.
     #[error("the idempotency key was answered by another request")]
@@ -48,6 +39,45 @@ pub enum StorageError {
 }
 
 pub type StorageResult<T> = Result<T, StorageError>;
+
+/// The embedded queue and the outbox live in the database: their failures are storage's.
+impl From<StorageError> for crate::queue::QueueError {
+    fn from(error: StorageError) -> Self {
+        Self::Storage(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for crate::queue::QueueError {
+    fn from(error: sqlx::Error) -> Self {
+        StorageError::from(error).into()
+    }
+}
+
+/// The sandbox's checkouts are a table of the database: their failures are storage's.
+impl From<StorageError> for SandboxCheckoutError {
+    fn from(error: StorageError) -> Self {
+        Self(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for SandboxCheckoutError {
+    fn from(error: sqlx::Error) -> Self {
+        StorageError::from(error).into()
+    }
+}
+
+/// The analytics outbox is a table of the database: its failures are storage's.
+impl From<StorageError> for AnalyticsOutboxError {
+    fn from(error: StorageError) -> Self {
+        Self(Box::new(error))
+    }
+}
+
+impl From<sqlx::Error> for AnalyticsOutboxError {
+    fn from(error: sqlx::Error) -> Self {
+        StorageError::from(error).into()
+    }
+}
 
 /// The mutable part of a session, and the attempt rows: the domain's lifecycle types.
 pub use payretry_domain::lifecycle::{AttemptChange, AttemptStatus, SessionState};
@@ -430,70 +460,11 @@ pub struct NewSession {
     pub idempotency: Option<IdempotencyCompletion>,
 }
 
-/// A checkout of the built-in sandbox provider.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SandboxCheckout {
-    pub id: ProviderSessionId,
-    pub session_id: PaymentSessionId,
-    pub attempt: AttemptNumber,
-    pub amount: i64,
-    pub currency: String,
-    pub description: String,
-    pub success_url: String,
-    pub cancel_url: String,
-    pub expires_at: DateTime<Utc>,
-    pub status: SandboxCheckoutStatus,
-}
-
-/// Where a sandbox checkout stands. Only `Open` can be paid or declined, and only once: a
-/// declined checkout is closed, so an anonymous visitor cannot append declines without end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SandboxCheckoutStatus {
-    Open,
-    Paid,
-    /// The buyer pressed Decline: the card was refused and this checkout is closed.
-    Declined,
-    Expired,
-    /// Paid, then refunded (a duplicate payment).
-    Refunded,
-}
-
-impl SandboxCheckoutStatus {
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Open => "open",
-            Self::Paid => "paid",
-            Self::Declined => "declined",
-            Self::Expired => "expired",
-            Self::Refunded => "refunded",
-        }
-    }
-}
-
-impl std::fmt::Display for SandboxCheckoutStatus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for SandboxCheckoutStatus {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "open" => Ok(Self::Open),
-            "paid" => Ok(Self::Paid),
-            "declined" => Ok(Self::Declined),
-            "expired" => Ok(Self::Expired),
-            "refunded" => Ok(Self::Refunded),
-            other => Err(format!("unknown sandbox checkout status `{other}`")),
-        }
-    }
-}
-
-/// The repository of payment sessions and everything attached to them.
+/// The repository of payment sessions and everything attached to them. It is the analytics
+/// outbox too (a transition's [`Transition::analytics`] events are committed with it), and
+/// keeps the sandbox provider's checkouts, so every process on the database sees them.
 #[async_trait]
-pub trait Storage: Send + Sync + 'static {
+pub trait Storage: AnalyticsOutbox + SandboxCheckouts + Send + Sync + 'static {
     /// Applies pending migrations.
     async fn migrate(&self) -> StorageResult<()>;
 
@@ -595,18 +566,6 @@ pub trait Storage: Send + Sync + 'static {
         generate: &(dyn Fn() -> String + Sync),
     ) -> StorageResult<String>;
 
-    /// The oldest undelivered analytics events that are due, at most `limit`.
-    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>>;
-
-    /// Segment accepted these events: delete them.
-    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()>;
-
-    /// Segment refused these events for good: keep them for review, out of the relay's way.
-    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()>;
-
-    /// Resolves when this process committed analytics events (so the relay need not poll).
-    async fn analytics_enqueued(&self);
-
     /// Resolves when this process committed a double payment with a refund owed (so the
     /// refund runner makes the call at once rather than at its next poll).
     async fn refund_owed(&self);
@@ -668,22 +627,6 @@ pub trait Storage: Send + Sync + 'static {
         session: &PaymentSessionId,
         checkout: &ProviderSessionId,
     ) -> StorageResult<Option<AttemptNumber>>;
-
-    async fn put_sandbox_checkout(&self, checkout: &SandboxCheckout) -> StorageResult<()>;
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> StorageResult<Option<SandboxCheckout>>;
-
-    /// Moves a sandbox checkout from `from` to `to`; `false` when it was not in `from` (it
-    /// moved on, or does not exist), so of two concurrent presses exactly one wins.
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> StorageResult<bool>;
 }
 
 /// The columns a settlement writes: `status`, `refund_id` (`None` keeps the recorded one),

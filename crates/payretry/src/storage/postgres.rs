@@ -24,7 +24,11 @@
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
 
 use super::*;
-use crate::queue::{Delivery, JobQueue, Outbox};
+use crate::provider::sandbox::{
+    SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
+};
+use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
+use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
@@ -769,52 +773,6 @@ impl Storage for PostgresStorage {
         )
     }
 
-    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>> {
-        let rows = sqlx::query(
-            "SELECT id, payload FROM analytics_events
-             WHERE next_attempt_at <= $1 ORDER BY id LIMIT $2",
-        )
-        .bind(to_millis(Utc::now()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("payload")?;
-                Ok(AnalyticsRow {
-                    id: row.try_get("id")?,
-                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()> {
-        sqlx::query("DELETE FROM analytics_events WHERE id = ANY($1)")
-            .bind(ids)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-
-    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()> {
-        // Due "never" (i64::MAX), as with SQLite: kept for review, skipped by the relay.
-        sqlx::query(
-            "UPDATE analytics_events SET next_attempt_at = $1, attempts = attempts + 1,
-                last_error = $2 WHERE id = ANY($3)",
-        )
-        .bind(i64::MAX)
-        .bind(error)
-        .bind(ids)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn analytics_enqueued(&self) {
-        self.wakeups.analytics_written().await;
-    }
-
     async fn refund_owed(&self) {
         self.wakeups.refund_owed().await;
     }
@@ -976,55 +934,6 @@ impl Storage for PostgresStorage {
         .await?;
         Ok(number.map(attempt))
     }
-
-    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
-                description, success_url, cancel_url, expires_at, status, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(c.id.as_str())
-        .bind(c.session_id.as_str())
-        .bind(i64::from(c.attempt.get()))
-        .bind(c.amount)
-        .bind(&c.currency)
-        .bind(&c.description)
-        .bind(&c.success_url)
-        .bind(&c.cancel_url)
-        .bind(to_millis(c.expires_at))
-        .bind(c.status.as_str())
-        .bind(to_millis(Utc::now()))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> StorageResult<Option<SandboxCheckout>> {
-        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = $1")
-            .bind(id.as_str())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(sandbox_checkout_from_row).transpose()
-    }
-
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> StorageResult<bool> {
-        let done =
-            sqlx::query("UPDATE sandbox_checkouts SET status = $1 WHERE id = $2 AND status = $3")
-                .bind(to.as_str())
-                .bind(id.as_str())
-                .bind(from.as_str())
-                .execute(&self.pool)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
 }
 
 impl PostgresStorage {
@@ -1046,25 +955,20 @@ impl PostgresStorage {
 /// The embedded queue: the outbox table itself, claimed with a lease, as with SQLite.
 #[async_trait]
 impl JobQueue for PostgresStorage {
-    async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, true).await
+    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, true).await?)
     }
 
     fn settles_in_transition(&self) -> bool {
         true
     }
 
-    async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         let mut conn = self.pool.acquire().await?;
-        delete_delivered_job(&mut conn, &delivery.receipt).await
+        Ok(delete_delivered_job(&mut conn, &delivery.receipt).await?)
     }
 
-    async fn release(
-        &self,
-        delivery: &Delivery,
-        error: &str,
-        delay: Duration,
-    ) -> StorageResult<()> {
+    async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
         let (id, lease) = parse_receipt(&delivery.receipt)?;
         let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
         sqlx::query(
@@ -1080,25 +984,25 @@ impl JobQueue for PostgresStorage {
         Ok(())
     }
 
-    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> StorageResult<()> {
+    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {
         // As with SQLite: the lease token is the lease's end, so it cannot move without
         // invalidating the receipt; the embedded lease is sized above the provider's worst
         // case instead.
         Ok(())
     }
 
-    async fn defer(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
         let remaining = (delivery.job.scheduled_for - Utc::now())
             .to_std()
             .unwrap_or_default();
         self.release(delivery, "not due yet", remaining).await
     }
 
-    async fn ping(&self) -> StorageResult<()> {
-        Storage::ping(self).await
+    async fn ping(&self) -> QueueResult<()> {
+        Ok(Storage::ping(self).await?)
     }
 
-    async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
+    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
         // A leased job is next due when its lease runs out (a lease always ends after its
         // run_at). Two indexed lookups instead of a scan of the whole table; LEAST ignores
         // NULLs.
@@ -1109,7 +1013,7 @@ impl JobQueue for PostgresStorage {
         )
         .fetch_one(&self.pool)
         .await?;
-        opt_time(next)
+        Ok(opt_time(next)?)
     }
 
     async fn enqueued(&self) {
@@ -1168,30 +1072,133 @@ impl PostgresStorage {
 /// The outbox seen from a relay to an external queue (SQS): the same table and leases.
 #[async_trait]
 impl Outbox for PostgresStorage {
-    async fn claim_outbox(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, false).await
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, false).await?)
     }
 
-    async fn delete_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
-    async fn release_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
                 SELECT * FROM UNNEST($1::BIGINT[], $2::BIGINT[]))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
     async fn outbox_written(&self) {
         self.wakeups.outbox_written().await
+    }
+}
+
+#[async_trait]
+impl AnalyticsOutbox for PostgresStorage {
+    async fn analytics_batch(&self, limit: u32) -> AnalyticsResult<Vec<AnalyticsRow>> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM analytics_events
+             WHERE next_attempt_at <= $1 ORDER BY id LIMIT $2",
+        )
+        .bind(to_millis(Utc::now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(AnalyticsRow {
+                    id: row.try_get("id")?,
+                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn analytics_delivered(&self, ids: &[i64]) -> AnalyticsResult<()> {
+        sqlx::query("DELETE FROM analytics_events WHERE id = ANY($1)")
+            .bind(ids)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> AnalyticsResult<()> {
+        // Due "never" (i64::MAX), as with SQLite: kept for review, skipped by the relay.
+        sqlx::query(
+            "UPDATE analytics_events SET next_attempt_at = $1, attempts = attempts + 1,
+                last_error = $2 WHERE id = ANY($3)",
+        )
+        .bind(i64::MAX)
+        .bind(error)
+        .bind(ids)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn analytics_enqueued(&self) {
+        self.wakeups.analytics_written().await;
+    }
+}
+
+#[async_trait]
+impl SandboxCheckouts for PostgresStorage {
+    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> SandboxCheckoutResult<()> {
+        sqlx::query(
+            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
+                description, success_url, cancel_url, expires_at, status, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(c.id.as_str())
+        .bind(c.session_id.as_str())
+        .bind(i64::from(c.attempt.get()))
+        .bind(c.amount)
+        .bind(&c.currency)
+        .bind(&c.description)
+        .bind(&c.success_url)
+        .bind(&c.cancel_url)
+        .bind(to_millis(c.expires_at))
+        .bind(c.status.as_str())
+        .bind(to_millis(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
+        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = $1")
+            .bind(id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(row.as_ref().map(sandbox_checkout_from_row).transpose()?)
+    }
+
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> SandboxCheckoutResult<bool> {
+        let done =
+            sqlx::query("UPDATE sandbox_checkouts SET status = $1 WHERE id = $2 AND status = $3")
+                .bind(to.as_str())
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 }
 

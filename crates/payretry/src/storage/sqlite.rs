@@ -4,7 +4,11 @@
 //! in-process avoids `SQLITE_BUSY` reaching a caller. Reads use a separate pool.
 
 use super::*;
-use crate::queue::{Delivery, JobQueue, Outbox};
+use crate::provider::sandbox::{
+    SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
+};
+use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
+use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use payretry_domain::{Amount, Currency, FailureReason};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
@@ -698,59 +702,6 @@ impl Storage for SqliteStorage {
         )
     }
 
-    async fn analytics_batch(&self, limit: u32) -> StorageResult<Vec<AnalyticsRow>> {
-        let rows = sqlx::query(
-            "SELECT id, payload FROM analytics_events
-             WHERE next_attempt_at <= ? ORDER BY id LIMIT ?",
-        )
-        .bind(to_millis(Utc::now()))
-        .bind(i64::from(limit))
-        .fetch_all(&self.reader)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let payload: String = row.try_get("payload")?;
-                Ok(AnalyticsRow {
-                    id: row.try_get("id")?,
-                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
-                })
-            })
-            .collect()
-    }
-
-    async fn analytics_delivered(&self, ids: &[i64]) -> StorageResult<()> {
-        let mut tx = self.begin_write().await?;
-        for id in ids {
-            sqlx::query("DELETE FROM analytics_events WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn analytics_park(&self, ids: &[i64], error: &str) -> StorageResult<()> {
-        let mut tx = self.begin_write().await?;
-        for id in ids {
-            sqlx::query(
-                "UPDATE analytics_events SET next_attempt_at = ?, attempts = attempts + 1,
-                    last_error = ? WHERE id = ?",
-            )
-            .bind(i64::MAX)
-            .bind(error)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn analytics_enqueued(&self) {
-        self.wakeups.analytics_written().await;
-    }
-
     async fn refund_owed(&self) {
         self.wakeups.refund_owed().await;
     }
@@ -908,71 +859,6 @@ impl Storage for SqliteStorage {
         .await?;
         Ok(number.map(attempt))
     }
-
-    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> StorageResult<()> {
-        sqlx::query(
-            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
-                description, success_url, cancel_url, expires_at, status, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(c.id.as_str())
-        .bind(c.session_id.as_str())
-        .bind(i64::from(c.attempt.get()))
-        .bind(c.amount)
-        .bind(&c.currency)
-        .bind(&c.description)
-        .bind(&c.success_url)
-        .bind(&c.cancel_url)
-        .bind(to_millis(c.expires_at))
-        .bind(c.status.as_str())
-        .bind(to_millis(Utc::now()))
-        .execute(&self.writer)
-        .await?;
-        Ok(())
-    }
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> StorageResult<Option<SandboxCheckout>> {
-        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = ?")
-            .bind(id.as_str())
-            .fetch_optional(&self.writer)
-            .await?;
-        let Some(row) = row else { return Ok(None) };
-        let session_id: String = row.try_get("session_id")?;
-        Ok(Some(SandboxCheckout {
-            id: ProviderSessionId::new(row.try_get::<String, _>("id")?),
-            session_id: PaymentSessionId::parse(&session_id).map_err(corrupt)?,
-            attempt: attempt(row.try_get("attempt_number")?),
-            amount: row.try_get("amount")?,
-            currency: row.try_get("currency")?,
-            description: row.try_get("description")?,
-            success_url: row.try_get("success_url")?,
-            cancel_url: row.try_get("cancel_url")?,
-            expires_at: from_millis(row.try_get("expires_at")?)?,
-            status: row
-                .try_get::<String, _>("status")?
-                .parse()
-                .map_err(corrupt)?,
-        }))
-    }
-
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> StorageResult<bool> {
-        let done =
-            sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ? AND status = ?")
-                .bind(to.as_str())
-                .bind(id.as_str())
-                .bind(from.as_str())
-                .execute(&self.writer)
-                .await?;
-        Ok(done.rows_affected() == 1)
-    }
 }
 
 impl SqliteStorage {
@@ -999,27 +885,22 @@ impl SqliteStorage {
 /// The embedded queue: the outbox table itself, claimed with a lease.
 #[async_trait]
 impl JobQueue for SqliteStorage {
-    async fn receive(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, true).await
+    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, true).await?)
     }
 
     fn settles_in_transition(&self) -> bool {
         true
     }
 
-    async fn ack(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
         let mut tx = self.begin_write().await?;
         delete_delivered_job(&mut tx, &delivery.receipt).await?;
         tx.commit().await?;
         Ok(())
     }
 
-    async fn release(
-        &self,
-        delivery: &Delivery,
-        error: &str,
-        delay: Duration,
-    ) -> StorageResult<()> {
+    async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
         let (id, lease) = parse_receipt(&delivery.receipt)?;
         let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
         let mut tx = self.begin_write().await?;
@@ -1037,25 +918,25 @@ impl JobQueue for SqliteStorage {
         Ok(())
     }
 
-    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> StorageResult<()> {
+    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {
         // The lease token is the lease's end, so it cannot move without invalidating the
         // receipt. The embedded lease (see `WorkerSettings::lease`) is sized above the
         // provider's worst case instead.
         Ok(())
     }
 
-    async fn defer(&self, delivery: &Delivery) -> StorageResult<()> {
+    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
         let remaining = (delivery.job.scheduled_for - Utc::now())
             .to_std()
             .unwrap_or_default();
         self.release(delivery, "not due yet", remaining).await
     }
 
-    async fn ping(&self) -> StorageResult<()> {
-        Storage::ping(self).await
+    async fn ping(&self) -> QueueResult<()> {
+        Ok(Storage::ping(self).await?)
     }
 
-    async fn next_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
+    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
         // A leased job is next due when its lease runs out (a lease always ends after its
         // run_at). Two indexed lookups instead of a scan of the whole table.
         let next: Option<i64> = sqlx::query_scalar(
@@ -1066,7 +947,7 @@ impl JobQueue for SqliteStorage {
         )
         .fetch_one(&self.reader)
         .await?;
-        opt_time(next)
+        Ok(opt_time(next)?)
     }
 
     async fn enqueued(&self) {
@@ -1120,29 +1001,155 @@ impl SqliteStorage {
 
 #[async_trait]
 impl Outbox for SqliteStorage {
-    async fn claim_outbox(&self, max: u32, lease: Duration) -> StorageResult<Vec<Delivery>> {
-        self.claim(max, lease, false).await
+    async fn claim_outbox(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
+        Ok(self.claim(max, lease, false).await?)
     }
 
-    async fn delete_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
+    async fn delete_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "DELETE FROM retry_jobs WHERE (id, locked_until) IN (
                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
-    async fn release_outbox(&self, deliveries: &[Delivery]) -> StorageResult<()> {
-        self.settle_outbox(
-            "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
+    async fn release_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
+        Ok(self
+            .settle_outbox(
+                "UPDATE retry_jobs SET locked_until = NULL WHERE (id, locked_until) IN (
                 SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
-            deliveries,
-        )
-        .await
+                deliveries,
+            )
+            .await?)
     }
 
     async fn outbox_written(&self) {
         self.wakeups.outbox_written().await
+    }
+}
+
+#[async_trait]
+impl AnalyticsOutbox for SqliteStorage {
+    async fn analytics_batch(&self, limit: u32) -> AnalyticsResult<Vec<AnalyticsRow>> {
+        let rows = sqlx::query(
+            "SELECT id, payload FROM analytics_events
+             WHERE next_attempt_at <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(to_millis(Utc::now()))
+        .bind(i64::from(limit))
+        .fetch_all(&self.reader)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                let payload: String = row.try_get("payload")?;
+                Ok(AnalyticsRow {
+                    id: row.try_get("id")?,
+                    payload: serde_json::from_str(&payload).map_err(corrupt)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn analytics_delivered(&self, ids: &[i64]) -> AnalyticsResult<()> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query("DELETE FROM analytics_events WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> AnalyticsResult<()> {
+        let mut tx = self.begin_write().await?;
+        for id in ids {
+            sqlx::query(
+                "UPDATE analytics_events SET next_attempt_at = ?, attempts = attempts + 1,
+                    last_error = ? WHERE id = ?",
+            )
+            .bind(i64::MAX)
+            .bind(error)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn analytics_enqueued(&self) {
+        self.wakeups.analytics_written().await;
+    }
+}
+
+#[async_trait]
+impl SandboxCheckouts for SqliteStorage {
+    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> SandboxCheckoutResult<()> {
+        sqlx::query(
+            "INSERT INTO sandbox_checkouts (id, session_id, attempt_number, amount, currency,
+                description, success_url, cancel_url, expires_at, status, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(c.id.as_str())
+        .bind(c.session_id.as_str())
+        .bind(i64::from(c.attempt.get()))
+        .bind(c.amount)
+        .bind(&c.currency)
+        .bind(&c.description)
+        .bind(&c.success_url)
+        .bind(&c.cancel_url)
+        .bind(to_millis(c.expires_at))
+        .bind(c.status.as_str())
+        .bind(to_millis(Utc::now()))
+        .execute(&self.writer)
+        .await?;
+        Ok(())
+    }
+
+    async fn sandbox_checkout(
+        &self,
+        id: &ProviderSessionId,
+    ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
+        let row = sqlx::query("SELECT * FROM sandbox_checkouts WHERE id = ?")
+            .bind(id.as_str())
+            .fetch_optional(&self.writer)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let session_id: String = row.try_get("session_id")?;
+        Ok(Some(SandboxCheckout {
+            id: ProviderSessionId::new(row.try_get::<String, _>("id")?),
+            session_id: PaymentSessionId::parse(&session_id).map_err(corrupt)?,
+            attempt: attempt(row.try_get("attempt_number")?),
+            amount: row.try_get("amount")?,
+            currency: row.try_get("currency")?,
+            description: row.try_get("description")?,
+            success_url: row.try_get("success_url")?,
+            cancel_url: row.try_get("cancel_url")?,
+            expires_at: from_millis(row.try_get("expires_at")?)?,
+            status: row
+                .try_get::<String, _>("status")?
+                .parse()
+                .map_err(corrupt)?,
+        }))
+    }
+
+    async fn set_sandbox_checkout_status(
+        &self,
+        id: &ProviderSessionId,
+        from: SandboxCheckoutStatus,
+        to: SandboxCheckoutStatus,
+    ) -> SandboxCheckoutResult<bool> {
+        let done =
+            sqlx::query("UPDATE sandbox_checkouts SET status = ? WHERE id = ? AND status = ?")
+                .bind(to.as_str())
+                .bind(id.as_str())
+                .bind(from.as_str())
+                .execute(&self.writer)
+                .await?;
+        Ok(done.rows_affected() == 1)
     }
 }

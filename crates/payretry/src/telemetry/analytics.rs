@@ -4,12 +4,15 @@
 //! Nothing lost: a row is deleted only after Segment accepted its batch. Nothing twice (for
 //! Segment, which deduplicates by `messageId`): every event's `messageId` is derived from
 //! what happened (`payretry-{session}-{attempt}-{event}`), so a re-sent batch repeats ids.
+//!
+//! The outbox is a table of the database: storage writes [`AnalyticsEvent`]s with the
+//! transition they describe, and implements [`AnalyticsOutbox`] for the relay.
 
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
-use crate::storage::{AnalyticsRow, Storage};
+use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use payretry_domain::{AttemptNumber, PaymentSessionId, UserId};
+use payretry_domain::{AttemptNumber, Backoff, PaymentSessionId, UserId};
 use serde_json::{Value, json};
 use std::sync::Arc;
 use std::time::Duration;
@@ -83,6 +86,37 @@ impl AnalyticsEvent {
     }
 }
 
+/// An analytics outbox row awaiting delivery.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnalyticsRow {
+    pub id: i64,
+    /// The Segment track object.
+    pub payload: Value,
+}
+
+/// The analytics outbox could not be read or updated (its database failed).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct AnalyticsOutboxError(pub Box<dyn std::error::Error + Send + Sync>);
+
+pub type AnalyticsResult<T> = Result<T, AnalyticsOutboxError>;
+
+/// The analytics outbox, seen from the relay that delivers it to Segment.
+#[async_trait]
+pub trait AnalyticsOutbox: Send + Sync + 'static {
+    /// The oldest undelivered analytics events that are due, at most `limit`.
+    async fn analytics_batch(&self, limit: u32) -> AnalyticsResult<Vec<AnalyticsRow>>;
+
+    /// Segment accepted these events: delete them.
+    async fn analytics_delivered(&self, ids: &[i64]) -> AnalyticsResult<()>;
+
+    /// Segment refused these events for good: keep them for review, out of the relay's way.
+    async fn analytics_park(&self, ids: &[i64], error: &str) -> AnalyticsResult<()>;
+
+    /// Resolves when this process committed analytics events (so the relay need not poll).
+    async fn analytics_enqueued(&self);
+}
+
 /// Segment's limits: at most 100 events and 500 KB per batch call.
 const MAX_BATCH_EVENTS: u32 = 100;
 const MAX_BATCH_BYTES: usize = 500 * 1024;
@@ -91,7 +125,7 @@ const IDLE_POLL: Duration = Duration::from_secs(2);
 
 /// Delivers the analytics outbox to `{endpoint}/v1/batch`.
 pub struct SegmentRelay {
-    pub storage: Arc<dyn Storage>,
+    pub outbox: Arc<dyn AnalyticsOutbox>,
     pub endpoint: String,
     pub write_key: Secret,
     pub http: reqwest::Client,
@@ -120,24 +154,22 @@ impl SegmentRelay {
                 Delivery::Idle => IDLE_POLL,
                 Delivery::Failed(error) => {
                     failures += 1;
-                    let delay = self
-                        .backoff
-                        .saturating_mul(1 << failures.min(10))
-                        .min(Duration::from_secs(60));
+                    let delay = Backoff::doubling(self.backoff, 10, Duration::from_secs(60))
+                        .delay(failures);
                     tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, "segment delivery failed");
                     delay
                 }
             };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = self.storage.analytics_enqueued(), if failures == 0 => {}
+                _ = self.outbox.analytics_enqueued(), if failures == 0 => {}
                 _ = shutdown.wait() => {}
             }
         }
     }
 
     async fn deliver_once(&self) -> Delivery {
-        let rows = match self.storage.analytics_batch(MAX_BATCH_EVENTS).await {
+        let rows = match self.outbox.analytics_batch(MAX_BATCH_EVENTS).await {
             Ok(rows) if rows.is_empty() => return Delivery::Idle,
             Ok(rows) => rows,
             Err(error) => return Delivery::Failed(error.to_string()),
@@ -165,7 +197,7 @@ impl SegmentRelay {
                 // but out of the way of the ones behind them.
                 let error = format!("segment refused the batch: {}", r.status());
                 tracing::error!(%error, events = ids.len(), "analytics events parked");
-                match self.storage.analytics_park(&ids, &error).await {
+                match self.outbox.analytics_park(&ids, &error).await {
                     Ok(()) => Delivery::Sent(0),
                     Err(e) => Delivery::Failed(e.to_string()),
                 }
@@ -177,9 +209,9 @@ impl SegmentRelay {
 
 impl SegmentRelay {
     /// Segment accepted the batch: forget its rows.
-    async fn delivered(&self, ids: &[i64]) -> Result<(), crate::storage::StorageError> {
+    async fn delivered(&self, ids: &[i64]) -> AnalyticsResult<()> {
         crate::crash_point!("segment-after-send");
-        self.storage.analytics_delivered(ids).await
+        self.outbox.analytics_delivered(ids).await
     }
 }
 

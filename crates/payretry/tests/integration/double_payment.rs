@@ -9,8 +9,7 @@ use crate::support::app::{
 };
 use crate::support::fake_stripe::FailureMode;
 use payretry::provider::RefundRequest;
-use payretry::provider::sandbox::events;
-use payretry::storage::SandboxCheckoutStatus;
+use payretry::provider::sandbox::{SandboxCheckoutStatus, events};
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId, Role};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};

@@ -13,12 +13,10 @@ use payretry::app::{App, ServeRole, Tuning};
 use payretry::config::Config;
 use payretry::queue::relay::SqsRelay;
 use payretry::queue::sqs::{self, SqsQueue};
-use payretry::queue::{Delivery, JobQueue};
+use payretry::queue::{Delivery, JobQueue, QueueError};
 use payretry::shutdown;
 use payretry::storage::sqlite::SqliteStorage;
-use payretry::storage::{
-    Committed, NewAuditEntry, NewSession, SessionRecord, Storage, StorageError, Transition,
-};
+use payretry::storage::{Committed, NewAuditEntry, NewSession, SessionRecord, Storage, Transition};
 use payretry::worker::{Outcome, Worker, WorkerSettings};
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, Money, PaymentSessionId, ProviderSessionId,
@@ -516,7 +514,7 @@ impl Outage {
     async fn relay_fails_and_keeps_the_rows(&self) {
         let failed = self.relay.relay_once().await;
         assert!(
-            matches!(failed, Err(StorageError::Queue(_))),
+            matches!(failed, Err(QueueError::Sqs(_))),
             "a send to a stopped SQS fails: {failed:?}"
         );
         assert_eq!(

@@ -10,13 +10,15 @@
 
 use crate::support::services::TempDatabase;
 use chrono::{DateTime, Duration as TimeDelta, Utc};
+use payretry::provider::sandbox::{SandboxCheckout, SandboxCheckoutStatus};
 use payretry::queue::{Delivery, JobQueue, Outbox};
 use payretry::storage::{
-    AnalyticsEvent, AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus,
-    IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter,
-    NewDuplicatePayment, NewSession, Page, Paged, RefundSettlement, SandboxCheckout,
-    SandboxCheckoutStatus, SessionRecord, SessionState, Storage, StoredResponse, Transition,
+    AttemptChange, AttemptStatus, Committed, DuplicatePaymentStatus, IdempotencyBegin,
+    IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewDeadLetter, NewDuplicatePayment,
+    NewSession, Page, Paged, RefundSettlement, SessionRecord, SessionState, Storage,
+    StoredResponse, Transition,
 };
+use payretry::telemetry::analytics::AnalyticsEvent;
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
     ProviderSessionId, RetryJob, SessionStatus, UserId,

@@ -716,13 +716,13 @@ impl payretry::queue::JobQueue for CountingQueue {
         &self,
         max: u32,
         lease: Duration,
-    ) -> Result<Vec<payretry::queue::Delivery>, payretry::storage::StorageError> {
+    ) -> Result<Vec<payretry::queue::Delivery>, payretry::queue::QueueError> {
         self.inner.receive(max, lease).await
     }
     async fn ack(
         &self,
         delivery: &payretry::queue::Delivery,
-    ) -> Result<(), payretry::storage::StorageError> {
+    ) -> Result<(), payretry::queue::QueueError> {
         self.acks.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.inner.ack(delivery).await
     }
@@ -734,28 +734,28 @@ impl payretry::queue::JobQueue for CountingQueue {
         delivery: &payretry::queue::Delivery,
         error: &str,
         delay: Duration,
-    ) -> Result<(), payretry::storage::StorageError> {
+    ) -> Result<(), payretry::queue::QueueError> {
         self.inner.release(delivery, error, delay).await
     }
     async fn extend(
         &self,
         delivery: &payretry::queue::Delivery,
         lease: Duration,
-    ) -> Result<(), payretry::storage::StorageError> {
+    ) -> Result<(), payretry::queue::QueueError> {
         self.inner.extend(delivery, lease).await
     }
     async fn defer(
         &self,
         delivery: &payretry::queue::Delivery,
-    ) -> Result<(), payretry::storage::StorageError> {
+    ) -> Result<(), payretry::queue::QueueError> {
         self.inner.defer(delivery).await
     }
-    async fn ping(&self) -> Result<(), payretry::storage::StorageError> {
+    async fn ping(&self) -> Result<(), payretry::queue::QueueError> {
         self.inner.ping().await
     }
     async fn next_due(
         &self,
-    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, payretry::storage::StorageError> {
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, payretry::queue::QueueError> {
         self.inner.next_due().await
     }
     async fn enqueued(&self) {

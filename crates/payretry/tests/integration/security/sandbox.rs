@@ -3,7 +3,7 @@
 use crate::support::app::{Options, TestApp, assert_problem, session_id};
 use chrono::{TimeDelta, Utc};
 use payretry::provider::CheckoutRequest;
-use payretry::storage::{SandboxCheckout, SandboxCheckoutStatus};
+use payretry::provider::sandbox::{SandboxCheckout, SandboxCheckoutStatus};
 use payretry_domain::{AttemptNumber, PaymentSessionId, ProviderSessionId};
 use reqwest::{Method, StatusCode};
 use sha2::{Digest, Sha256};
