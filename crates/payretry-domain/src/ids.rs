@@ -11,6 +11,8 @@ pub enum IdError {
     SessionId,
     #[error("an Idempotency-Key is 1 to 255 printable ASCII characters")]
     IdempotencyKey,
+    #[error("a dead letter id is a positive whole number")]
+    DeadLetterId,
 }
 
 /// Our payment session id (`ps_…`). It is preserved across every retry: only the provider
@@ -146,6 +148,59 @@ impl From<IdempotencyKey> for String {
     }
 }
 
+/// A dead letter's id: the positive row id storage gave it, written as a string in JSON
+/// and in paths. Parsed once where it comes in (a path, the CLI), so a malformed id is
+/// refused there and never reaches a transition that would silently remove nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DeadLetterId(i64);
+
+impl DeadLetterId {
+    pub fn parse(raw: &str) -> Result<Self, IdError> {
+        // Digits only: `i64::from_str` would also take a sign.
+        if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(IdError::DeadLetterId);
+        }
+        match raw.parse::<i64>() {
+            Ok(id) if id > 0 => Ok(Self(id)),
+            _ => Err(IdError::DeadLetterId),
+        }
+    }
+
+    /// The id as storage holds it: only ids storage gave out are built from a row.
+    pub fn from_row(id: i64) -> Result<Self, IdError> {
+        if id > 0 {
+            Ok(Self(id))
+        } else {
+            Err(IdError::DeadLetterId)
+        }
+    }
+
+    pub const fn get(self) -> i64 {
+        self.0
+    }
+}
+
+impl TryFrom<String> for DeadLetterId {
+    type Error = IdError;
+
+    fn try_from(raw: String) -> Result<Self, IdError> {
+        Self::parse(&raw)
+    }
+}
+
+impl From<DeadLetterId> for String {
+    fn from(id: DeadLetterId) -> Self {
+        id.0.to_string()
+    }
+}
+
+impl fmt::Display for DeadLetterId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Which checkout of a session: 0 is the original, 1..=max the retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -182,6 +237,30 @@ impl fmt::Display for AttemptNumber {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn dead_letter_id_takes_only_positive_whole_numbers() {
+        assert_eq!(DeadLetterId::parse("42").map(DeadLetterId::get), Ok(42));
+        for raw in [
+            "",
+            "0",
+            "-1",
+            "+1",
+            "1.5",
+            "abc",
+            " 1",
+            "99999999999999999999",
+        ] {
+            assert_eq!(
+                DeadLetterId::parse(raw),
+                Err(IdError::DeadLetterId),
+                "{raw:?}"
+            );
+        }
+        let json: Result<DeadLetterId, _> = serde_json::from_str("\"x1\"");
+        assert!(json.is_err());
+        assert_eq!(serde_json::to_string(&DeadLetterId(7)).unwrap(), "\"7\"");
+    }
 
     #[test]
     fn session_id_round_trips_from_random_bits() {

@@ -32,7 +32,9 @@ pub use audit::{Actor, AuditAction, Principal, Role};
 pub use backoff::{Backoff, Jitter};
 pub use eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
 pub use failure::FailureReason;
-pub use ids::{AttemptNumber, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId};
+pub use ids::{
+    AttemptNumber, DeadLetterId, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId,
+};
 pub use job::RetryJob;
 pub use lifecycle::{Change, Effects, Lifecycle, SessionState};
 pub use money::{Amount, Currency, Money};

@@ -31,7 +31,7 @@
 use crate::audit::{Actor, AuditAction};
 use crate::eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
 use crate::failure::FailureReason;
-use crate::ids::{AttemptNumber, PaymentSessionId, ProviderSessionId};
+use crate::ids::{AttemptNumber, DeadLetterId, PaymentSessionId, ProviderSessionId};
 use crate::job::RetryJob;
 use crate::money::Money;
 use crate::policy::RetryPolicy;
@@ -191,7 +191,7 @@ pub enum AuditDetails {
         receive_count: u32,
     },
     RetryRedriven {
-        dead_letter_id: String,
+        dead_letter_id: DeadLetterId,
         last_error: String,
     },
     SessionExpired {
@@ -316,7 +316,7 @@ pub struct Effects {
     pub duplicate: Option<DuplicateCharge>,
     pub dead_letter: Option<DeadLetterNote>,
     /// The id of a dead letter being redriven: removed with this change.
-    pub redrive: Option<String>,
+    pub redrive: Option<DeadLetterId>,
     /// Provider checkouts nobody should pay any more (superseded by a newer attempt's, left
     /// payable after a payment through another, or past the window): closed durably, retried
     /// until the provider says they are closed.
@@ -959,7 +959,7 @@ impl<'a> Lifecycle<'a> {
     pub fn redriven(
         &self,
         job: &RetryJob,
-        dead_letter_id: &str,
+        dead_letter_id: DeadLetterId,
         last_error: &str,
         actor: Actor,
         now: DateTime<Utc>,
@@ -989,7 +989,7 @@ impl<'a> Lifecycle<'a> {
             attempt: Some(attempt),
             actor,
             details: AuditDetails::RetryRedriven {
-                dead_letter_id: dead_letter_id.to_owned(),
+                dead_letter_id,
                 last_error: last_error.to_owned(),
             },
         });
@@ -997,7 +997,7 @@ impl<'a> Lifecycle<'a> {
             enqueued_at: now,
             ..job.clone()
         });
-        effects.redrive = Some(dead_letter_id.to_owned());
+        effects.redrive = Some(dead_letter_id);
         Ok(change)
     }
 }
@@ -1131,7 +1131,9 @@ mod tests {
         /// Checkouts still payable at the provider: created, neither closed nor expired.
         live: std::collections::BTreeSet<String>,
         queue: Vec<RetryJob>,
-        dead: Vec<(String, RetryJob)>,
+        dead: Vec<(DeadLetterId, RetryJob)>,
+        /// The last dead letter id given out (storage's row ids start at 1).
+        next_dead_letter: i64,
         /// Every accepted retry, in order, with how it ended so far.
         accepted: Vec<(AttemptNumber, Option<Ending>)>,
     }
@@ -1158,6 +1160,7 @@ mod tests {
                 live: [checkout(AttemptNumber::ORIGINAL, now).id.to_string()].into(),
                 queue: Vec::new(),
                 dead: Vec::new(),
+                next_dead_letter: 0,
                 accepted: Vec::new(),
             }
         }
@@ -1306,8 +1309,9 @@ mod tests {
                 self.queue.push(job);
             }
             if let Some(dead) = change.effects.dead_letter {
-                self.dead
-                    .push((format!("dl_{}", self.dead.len()), dead.job));
+                self.next_dead_letter += 1;
+                let id = DeadLetterId::from_row(self.next_dead_letter).expect("positive");
+                self.dead.push((id, dead.job));
             }
             if let Some(id) = &change.effects.redrive {
                 self.dead.retain(|(d, _)| d != id);
@@ -1426,7 +1430,7 @@ mod tests {
                         let (id, job) = self.dead[pick % self.dead.len()].clone();
                         let redriven = self.lifecycle().redriven(
                             &job,
-                            &id,
+                            id,
                             "provider down",
                             Actor::System,
                             now,

@@ -8,7 +8,7 @@ use crate::shutdown;
 use crate::storage::Page;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use payretry_domain::{Principal, Role, UserId};
+use payretry_domain::{DeadLetterId, Principal, Role, UserId};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -157,7 +157,9 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
                         user: UserId::new("cli"),
                         role: Role::Admin,
                     };
-                    let dead = payments.redrive(&id, &operator).await.map_err(|e| {
+                    let id = DeadLetterId::parse(&id)
+                        .map_err(|e| anyhow::anyhow!("dead letter id {id:?}: {e}"))?;
+                    let dead = payments.redrive(id, &operator).await.map_err(|e| {
                         anyhow::anyhow!(
                             "redrive refused: {}",
                             crate::http::error::ApiError::from(e)

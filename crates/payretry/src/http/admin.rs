@@ -10,7 +10,7 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::{get, post};
-use payretry_domain::Role;
+use payretry_domain::{DeadLetterId, Role};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -36,7 +36,7 @@ pub struct DeadLetterView {
 impl From<&DeadLetter> for DeadLetterView {
     fn from(d: &DeadLetter) -> Self {
         Self {
-            id: d.id.clone(),
+            id: d.id.to_string(),
             payment_session_id: d.job.payment_session_id.to_string(),
             attempt_number: d.job.attempt_number.get(),
             receive_count: d.receive_count,
@@ -93,7 +93,9 @@ pub async fn redrive(
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<DeadLetterView>), ApiError> {
     let admin = caller.require(&[Role::Admin])?;
-    let dead = state.payments.redrive(&id, admin).await?;
+    // A malformed id names no dead letter: the same 404 as an unknown one.
+    let id = DeadLetterId::parse(&id).map_err(|_| ApiError::DeadLetterNotFound)?;
+    let dead = state.payments.redrive(id, admin).await?;
     Ok((StatusCode::ACCEPTED, Json(DeadLetterView::from(&dead))))
 }
 

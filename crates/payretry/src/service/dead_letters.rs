@@ -4,7 +4,7 @@
 
 use super::{Payments, ServiceError, ServiceResult, record};
 use crate::storage::{DeadLetter, Page, Paged};
-use payretry_domain::{PaymentSessionId, Principal};
+use payretry_domain::{DeadLetterId, PaymentSessionId, Principal};
 
 impl Payments {
     /// One page of the dead letters, oldest first.
@@ -13,7 +13,7 @@ impl Payments {
     }
 
     /// Re-enqueues a dead-lettered job for immediate processing.
-    pub async fn redrive(&self, id: &str, admin: &Principal) -> ServiceResult<DeadLetter> {
+    pub async fn redrive(&self, id: DeadLetterId, admin: &Principal) -> ServiceResult<DeadLetter> {
         let dead = self
             .storage
             .dead_letter(id)
@@ -23,7 +23,7 @@ impl Payments {
         self.transition(&session_id, |session, now| {
             let change = session.lifecycle().redriven(
                 &dead.job,
-                &dead.id,
+                dead.id,
                 &dead.last_error,
                 admin.actor(),
                 now,

@@ -29,7 +29,7 @@ use crate::provider::sandbox::{
 };
 use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
-use payretry_domain::{Amount, Currency, FailureReason};
+use payretry_domain::{Amount, Currency, DeadLetterId, FailureReason};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, Row, Transaction};
 use std::str::FromStr;
@@ -128,7 +128,7 @@ fn session_from_row(row: &PgRow) -> StorageResult<SessionRecord> {
 fn dead_letter_from_row(row: &PgRow) -> StorageResult<DeadLetter> {
     let payload: String = row.try_get("payload")?;
     Ok(DeadLetter {
-        id: row.try_get::<i64, _>("id")?.to_string(),
+        id: DeadLetterId::from_row(row.try_get("id")?).map_err(corrupt)?,
         job: serde_json::from_str(&payload).map_err(corrupt)?,
         receive_count: count(row.try_get("receive_count")?)?,
         last_error: row.try_get("last_error")?,
@@ -487,11 +487,16 @@ impl Storage for PostgresStorage {
         if let Some(receipt) = &t.settles {
             delete_delivered_job(&mut tx, receipt).await?;
         }
-        if let Some(id) = &t.redrive {
-            sqlx::query("DELETE FROM dead_letters WHERE id = $1")
-                .bind(id.parse::<i64>().unwrap_or(-1))
+        if let Some(id) = t.redrive {
+            let removed = sqlx::query("DELETE FROM dead_letters WHERE id = $1")
+                .bind(id.get())
                 .execute(&mut *tx)
                 .await?;
+            // Gone already: another redrive of it committed first. Nothing is written, and
+            // the caller reloads the session and finds it moved on.
+            if removed.rows_affected() == 0 {
+                return Ok(Committed::Conflict);
+            }
         }
         if let Some(completion) = &t.idempotency {
             store_response(&mut tx, completion, now).await?;
@@ -740,12 +745,9 @@ impl Storage for PostgresStorage {
         Ok(Paged::from_rows(page, rows))
     }
 
-    async fn dead_letter(&self, id: &str) -> StorageResult<Option<DeadLetter>> {
-        let Ok(id) = id.parse::<i64>() else {
-            return Ok(None);
-        };
+    async fn dead_letter(&self, id: DeadLetterId) -> StorageResult<Option<DeadLetter>> {
         let row = sqlx::query("SELECT * FROM dead_letters WHERE id = $1")
-            .bind(id)
+            .bind(id.get())
             .fetch_optional(&self.pool)
             .await?;
         row.as_ref().map(dead_letter_from_row).transpose()

@@ -20,8 +20,8 @@ use payretry::storage::{
 };
 use payretry::telemetry::analytics::AnalyticsEvent;
 use payretry_domain::{
-    Amount, AttemptNumber, AuditAction, Currency, FailureReason, Money, PaymentSessionId,
-    ProviderSessionId, RetryJob, SessionStatus, UserId,
+    Amount, AttemptNumber, AuditAction, Currency, DeadLetterId, FailureReason, Money,
+    PaymentSessionId, ProviderSessionId, RetryJob, SessionStatus, UserId,
 };
 use serde_json::json;
 use std::collections::BTreeSet;
@@ -1203,17 +1203,11 @@ async fn dead_letter_and_redrive(db: Store) {
     assert_eq!(dead.last_error, "provider unavailable");
     assert_between(dead.dead_at, before, after);
     assert_eq!(
-        db.dead_letter(&dead.id).await.expect("dead letter"),
+        db.dead_letter(dead.id).await.expect("dead letter"),
         Some(dead.clone())
     );
-    assert_eq!(
-        db.dead_letter("not-a-number").await.expect("dead letter"),
-        None
-    );
-    assert_eq!(
-        db.dead_letter("987654321").await.expect("dead letter"),
-        None
-    );
+    let unknown = DeadLetterId::parse("987654321").expect("id");
+    assert_eq!(db.dead_letter(unknown).await.expect("dead letter"), None);
 
     // Redrive: the dead letter goes, the job comes back, in one commit.
     let current = reload(&db, &session.id).await;
@@ -1225,10 +1219,20 @@ async fn dead_letter_and_redrive(db: Store) {
             "retry_processing_failed",
         ),
     );
-    t.redrive = Some(dead.id.clone());
+    t.redrive = Some(dead.id);
     t.enqueue = Some(job(&session.id, 1, now_ms() - TimeDelta::seconds(1)));
     t.audit.push(audit(AuditAction::RetryRedriven, 1));
     assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+
+    // The same dead letter again (a second admin, a lost answer): it is gone, so the whole
+    // commit is refused and nothing more is queued or recorded.
+    let current = reload(&db, &session.id).await;
+    let mut again = Transition::new(&current, current.state.clone());
+    again.redrive = Some(dead.id);
+    again.enqueue = Some(job(&session.id, 1, now_ms() - TimeDelta::seconds(1)));
+    again.audit.push(audit(AuditAction::RetryRedriven, 1));
+    assert_eq!(db.commit(again).await.expect("commit"), Committed::Conflict);
+    assert_eq!(reload(&db, &session.id).await, current);
     assert!(
         db.dead_letters(ALL)
             .await
@@ -1236,7 +1240,7 @@ async fn dead_letter_and_redrive(db: Store) {
             .items
             .is_empty()
     );
-    assert_eq!(db.dead_letter(&dead.id).await.expect("dead letter"), None);
+    assert_eq!(db.dead_letter(dead.id).await.expect("dead letter"), None);
     let redelivered = receive(&db, 10, Duration::from_secs(60)).await;
     assert_eq!(redelivered.len(), 1);
     assert_eq!(redelivered[0].job.attempt_number, AttemptNumber::new(1));
@@ -1585,11 +1589,7 @@ async fn dead_letters_page_by_id(db: Store) {
     assert_eq!(pages.iter().map(Vec::len).collect::<Vec<_>>(), [2, 2, 1]);
     let seen: Vec<u32> = pages.iter().flatten().map(|d| d.receive_count).collect();
     assert_eq!(seen, expected, "every dead letter once, oldest first");
-    let ids: Vec<i64> = pages
-        .iter()
-        .flatten()
-        .map(|d| d.id.parse().expect("numeric id"))
-        .collect();
+    let ids: Vec<i64> = pages.iter().flatten().map(|d| d.id.get()).collect();
     assert!(ids.windows(2).all(|w| w[0] < w[1]));
     assert_eq!(
         pages.concat(),

@@ -8,7 +8,14 @@ const UNKNOWN_SESSION: &str = "ps_00000000000000000000000000000000";
 async fn redrive_of_an_unknown_dead_letter_is_404() {
     let app = TestApp::spawn().await;
 
-    for id in ["999999", "not-a-dead-letter"] {
+    for id in [
+        "999999",
+        "not-a-dead-letter",
+        "0",
+        "-1",
+        "1.5",
+        "99999999999999999999",
+    ] {
         let response = app
             .request(
                 Method::POST,
