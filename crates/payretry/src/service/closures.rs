@@ -16,6 +16,8 @@ use super::{Payments, ServiceResult};
 use crate::provider::ProviderError;
 use crate::storage::CheckoutClosure;
 use chrono::{DateTime, TimeDelta, Utc};
+use payretry_domain::Backoff;
+use std::time::Duration;
 
 /// Stripe closes every checkout within 24 hours of its creation; past that (with an hour of
 /// slack) there is nothing left to close.
@@ -25,8 +27,11 @@ pub const GIVE_UP_AFTER: TimeDelta = TimeDelta::hours(25);
 const BATCH: u32 = 50;
 
 /// When to try again after `tries` failed tries: 5 s doubling, at most 30 minutes.
+const RETRY_BACKOFF: Backoff =
+    Backoff::doubling(Duration::from_secs(5), 9, Duration::from_secs(30 * 60));
+
 fn retry_delay(tries: u32) -> TimeDelta {
-    TimeDelta::seconds(5 << tries.min(9)).min(TimeDelta::minutes(30))
+    TimeDelta::from_std(RETRY_BACKOFF.delay(tries)).unwrap_or(TimeDelta::MAX)
 }
 
 impl Payments {

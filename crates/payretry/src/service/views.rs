@@ -3,7 +3,7 @@
 use crate::storage::SessionRecord;
 use chrono::{DateTime, Utc};
 use payretry_domain::eligibility::{effective_status, retry_unavailable_reason};
-use payretry_domain::{RetryPlan, RetryPolicy, SessionStatus};
+use payretry_domain::{RetryPlan, RetryPolicy, RetryUnavailableReason, SessionStatus};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -27,7 +27,8 @@ pub struct StatusView {
     pub retry_available: bool,
     /// `limit_reached`, `window_expired`, `payment_succeeded`, `payment_processing`,
     /// `retry_scheduled`, `payment_not_failed` or `failure_not_retryable`.
-    pub retry_unavailable_reason: Option<String>,
+    #[schema(value_type = Option<String>, example = "limit_reached")]
+    pub retry_unavailable_reason: Option<RetryUnavailableReason>,
     pub next_retry_at: Option<DateTime<Utc>>,
     pub last_retry_at: Option<DateTime<Utc>>,
     pub expires_at: DateTime<Utc>,
@@ -51,7 +52,7 @@ impl StatusView {
             max_retry_attempts: policy.max_attempts,
             retry_attempts_remaining: policy.max_attempts.saturating_sub(state.retry_attempts),
             retry_available: unavailable.is_none(),
-            retry_unavailable_reason: unavailable.map(|r| r.as_str().to_owned()),
+            retry_unavailable_reason: unavailable,
             next_retry_at: state
                 .next_retry_at
                 .filter(|_| status == SessionStatus::RetryScheduled),

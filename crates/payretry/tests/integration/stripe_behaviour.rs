@@ -191,7 +191,7 @@ async fn a_payment_on_an_older_checkout_closes_the_current_one() {
     deliver(&app, "checkout.session.completed", &older).await;
     app.wait_for_status(&id, "succeeded").await;
     // The payment's commit wakes the sweeper, which closes it (a bounded wait, no fixed sleep).
-    let closed = wait_for_checkout(&app, &current, "expired").await;
+    let closed = stripe(&app).wait_for_checkout(&current, "expired").await;
     assert_eq!(
         closed.status, "expired",
         "the current checkout can no longer be paid"
@@ -225,7 +225,7 @@ async fn a_checkout_that_could_not_be_closed_is_closed_later() {
     assert_eq!(tried, 1, "the first close failed and was kept for later");
     assert_eq!(stripe(&app).checkout(&checkout).unwrap().status, "open");
 
-    let closed = wait_for_checkout(&app, &checkout, "expired").await;
+    let closed = stripe(&app).wait_for_checkout(&checkout, "expired").await;
     assert_eq!(closed.status, "expired");
     assert_eq!(
         app.settled_count("SELECT COUNT(*) FROM checkout_closures", 0)
@@ -236,22 +236,6 @@ async fn a_checkout_that_could_not_be_closed_is_closed_later() {
 
 /// Polls the fake until `checkout` reads `status` (15 s at most: a closure's first backoff is
 /// 5 s), and returns it as last read.
-async fn wait_for_checkout(
-    app: &TestApp,
-    checkout: &str,
-    status: &str,
-) -> crate::support::fake_stripe::FakeCheckout {
-    let mut last = stripe(app).checkout(checkout).unwrap();
-    for _ in 0..300 {
-        if last.status == status {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        last = stripe(app).checkout(checkout).unwrap();
-    }
-    last
-}
-
 /// payretry's own timeout (2 s here) fires while Stripe is still creating the checkout; every
 /// retry meanwhile meets 409 `idempotency_key_in_use`. Not one job is dead-lettered, and each
 /// attempt gets exactly one checkout once the running create finishes.

@@ -261,11 +261,17 @@ async fn the_worker_abandons_a_retry_that_comes_due_after_the_window() {
     let delivery = next_delivery(d.queue.as_ref()).await;
     app.wait_for_status(&id, "expired").await;
 
-    // Act
+    // Act: the worker's handling, then the closing the sweeper would do (none runs here).
     let outcome = d.worker.handle(delivery).await.unwrap();
+    let closed = app.payments.close_due_checkouts(chrono::Utc::now()).await;
 
     // Assert
     assert_eq!(outcome, Outcome::Abandoned);
+    assert_eq!(
+        closed.unwrap(),
+        1,
+        "the expiry left the live checkout to close"
+    );
     let entries = app.audit_entries(&id).await;
     let status = app.status(&app.buyer(), &id).await;
     assert_eq!(status["status"], "expired");
@@ -437,8 +443,9 @@ async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_l
     let fake = fake(app);
     fake.fail_next(2, FailureMode::Hang(Duration::from_millis(300)));
 
-    // Act
+    // Act: both deliveries, then the closing the sweeper would do (none runs here).
     let (first, second) = tokio::join!(d.worker.process(&delivery), d.worker.process(&delivery));
+    let closed = app.payments.close_due_checkouts(chrono::Utc::now()).await;
 
     // Assert
     let mut outcomes = [first, second];
@@ -456,6 +463,7 @@ async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_l
     assert_eq!(fake.create_count(&id, 1), 1);
     let entries = app.audit_entries(&id).await;
     assert_eq!(with_action(&entries, "retry_initiated").len(), 1);
+    assert_eq!(closed.unwrap(), 1);
     assert_eq!(
         fake.expired_ids(),
         [first_checkout],
@@ -662,14 +670,20 @@ async fn the_retry_checkout_is_created_before_the_previous_one_is_closed() {
     } = app.declined_session(&app.buyer()).await;
     assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
 
-    // Act
+    // Act: the worker's job, then the closing the sweeper would do (none runs here).
     let outcome = d
         .worker
         .process(&next_delivery(d.queue.as_ref()).await)
         .await;
+    let closed = app.payments.close_due_checkouts(chrono::Utc::now()).await;
 
     // Assert
     assert_eq!(outcome, Outcome::CheckoutCreated);
+    assert_eq!(
+        closed.unwrap(),
+        1,
+        "the retry left the superseded checkout to close"
+    );
     let open = app.status(&app.buyer(), &id).await;
     assert_eq!(open["status"], "open");
     let fake = fake(app);

@@ -250,6 +250,19 @@ impl FakeStripe {
         self.checkouts().into_iter().find(|c| c.id == id)
     }
 
+    /// Checkout `id` once its status is `status`, or as it stands after 15 s (the caller
+    /// asserts): payretry closes superseded checkouts in the background.
+    pub async fn wait_for_checkout(&self, id: &str, status: &str) -> FakeCheckout {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let checkout = self.checkout(id).expect("a checkout the fake created");
+            if checkout.status == status || tokio::time::Instant::now() >= deadline {
+                return checkout;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Distinct checkouts created for one attempt of one payment session (replays excluded).
     pub fn create_count(&self, session_id: impl Display, attempt: impl Display) -> usize {
         let (session_id, attempt) = (session_id.to_string(), attempt.to_string());
@@ -509,4 +522,44 @@ struct Ledger {
 struct Stored {
     params: BTreeMap<String, String>,
     body: Value,
+}
+
+impl Ledger {
+    /// Stripe's idempotency layer for a request under `key`: the saved 500 or the stored
+    /// success replayed when the parameters are the same, a 400 `idempotency_error` (and a
+    /// violation) when they differ, `None` for a key not seen before.
+    fn replay(
+        &mut self,
+        what: &str,
+        key: &str,
+        form: &BTreeMap<String, String>,
+    ) -> Option<Response> {
+        let (params, answer) = if let Some(saved) = self.saved_failures.get(key) {
+            (&saved.params, saved_server_error(saved.body.clone(), true))
+        } else if let Some(stored) = self.idempotency.get(key) {
+            let mut response = stripe_json(StatusCode::OK, stored.body.clone());
+            response
+                .headers_mut()
+                .insert("Idempotent-Replayed", HeaderValue::from_static("true"));
+            (&stored.params, response)
+        } else {
+            return None;
+        };
+        if params == form {
+            return Some(answer);
+        }
+        self.violations.push(format!(
+            "{what}: Idempotency-Key {key} reused with different parameters"
+        ));
+        Some(stripe_error(
+            StatusCode::BAD_REQUEST,
+            "idempotency_error",
+            None,
+            &format!(
+                "Keys for idempotent requests can only be used with the same parameters they \
+                 were first used with. Try using a key other than '{key}' if you meant to \
+                 execute a different request."
+            ),
+        ))
+    }
 }

@@ -20,45 +20,14 @@ pub(super) async fn refund(
 
 impl Shared {
     fn refund(&self, headers: &HeaderMap, body: &Bytes) -> Response {
-        let mut problems = Vec::new();
-        let content_type = header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
-        if !content_type.starts_with("application/x-www-form-urlencoded") {
-            problems.push(format!("Content-Type is {content_type:?}, not a form"));
-        }
-        let mut form = BTreeMap::new();
-        for (name, value) in form_urlencoded::parse(body) {
-            if form.insert(name.to_string(), value.to_string()).is_some() {
-                problems.push(format!("parameter {name} sent twice"));
-            }
-        }
+        let (form, mut problems) = read_form(headers, body);
         let key = header_text(headers, "idempotency-key");
 
         let mut ledger = self.ledger();
         if let Some(key) = &key
-            && let Some(stored) = ledger.idempotency.get(key)
+            && let Some(answer) = ledger.replay("refund", key, &form)
         {
-            if stored.params == form {
-                let replay = stored.body.clone();
-                drop(ledger);
-                let mut response = stripe_json(StatusCode::OK, replay);
-                response
-                    .headers_mut()
-                    .insert("Idempotent-Replayed", HeaderValue::from_static("true"));
-                return response;
-            }
-            ledger.violations.push(format!(
-                "refund: Idempotency-Key {key} reused with different parameters"
-            ));
-            drop(ledger);
-            return stripe_error(
-                StatusCode::BAD_REQUEST,
-                "idempotency_error",
-                None,
-                &format!(
-                    "Keys for idempotent requests can only be used with the same parameters \
-                     they were first used with. Try using a key other than '{key}'."
-                ),
-            );
+            return answer;
         }
 
         problems.extend(validate_refund(&form, key.as_deref()));

@@ -105,3 +105,23 @@ pub(super) fn is_stripe_version(value: &str) -> bool {
             _ => b.is_ascii_digit(),
         })
 }
+
+/// A form-encoded body as Stripe reads it, and what is wrong with its framing (not a form,
+/// a parameter sent twice).
+pub(super) fn read_form(
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> (BTreeMap<String, String>, Vec<String>) {
+    let mut problems = Vec::new();
+    let content_type = header_text(headers, header::CONTENT_TYPE.as_str()).unwrap_or_default();
+    if !content_type.starts_with("application/x-www-form-urlencoded") {
+        problems.push(format!("Content-Type is {content_type:?}, not a form"));
+    }
+    let mut form = BTreeMap::new();
+    for (name, value) in form_urlencoded::parse(body) {
+        if form.insert(name.to_string(), value.to_string()).is_some() {
+            problems.push(format!("parameter {name} sent twice"));
+        }
+    }
+    (form, problems)
+}
