@@ -16,7 +16,7 @@
 
 use arbitrary::{Arbitrary, Result, Unstructured};
 use payretry::webhook::event::{self, EventKind};
-use payretry::webhook::signature::{self, SignatureError};
+use payretry::provider::signature::{self, SignatureError};
 use payretry_domain::PaymentSessionId;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};

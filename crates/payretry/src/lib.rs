@@ -10,16 +10,19 @@
 //! - [`demo`]: `payretry demo`, the whole retry story end to end on the embedded default.
 //! - [`http`]: the HTTP edge: routes, authentication, idempotency, rate limits, the error
 //!   type and the server-rendered pages.
-//! - [`provider`]: the payment provider trait, with the built-in `sandbox` and `stripe`.
+//! - [`provider`]: the payment provider trait, with the built-in `sandbox` and `stripe`,
+//!   and the provider's webhook signature format.
 //! - [`queue`]: the retry-job queue traits, the SQS backend and its outbox relay.
+//! - [`refund_runner`]: makes the refunds of double payments, outside any request.
 //! - [`secret`]: secrets that cannot be printed by accident.
 //! - [`service`]: the business operations, each ending in one atomic storage transition.
 //! - [`shutdown`]: the shutdown signal shared by the server and the background tasks.
 //! - [`storage`]: durable state and its transitions, on SQLite or PostgreSQL (also the
 //!   embedded queue, the analytics outbox and the sandbox's checkouts).
-//! - [`sweeper`]: expires sessions whose window closed and purges old records.
+//! - [`sweeper`]: expires sessions whose window closed, closes the checkouts nobody should
+//!   pay any more, and purges old records.
 //! - [`telemetry`]: metrics, logs, and Segment analytics with their relay.
-//! - [`webhook`]: provider webhook signatures and event parsing.
+//! - [`webhook`]: the provider's webhook events, parsed.
 //! - [`worker`]: the retry worker that turns a due job into a new checkout.
 
 pub mod app;

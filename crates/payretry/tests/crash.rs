@@ -129,7 +129,7 @@ impl Api {
                 "last_payment_error": {"code": "card_declined", "decline_code": reason}}}
         });
         let body = serde_json::to_vec(&event).unwrap();
-        let signature = payretry::webhook::signature::sign(
+        let signature = payretry::provider::signature::sign(
             &body,
             WEBHOOK_SECRET,
             chrono::Utc::now().timestamp(),

@@ -119,7 +119,7 @@ impl Scenario {
         event: &Value,
     ) -> Result<reqwest::Response, reqwest::Error> {
         let body = serde_json::to_vec(event).unwrap();
-        let signature = payretry::webhook::signature::sign(
+        let signature = payretry::provider::signature::sign(
             &body,
             WEBHOOK_SECRET,
             chrono::Utc::now().timestamp(),

@@ -271,7 +271,7 @@ impl Ctx {
 
     async fn webhook(&self, base: &str, event: &Value) {
         let body = serde_json::to_vec(event).expect("event JSON");
-        let signature = payretry::webhook::signature::sign(
+        let signature = payretry::provider::signature::sign(
             &body,
             WEBHOOK_SECRET,
             chrono::Utc::now().timestamp(),

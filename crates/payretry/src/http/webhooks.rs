@@ -3,7 +3,8 @@
 
 use super::error::ApiError;
 use super::{AppState, RequestBody};
-use crate::webhook::{event, refund_event, signature};
+use crate::provider::signature;
+use crate::webhook::{event, refund_event};
 use axum::Json;
 use axum::Router;
 use axum::extract::State;

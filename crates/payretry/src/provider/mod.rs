@@ -4,6 +4,7 @@
 //! vocabulary (Stripe's `payment_status`, `cs_…` ids) is mapped into these types at the edge.
 
 pub mod sandbox;
+pub mod signature;
 pub mod stripe;
 
 use async_trait::async_trait;

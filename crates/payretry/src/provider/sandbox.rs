@@ -342,7 +342,8 @@ pub async fn deliver(
     event: &Value,
 ) -> Result<(), ProviderError> {
     let body = serde_json::to_vec(event).map_err(|e| ProviderError::Permanent(e.to_string()))?;
-    let signature = crate::webhook::signature::sign(&body, secret.expose(), Utc::now().timestamp());
+    let signature =
+        crate::provider::signature::sign(&body, secret.expose(), Utc::now().timestamp());
     let response = client
         .post(format!("{public_url}/webhooks/stripe"))
         .header("Stripe-Signature", signature)

@@ -154,7 +154,7 @@ async fn post_event(
 ) -> reqwest::Response {
     let body = serde_json::to_vec(event).unwrap();
     let signature =
-        payretry::webhook::signature::sign(&body, secret, chrono::Utc::now().timestamp());
+        payretry::provider::signature::sign(&body, secret, chrono::Utc::now().timestamp());
     http.post(format!("{base}/webhooks/stripe"))
         .header("Stripe-Signature", signature)
         .header("Content-Type", "application/json")

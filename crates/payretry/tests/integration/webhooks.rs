@@ -5,7 +5,7 @@
 use crate::support::app::{
     Options, Session, TestApp, WEBHOOK_SECRET, assert_problem, declined_event, paid_event,
 };
-use payretry::webhook::signature::sign;
+use payretry::provider::signature::sign;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 

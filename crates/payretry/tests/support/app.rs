@@ -261,7 +261,7 @@ impl TestApp {
     /// Signs and posts a provider event to `/webhooks/stripe`.
     pub async fn send_event(&self, event: &Value) -> Response {
         let body = serde_json::to_vec(event).unwrap();
-        let signature = payretry::webhook::signature::sign(
+        let signature = payretry::provider::signature::sign(
             &body,
             WEBHOOK_SECRET,
             chrono::Utc::now().timestamp(),

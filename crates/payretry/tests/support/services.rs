@@ -247,8 +247,9 @@ fn moto_python() -> String {
     })
 }
 
-/// moto's server through `scripts/moto_sqs.py`, which makes its message deletion
-/// thread-safe (see that file: without it moto can lose an accepted message).
+/// moto's server through `scripts/moto_sqs.py`, which makes its message deletion and
+/// receipt thread-safe (see that file: without it moto can lose an accepted message, or
+/// hand one message to two concurrent receivers).
 fn moto_command(port: u16) -> Command {
     static PYTHON: OnceLock<String> = OnceLock::new();
     let python = PYTHON.get_or_init(moto_python);

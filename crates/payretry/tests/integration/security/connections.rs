@@ -414,7 +414,7 @@ async fn the_webhook_takes_json_with_a_charset_and_refuses_other_bodies_415() {
         "data": {"object": {}}});
     let body = serde_json::to_vec(&event).unwrap();
     let post = |content_type: &'static str| {
-        let signature = payretry::webhook::signature::sign(
+        let signature = payretry::provider::signature::sign(
             &body,
             WEBHOOK_SECRET,
             chrono::Utc::now().timestamp(),

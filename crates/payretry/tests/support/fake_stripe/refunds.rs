@@ -278,7 +278,7 @@ impl FakeStripe {
     pub async fn deliver(&self, url: &str, secret: &str, event: &Value) -> u16 {
         let body = serde_json::to_vec(event).expect("event JSON");
         let signature =
-            payretry::webhook::signature::sign(&body, secret, chrono::Utc::now().timestamp());
+            payretry::provider::signature::sign(&body, secret, chrono::Utc::now().timestamp());
         reqwest::Client::new()
             .post(url)
             .header("Stripe-Signature", signature)
