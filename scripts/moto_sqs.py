@@ -1,11 +1,16 @@
-"""moto's SQS server, with its message deletion made thread-safe.
+"""moto's SQS server, with its message deletion and receipt made thread-safe.
 
-moto's `Queue.delete_message` rebuilds the queue's message list from a snapshot and assigns
-it back without holding `_messages_lock`, while the server answers requests on threads. Two
-overlapping deletes can resurrect a deleted message, and a message appended in between is
-dropped after SendMessage answered success: a queue that loses an accepted message, which
-no real SQS does. payretry's tests start moto through this file so that they test payretry,
-not that race.
+moto's server answers requests on threads, but two of its queue operations touch the
+message list without holding `_messages_lock`:
+
+- `Queue.delete_message` rebuilds the list from a snapshot and assigns it back. Two
+  overlapping deletes can resurrect a deleted message, and a message appended in between is
+  dropped after SendMessage answered success: a queue that loses an accepted message.
+- `SQSBackend.receive_message` checks that a message is visible, then marks it received.
+  Two overlapping receives both get it: one message delivered twice with receive count 1.
+
+No real SQS does either. payretry's tests start moto through this file so that they test
+payretry, not those races.
 
     python scripts/moto_sqs.py -H 127.0.0.1 -p PORT
 """
@@ -24,6 +29,19 @@ def _delete_message_locked(self, receipt_handle):
 
 
 models.Queue.delete_message = _delete_message_locked
+
+_receive_message = models.SQSBackend.receive_message
+
+
+def _receive_message_locked(self, queue_name, *args, **kwargs):
+    # The scan checks that a message is visible, then marks it received: two receives
+    # overlapping between the check and the mark both get the same message. The lock is a
+    # Condition over an RLock, so the long poll inside still releases it while it waits.
+    with self.get_queue(queue_name)._messages_lock:
+        return _receive_message(self, queue_name, *args, **kwargs)
+
+
+models.SQSBackend.receive_message = _receive_message_locked
 
 if __name__ == "__main__":
     sys.argv[0] = "moto_server"

@@ -60,7 +60,7 @@ if [ ! -x "$venv/bin/moto_server" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
 fi
 moto_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-# Through scripts/moto_sqs.py: moto with its message deletion made thread-safe.
+# Through scripts/moto_sqs.py: moto with its message deletion and receipt made thread-safe.
 "$venv/bin/python" scripts/moto_sqs.py -H 127.0.0.1 -p "$moto_port" >"${TMPDIR:-/tmp}/payretry-moto-$moto_port.log" 2>&1 &
 moto_pid=$!
 stop_services() { kill "$moto_pid" 2>/dev/null || true; }
