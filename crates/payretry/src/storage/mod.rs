@@ -5,8 +5,21 @@
 //! database transaction together with everything that must happen because of it (audit
 //! entries, queued jobs, the idempotent response). Transitions are compare-and-set on the
 //! session's `version`, so of two concurrent writers exactly one wins and the other re-reads.
+//!
+//! Each statement is written once, for both backends:
+//! - [`plan`]: what a transition (and every other write) writes, as pure values;
+//! - [`reads`]: the reads both backends make;
+//! - [`rows`]: rows into domain values;
+//! - [`sql`]: binding and running those statements on either backend.
+//!
+//! [`sqlite`] and [`postgres`] keep their pools, how they begin a transaction, and the few
+//! statements that truly differ (claims with `SKIP LOCKED`, array binds, idempotency claims).
 
+mod plan;
 pub mod postgres;
+mod reads;
+mod rows;
+mod sql;
 pub mod sqlite;
 pub mod wakeups;
 
@@ -629,50 +642,6 @@ pub trait Storage: AnalyticsOutbox + SandboxCheckouts + Send + Sync + 'static {
     ) -> StorageResult<Option<AttemptNumber>>;
 }
 
-/// The columns a settlement writes: `status`, `refund_id` (`None` keeps the recorded one),
-/// `last_error` and `failure_reason`.
-pub(crate) fn settlement_columns(
-    settlement: &RefundSettlement,
-) -> (
-    DuplicatePaymentStatus,
-    Option<&str>,
-    Option<&str>,
-    Option<&str>,
-) {
-    match settlement {
-        RefundSettlement::Pending { refund_id } => (
-            DuplicatePaymentStatus::RefundPending,
-            Some(refund_id),
-            None,
-            None,
-        ),
-        RefundSettlement::Refunded { refund_id } => (
-            DuplicatePaymentStatus::Refunded,
-            refund_id.as_deref(),
-            None,
-            None,
-        ),
-        RefundSettlement::Failed {
-            refund_id,
-            failure_reason,
-            error,
-        } => (
-            DuplicatePaymentStatus::RefundFailed,
-            refund_id.as_deref(),
-            Some(error),
-            failure_reason.as_deref(),
-        ),
-    }
-}
-
-/// [`RefundSettlement::moves_from`] as exactly three values for `status IN (?, ?, ?)`
-/// (repeating the first), so the statement text is fixed.
-pub(crate) fn settlement_from(settlement: &RefundSettlement) -> [&'static str; 3] {
-    let from = settlement.moves_from();
-    let at = |i: usize| from.get(i).unwrap_or(&from[0]).as_str();
-    [at(0), at(1), at(2)]
-}
-
 /// Milliseconds since the epoch: how every timestamp is stored.
 pub(crate) fn to_millis(at: DateTime<Utc>) -> i64 {
     at.timestamp_millis()
@@ -735,27 +704,6 @@ impl IdempotencyRecord {
         }
         (self.locked_at > now - IDEMPOTENCY_LOCK_TIMEOUT_MS).then_some(IdempotencyBegin::InFlight)
     }
-}
-
-/// The upsert that stores a response under a key, in either backend's placeholder style
-/// (`$n` or `?n`): `$1` caller, `$2` key, `$3` fingerprint, `$4` status, `$5` body, `$6` now,
-/// `$7` the expiry cut-off. It writes over a claim of the same request (a row with no
-/// response and the same fingerprint) or an expired record, and over nothing else: zero rows
-/// affected means another response stands.
-pub(crate) fn store_response_sql(placeholder: char) -> String {
-    "INSERT INTO idempotency_keys (caller, idempotency_key, fingerprint, response_status,
-        response_body, locked_at, created_at)
-     VALUES ($1, $2, $3, $4, $5, $6, $6)
-     ON CONFLICT (caller, idempotency_key) DO UPDATE SET
-        fingerprint = excluded.fingerprint,
-        response_status = excluded.response_status,
-        response_body = excluded.response_body,
-        created_at = CASE WHEN idempotency_keys.created_at <= $7
-                          THEN excluded.created_at ELSE idempotency_keys.created_at END
-     WHERE (idempotency_keys.response_status IS NULL
-            AND idempotency_keys.fingerprint = excluded.fingerprint)
-        OR idempotency_keys.created_at <= $7"
-        .replace('$', &placeholder.to_string())
 }
 
 pub(crate) fn opt_time(ms: Option<i64>) -> StorageResult<Option<DateTime<Utc>>> {

@@ -1,0 +1,242 @@
+//! The reads both backends make, each statement once. `db` is where the backend reads from:
+//! SQLite's reader pool (or its writer, where a read must see the latest commit), or
+//! PostgreSQL's pool.
+
+use super::sql::{Backend, Columns, fetch_all, fetch_optional};
+use super::{
+    AuditEntry, CheckoutClosure, DeadLetter, DuplicatePayment, Page, Paged, SessionRecord,
+    StorageResult, attempt, opt_time, rows, to_millis,
+};
+use crate::provider::sandbox::SandboxCheckout;
+use crate::telemetry::analytics::AnalyticsRow;
+use chrono::{DateTime, Utc};
+use payretry_domain::{AttemptNumber, DeadLetterId, PaymentSessionId, ProviderSessionId};
+use sqlx::Executor;
+
+/// The statuses a window can still close on; `payment_sessions_live_by_expiry` indexes them.
+macro_rules! live {
+    () => {
+        "status IN ('open', 'failed', 'retry_scheduled')"
+    };
+}
+
+pub(crate) async fn session<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    id: &PaymentSessionId,
+) -> StorageResult<Option<SessionRecord>> {
+    fetch_optional(
+        db,
+        "SELECT * FROM payment_sessions WHERE id = $1",
+        &[id.as_str().into()],
+        rows::session,
+    )
+    .await
+}
+
+pub(crate) async fn audit_log<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    id: &PaymentSessionId,
+    page: Page,
+) -> StorageResult<Paged<AuditEntry>> {
+    let rows = fetch_all(
+        db,
+        "SELECT id, at, action, attempt_number, actor, details FROM audit_log
+         WHERE session_id = $1 AND id > $2 ORDER BY id LIMIT $3",
+        &[
+            id.as_str().into(),
+            page.after_id().into(),
+            page.fetch().into(),
+        ],
+        rows::audit_entry,
+    )
+    .await?;
+    Ok(Paged::from_rows(page, rows))
+}
+
+pub(crate) async fn sessions_past_window<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> StorageResult<Vec<SessionRecord>> {
+    const SQL: &str = concat!(
+        "SELECT * FROM payment_sessions WHERE ",
+        live!(),
+        " AND expires_at <= $1 ORDER BY expires_at LIMIT $2"
+    );
+    fetch_all(
+        db,
+        SQL,
+        &[to_millis(now).into(), i64::from(limit).into()],
+        rows::session,
+    )
+    .await
+}
+
+pub(crate) async fn next_window_end<'e>(
+    db: impl Executor<'e, Database: Backend>,
+) -> StorageResult<Option<DateTime<Utc>>> {
+    const SQL: &str = concat!(
+        "SELECT MIN(expires_at) AS next FROM payment_sessions WHERE ",
+        live!()
+    );
+    let next = fetch_optional(db, SQL, &[], |row| row.opt_int("next")).await?;
+    opt_time(next.flatten())
+}
+
+pub(crate) async fn due_checkout_closures<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> StorageResult<Vec<CheckoutClosure>> {
+    fetch_all(
+        db,
+        "SELECT provider_session_id, session_id, tries, created_at FROM checkout_closures
+         WHERE run_at <= $1 ORDER BY run_at LIMIT $2",
+        &[to_millis(now).into(), i64::from(limit).into()],
+        rows::checkout_closure,
+    )
+    .await
+}
+
+pub(crate) async fn dead_letters<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    page: Page,
+) -> StorageResult<Paged<DeadLetter>> {
+    let rows = fetch_all(
+        db,
+        "SELECT * FROM dead_letters WHERE id > $1 ORDER BY id LIMIT $2",
+        &[page.after_id().into(), page.fetch().into()],
+        rows::paged_dead_letter,
+    )
+    .await?;
+    Ok(Paged::from_rows(page, rows))
+}
+
+pub(crate) async fn dead_letter<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    id: DeadLetterId,
+) -> StorageResult<Option<DeadLetter>> {
+    fetch_optional(
+        db,
+        "SELECT * FROM dead_letters WHERE id = $1",
+        &[id.get().into()],
+        rows::dead_letter,
+    )
+    .await
+}
+
+pub(crate) async fn duplicate_payments<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    page: Page,
+) -> StorageResult<Paged<DuplicatePayment>> {
+    let rows = fetch_all(
+        db,
+        "SELECT * FROM duplicate_payments WHERE id > $1 ORDER BY id LIMIT $2",
+        &[page.after_id().into(), page.fetch().into()],
+        rows::paged_duplicate_payment,
+    )
+    .await?;
+    Ok(Paged::from_rows(page, rows))
+}
+
+pub(crate) async fn duplicate_payment<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    session_id: &PaymentSessionId,
+    attempt: AttemptNumber,
+) -> StorageResult<Option<DuplicatePayment>> {
+    fetch_optional(
+        db,
+        "SELECT * FROM duplicate_payments WHERE session_id = $1 AND duplicate_attempt = $2",
+        &[session_id.as_str().into(), i64::from(attempt.get()).into()],
+        rows::duplicate_payment,
+    )
+    .await
+}
+
+pub(crate) async fn duplicate_payment_by_intent<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    payment_intent: &str,
+) -> StorageResult<Option<DuplicatePayment>> {
+    fetch_optional(
+        db,
+        "SELECT * FROM duplicate_payments WHERE payment_intent = $1 ORDER BY id LIMIT 1",
+        &[payment_intent.into()],
+        rows::duplicate_payment,
+    )
+    .await
+}
+
+pub(crate) async fn duplicate_refunds_owed<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> StorageResult<Vec<DuplicatePayment>> {
+    fetch_all(
+        db,
+        "SELECT * FROM duplicate_payments
+         WHERE status = 'refund_requested'
+           AND (refund_attempted_at IS NULL OR refund_attempted_at <= $1)
+         ORDER BY updated_at, id LIMIT $2",
+        &[to_millis(before).into(), i64::from(limit).into()],
+        rows::duplicate_payment,
+    )
+    .await
+}
+
+pub(crate) async fn checkout_attempt<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    session: &PaymentSessionId,
+    checkout: &ProviderSessionId,
+) -> StorageResult<Option<AttemptNumber>> {
+    fetch_optional(
+        db,
+        "SELECT attempt_number FROM payment_attempts
+         WHERE session_id = $1 AND provider_session_id = $2",
+        &[session.as_str().into(), checkout.as_str().into()],
+        |row| Ok(attempt(row.int("attempt_number")?)),
+    )
+    .await
+}
+
+pub(crate) async fn sandbox_checkout<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    id: &ProviderSessionId,
+) -> StorageResult<Option<SandboxCheckout>> {
+    fetch_optional(
+        db,
+        "SELECT * FROM sandbox_checkouts WHERE id = $1",
+        &[id.as_str().into()],
+        rows::sandbox_checkout,
+    )
+    .await
+}
+
+/// The value of the service secret `name` (read where the latest commit is visible).
+pub(crate) async fn secret<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    name: &str,
+) -> StorageResult<Option<String>> {
+    fetch_optional(
+        db,
+        "SELECT value FROM service_secrets WHERE name = $1",
+        &[name.into()],
+        |row| row.text("value"),
+    )
+    .await
+}
+
+/// Analytics events due for delivery at `now`, oldest first.
+pub(crate) async fn analytics_batch<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    now: DateTime<Utc>,
+    limit: u32,
+) -> StorageResult<Vec<AnalyticsRow>> {
+    fetch_all(
+        db,
+        "SELECT id, payload FROM analytics_events
+         WHERE next_attempt_at <= $1 ORDER BY id LIMIT $2",
+        &[to_millis(now).into(), i64::from(limit).into()],
+        rows::analytics,
+    )
+    .await
+}

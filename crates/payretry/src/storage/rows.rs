@@ -1,0 +1,162 @@
+//! Rows into domain values, once for both backends (through [`Columns`]). A value that does
+//! not parse is [`StorageError::Corrupt`](super::StorageError::Corrupt): the database holds
+//! something payretry never wrote.
+
+use super::sql::Columns;
+use super::{
+    AuditEntry, CheckoutClosure, DeadLetter, DuplicatePayment, SessionRecord, StorageResult,
+    attempt, corrupt, from_millis, opt_time,
+};
+use crate::provider::sandbox::SandboxCheckout;
+use crate::queue::Delivery;
+use crate::telemetry::analytics::AnalyticsRow;
+use payretry_domain::{
+    Amount, Currency, DeadLetterId, FailureReason, Money, PaymentSessionId, ProviderSessionId,
+    SessionState, UserId,
+};
+
+fn count(row: &impl Columns, column: &str) -> StorageResult<u32> {
+    u32::try_from(row.int(column)?).map_err(corrupt)
+}
+
+fn session_id(row: &impl Columns, column: &str) -> StorageResult<PaymentSessionId> {
+    PaymentSessionId::parse(&row.text(column)?).map_err(corrupt)
+}
+
+fn reason(row: &impl Columns, column: &str) -> StorageResult<Option<FailureReason>> {
+    Ok(row
+        .opt_text(column)?
+        .map(|code| FailureReason::from_code(&code)))
+}
+
+fn checkout(row: &impl Columns, column: &str) -> StorageResult<Option<ProviderSessionId>> {
+    Ok(row.opt_text(column)?.map(ProviderSessionId::new))
+}
+
+/// A `payment_sessions` row.
+pub(crate) fn session(row: &impl Columns) -> StorageResult<SessionRecord> {
+    Ok(SessionRecord {
+        id: session_id(row, "id")?,
+        buyer: UserId::new(row.text("buyer_id")?),
+        money: Money {
+            amount: Amount::new(row.int("amount")?).map_err(corrupt)?,
+            currency: Currency::parse(&row.text("currency")?).map_err(corrupt)?,
+        },
+        description: row.text("description")?,
+        metadata: serde_json::from_str(&row.text("metadata")?).map_err(corrupt)?,
+        expires_at: from_millis(row.int("expires_at")?)?,
+        created_at: from_millis(row.int("created_at")?)?,
+        updated_at: from_millis(row.int("updated_at")?)?,
+        version: row.int("version")?,
+        state: SessionState {
+            status: row.text("status")?.parse().map_err(corrupt)?,
+            failure_reason: reason(row, "failure_reason")?,
+            retry_attempts: count(row, "retry_attempts")?,
+            last_retry_at: opt_time(row.opt_int("last_retry_at")?)?,
+            retry_reason: reason(row, "retry_reason")?,
+            next_retry_at: opt_time(row.opt_int("next_retry_at")?)?,
+            current_attempt: attempt(row.int("current_attempt")?),
+            provider_session_id: checkout(row, "provider_session_id")?,
+            checkout_url: row.opt_text("checkout_url")?,
+            paid_attempt: row.opt_int("paid_attempt")?.map(attempt),
+        },
+    })
+}
+
+/// An `audit_log` row, with its id (the page cursor).
+pub(crate) fn audit_entry(row: &impl Columns) -> StorageResult<(i64, AuditEntry)> {
+    let entry = AuditEntry {
+        at: from_millis(row.int("at")?)?,
+        action: row.text("action")?,
+        attempt: row.opt_int("attempt_number")?.map(attempt),
+        actor: row.text("actor")?,
+        details: serde_json::from_str(&row.text("details")?).map_err(corrupt)?,
+    };
+    Ok((row.int("id")?, entry))
+}
+
+/// A `dead_letters` row.
+pub(crate) fn dead_letter(row: &impl Columns) -> StorageResult<DeadLetter> {
+    Ok(DeadLetter {
+        id: DeadLetterId::from_row(row.int("id")?).map_err(corrupt)?,
+        job: serde_json::from_str(&row.text("payload")?).map_err(corrupt)?,
+        receive_count: count(row, "receive_count")?,
+        last_error: row.text("last_error")?,
+        dead_at: from_millis(row.int("dead_at")?)?,
+    })
+}
+
+/// A `dead_letters` row with its id (the page cursor).
+pub(crate) fn paged_dead_letter(row: &impl Columns) -> StorageResult<(i64, DeadLetter)> {
+    Ok((row.int("id")?, dead_letter(row)?))
+}
+
+/// A `duplicate_payments` row.
+pub(crate) fn duplicate_payment(row: &impl Columns) -> StorageResult<DuplicatePayment> {
+    Ok(DuplicatePayment {
+        id: row.int("id")?.to_string(),
+        session_id: session_id(row, "session_id")?,
+        paid_attempt: attempt(row.int("paid_attempt")?),
+        duplicate_attempt: attempt(row.int("duplicate_attempt")?),
+        provider_session_id: checkout(row, "provider_session_id")?,
+        payment_intent: row.opt_text("payment_intent")?,
+        status: row.text("status")?.parse().map_err(corrupt)?,
+        refund_id: row.opt_text("refund_id")?,
+        last_error: row.opt_text("last_error")?,
+        failure_reason: row.opt_text("failure_reason")?,
+        detected_at: from_millis(row.int("detected_at")?)?,
+        updated_at: from_millis(row.int("updated_at")?)?,
+    })
+}
+
+/// A `duplicate_payments` row with its id (the page cursor).
+pub(crate) fn paged_duplicate_payment(
+    row: &impl Columns,
+) -> StorageResult<(i64, DuplicatePayment)> {
+    Ok((row.int("id")?, duplicate_payment(row)?))
+}
+
+/// A `checkout_closures` row.
+pub(crate) fn checkout_closure(row: &impl Columns) -> StorageResult<CheckoutClosure> {
+    Ok(CheckoutClosure {
+        provider_session_id: ProviderSessionId::new(row.text("provider_session_id")?),
+        session_id: session_id(row, "session_id")?,
+        tries: u32::try_from(row.int("tries")?).unwrap_or(u32::MAX),
+        created_at: from_millis(row.int("created_at")?)?,
+    })
+}
+
+/// A `sandbox_checkouts` row.
+pub(crate) fn sandbox_checkout(row: &impl Columns) -> StorageResult<SandboxCheckout> {
+    Ok(SandboxCheckout {
+        id: ProviderSessionId::new(row.text("id")?),
+        session_id: session_id(row, "session_id")?,
+        attempt: attempt(row.int("attempt_number")?),
+        amount: row.int("amount")?,
+        currency: row.text("currency")?,
+        description: row.text("description")?,
+        success_url: row.text("success_url")?,
+        cancel_url: row.text("cancel_url")?,
+        expires_at: from_millis(row.int("expires_at")?)?,
+        status: row.text("status")?.parse().map_err(corrupt)?,
+    })
+}
+
+/// An `analytics_events` row as the relay sends it.
+pub(crate) fn analytics(row: &impl Columns) -> StorageResult<AnalyticsRow> {
+    Ok(AnalyticsRow {
+        id: row.int("id")?,
+        payload: serde_json::from_str(&row.text("payload")?).map_err(corrupt)?,
+    })
+}
+
+/// A claimed `retry_jobs` row (`id`, `payload`, `receive_count`) as the delivery of a lease
+/// that ends at `locked_until` (ms): the receipt names both, see [`super::parse_receipt`].
+pub(crate) fn delivery(row: &impl Columns, locked_until: i64) -> StorageResult<Delivery> {
+    let id = row.int("id")?;
+    Ok(Delivery {
+        job: serde_json::from_str(&row.text("payload")?).map_err(corrupt)?,
+        receipt: format!("{id}:{locked_until}"),
+        receive_count: count(row, "receive_count")?,
+    })
+}
