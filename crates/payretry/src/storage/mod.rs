@@ -15,6 +15,7 @@
 //! [`sqlite`] and [`postgres`] keep their pools, how they begin a transaction, and the few
 //! statements that truly differ (claims with `SKIP LOCKED`, array binds, idempotency claims).
 
+mod engine;
 mod plan;
 pub mod postgres;
 mod reads;
@@ -741,6 +742,15 @@ pub(crate) fn parse_receipt(receipt: &str) -> StorageResult<(i64, i64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn receipts_round_trip() {
+        assert_eq!(
+            parse_receipt("42:1700000000000").unwrap(),
+            (42, 1700000000000)
+        );
+        assert!(parse_receipt("42").is_err());
+    }
 
     fn key(
         fingerprint: &str,

@@ -497,6 +497,31 @@ pub(crate) fn claim_refund(
     .or(IfNone::Stop(Committed::Conflict))
 }
 
+/// Puts the job of the delivery with `receipt` back, due at `run_at` (ms), if that delivery
+/// still holds it.
+pub(crate) fn release_job(receipt: &str, run_at: i64, error: &str) -> StorageResult<Write> {
+    let (id, lease) = parse_receipt(receipt)?;
+    Ok(Write::new(
+        "UPDATE retry_jobs SET run_at = $1, locked_until = NULL, last_error = $2
+         WHERE id = $3 AND locked_until = $4",
+        [run_at.into(), error.into(), id.into(), lease.into()],
+    ))
+}
+
+/// Forgets idempotency records and processed event ids older than `before` (ms).
+pub(crate) fn purge(before: i64) -> [Write; 2] {
+    [
+        Write::new(
+            "DELETE FROM idempotency_keys WHERE created_at < $1",
+            [before.into()],
+        ),
+        Write::new(
+            "DELETE FROM processed_webhook_events WHERE processed_at < $1",
+            [before.into()],
+        ),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

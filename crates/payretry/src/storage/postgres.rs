@@ -23,15 +23,12 @@
 //! Timestamps are the application's clock (`Utc::now()`), as with SQLite, not the
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
 
+use super::engine::Engine;
 use super::sql::{self, Write};
 use super::*;
-use super::{plan, reads, rows};
-use crate::provider::sandbox::{
-    SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
-};
-use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
+use super::{reads, rows};
+use crate::queue::{Delivery, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
-use payretry_domain::DeadLetterId;
 use sqlx::Postgres;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use std::str::FromStr;
@@ -54,17 +51,6 @@ pub struct PostgresStorage {
 }
 
 impl PostgresStorage {
-    /// Runs `writes` in one write transaction and commits it when every write went through;
-    /// otherwise drops it (rolling back) and answers what stopped it.
-    async fn write(&self, writes: &[Write]) -> StorageResult<Committed> {
-        let mut tx = self.pool.begin().await?;
-        let committed = sql::apply::<Postgres>(&mut tx, writes).await?;
-        if committed == Committed::Applied {
-            tx.commit().await?;
-        }
-        Ok(committed)
-    }
-
     /// Connects to the database at `url` (`postgres://user@host:port/db`) with a pool of at
     /// most `max_connections` (see [`DEFAULT_MAX_CONNECTIONS`]). The database must exist;
     /// [`Storage::migrate`] creates the tables.
@@ -118,59 +104,38 @@ async fn idempotency_record(
 }
 
 #[async_trait]
-impl Storage for PostgresStorage {
-    async fn migrate(&self) -> StorageResult<()> {
+impl Engine for PostgresStorage {
+    type Db = Postgres;
+
+    fn reader(&self) -> &sqlx::Pool<Postgres> {
+        &self.pool
+    }
+
+    fn latest(&self) -> &sqlx::Pool<Postgres> {
+        &self.pool
+    }
+
+    fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> StorageResult<Committed> {
+        let mut tx = self.pool.begin().await?;
+        let committed = sql::apply::<Postgres>(&mut tx, &writes).await?;
+        if committed == Committed::Applied {
+            tx.commit().await?;
+        }
+        Ok(committed)
+    }
+
+    async fn run_migrations(&self) -> StorageResult<()> {
         sqlx::migrate!("./migrations/postgres")
             .run(&self.pool)
             .await?;
         Ok(())
     }
 
-    async fn ping(&self) -> StorageResult<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
-        Ok(())
-    }
-
-    async fn insert_session(&self, s: NewSession) -> StorageResult<()> {
-        self.write(&plan::new_session(&s)).await?;
-        Ok(())
-    }
-
-    async fn session(&self, id: &PaymentSessionId) -> StorageResult<Option<SessionRecord>> {
-        reads::session(&self.pool, id).await
-    }
-
-    async fn commit(&self, t: Transition) -> StorageResult<Committed> {
-        let committed = self
-            .write(&plan::transition(&t, to_millis(Utc::now()))?)
-            .await?;
-        if committed == Committed::Applied {
-            self.wakeups.committed(&t, Utc::now());
-        }
-        Ok(committed)
-    }
-
-    async fn audit_log(
-        &self,
-        id: &PaymentSessionId,
-        page: Page,
-    ) -> StorageResult<Paged<AuditEntry>> {
-        reads::audit_log(&self.pool, id, page).await
-    }
-
-    async fn sessions_past_window(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StorageResult<Vec<SessionRecord>> {
-        reads::sessions_past_window(&self.pool, now, limit).await
-    }
-
-    async fn next_window_end(&self) -> StorageResult<Option<DateTime<Utc>>> {
-        reads::next_window_end(&self.pool).await
-    }
-
-    async fn begin_idempotent(
+    async fn claim_key(
         &self,
         scope: &IdempotencyScope,
         now: DateTime<Utc>,
@@ -219,7 +184,7 @@ impl Storage for PostgresStorage {
         Ok(IdempotencyBegin::Started)
     }
 
-    async fn lookup_idempotent(
+    async fn find_key(
         &self,
         scope: &IdempotencyScope,
         now: DateTime<Utc>,
@@ -231,255 +196,7 @@ impl Storage for PostgresStorage {
             .unwrap_or(IdempotencyBegin::Started))
     }
 
-    async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()> {
-        self.write(&[plan::store_response(completion, to_millis(Utc::now()))])
-            .await?;
-        Ok(())
-    }
-
-    async fn abandon_idempotent(&self, scope: &IdempotencyScope) -> StorageResult<()> {
-        self.write(&[plan::abandon_idempotent(scope)]).await?;
-        Ok(())
-    }
-
-    async fn schedule_checkout_closures(
-        &self,
-        session: &PaymentSessionId,
-        checkouts: &[ProviderSessionId],
-    ) -> StorageResult<()> {
-        let writes: Vec<Write> =
-            plan::closures(session, checkouts, to_millis(Utc::now())).collect();
-        self.write(&writes).await?;
-        self.wakeups.checkouts_scheduled();
-        Ok(())
-    }
-
-    async fn checkouts_to_close(&self) {
-        self.wakeups.checkouts_to_close().await;
-    }
-
-    async fn due_checkout_closures(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StorageResult<Vec<CheckoutClosure>> {
-        reads::due_checkout_closures(&self.pool, now, limit).await
-    }
-
-    async fn checkout_closed(&self, checkout: &ProviderSessionId) -> StorageResult<()> {
-        self.write(&[plan::checkout_closed(checkout)]).await?;
-        Ok(())
-    }
-
-    async fn checkout_close_failed(
-        &self,
-        checkout: &ProviderSessionId,
-        retry_at: DateTime<Utc>,
-        error: &str,
-    ) -> StorageResult<()> {
-        self.write(&[plan::checkout_close_failed(
-            checkout,
-            to_millis(retry_at),
-            error,
-        )])
-        .await?;
-        Ok(())
-    }
-
-    async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64> {
-        let before = to_millis(before);
-        let keys = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
-        let events = sqlx::query("DELETE FROM processed_webhook_events WHERE processed_at < $1")
-            .bind(before)
-            .execute(&self.pool)
-            .await?;
-        Ok(keys.rows_affected() + events.rows_affected())
-    }
-
-    async fn dead_letters(&self, page: Page) -> StorageResult<Paged<DeadLetter>> {
-        reads::dead_letters(&self.pool, page).await
-    }
-
-    async fn dead_letter(&self, id: DeadLetterId) -> StorageResult<Option<DeadLetter>> {
-        reads::dead_letter(&self.pool, id).await
-    }
-
-    async fn service_secret(
-        &self,
-        name: &str,
-        generate: &(dyn Fn() -> String + Sync),
-    ) -> StorageResult<String> {
-        // On PostgreSQL a concurrent first insert of the same name makes this one wait for
-        // its commit, so the read below sees whichever value was stored first.
-        self.write(&[plan::first_secret(name, generate())]).await?;
-        reads::secret(&self.pool, name)
-            .await?
-            .ok_or_else(|| corrupt(format!("service secret {name} vanished")))
-    }
-
-    async fn refund_owed(&self) {
-        self.wakeups.refund_owed().await;
-    }
-
-    async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
-        reads::duplicate_payments(&self.pool, page).await
-    }
-
-    async fn duplicate_payment(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-    ) -> StorageResult<Option<DuplicatePayment>> {
-        reads::duplicate_payment(&self.pool, session_id, attempt).await
-    }
-
-    async fn duplicate_payment_by_intent(
-        &self,
-        payment_intent: &str,
-    ) -> StorageResult<Option<DuplicatePayment>> {
-        reads::duplicate_payment_by_intent(&self.pool, payment_intent).await
-    }
-
-    async fn duplicate_refunds_owed(
-        &self,
-        before: DateTime<Utc>,
-        limit: u32,
-    ) -> StorageResult<Vec<DuplicatePayment>> {
-        reads::duplicate_refunds_owed(&self.pool, before, limit).await
-    }
-
-    async fn claim_duplicate_refund(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-        before: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> StorageResult<bool> {
-        let claim = plan::claim_refund(session_id, attempt, to_millis(before), to_millis(now));
-        Ok(self.write(&[claim]).await? == Committed::Applied)
-    }
-
-    async fn settle_duplicate_refund(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-        settlement: &RefundSettlement,
-        audit: Option<&NewAuditEntry>,
-        event_id: Option<&str>,
-    ) -> StorageResult<bool> {
-        let writes = plan::settle_refund(
-            session_id,
-            attempt,
-            settlement,
-            audit,
-            event_id,
-            to_millis(Utc::now()),
-        );
-        Ok(self.write(&writes).await? == Committed::Applied)
-    }
-
-    async fn checkout_attempt(
-        &self,
-        session: &PaymentSessionId,
-        checkout: &ProviderSessionId,
-    ) -> StorageResult<Option<AttemptNumber>> {
-        reads::checkout_attempt(&self.pool, session, checkout).await
-    }
-}
-
-impl PostgresStorage {
-    /// Runs `sql` over the `(id, lease)` pairs of `deliveries`, bound as two arrays.
-    async fn settle_outbox(&self, sql: &'static str, deliveries: &[Delivery]) -> StorageResult<()> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
-        let (ids, leases) = parse_receipts(deliveries)?;
-        sqlx::query(sql)
-            .bind(ids)
-            .bind(leases)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
-    }
-}
-
-/// The embedded queue: the outbox table itself, claimed with a lease, as with SQLite.
-#[async_trait]
-impl JobQueue for PostgresStorage {
-    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
-        Ok(self.claim(max, lease, true).await?)
-    }
-
-    fn settles_in_transition(&self) -> bool {
-        true
-    }
-
-    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
-        self.write(&[plan::delete_delivered_job(&delivery.receipt)?])
-            .await?;
-        Ok(())
-    }
-
-    async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
-        let (id, lease) = parse_receipt(&delivery.receipt)?;
-        let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
-        sqlx::query(
-            "UPDATE retry_jobs SET run_at = $1, locked_until = NULL, last_error = $2
-             WHERE id = $3 AND locked_until = $4",
-        )
-        .bind(run_at)
-        .bind(error)
-        .bind(id)
-        .bind(lease)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {
-        // As with SQLite: the lease token is the lease's end, so it cannot move without
-        // invalidating the receipt; the embedded lease is sized above the provider's worst
-        // case instead.
-        Ok(())
-    }
-
-    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
-        let remaining = (delivery.job.scheduled_for - Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        self.release(delivery, "not due yet", remaining).await
-    }
-
-    async fn ping(&self) -> QueueResult<()> {
-        Ok(Storage::ping(self).await?)
-    }
-
-    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
-        // A leased job is next due when its lease runs out (a lease always ends after its
-        // run_at). Two indexed lookups instead of a scan of the whole table; LEAST ignores
-        // NULLs.
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT LEAST(
-                (SELECT MIN(run_at) FROM retry_jobs WHERE locked_until IS NULL),
-                (SELECT MIN(locked_until) FROM retry_jobs WHERE locked_until IS NOT NULL))",
-        )
-        .fetch_one(&self.pool)
-        .await?;
-        Ok(opt_time(next)?)
-    }
-
-    async fn enqueued(&self) {
-        self.wakeups.job_due_soon().await;
-    }
-}
-
-impl PostgresStorage {
-    /// Leases up to `max` jobs: only due ones for the embedded queue's consumers, any for
-    /// an outbox relay (which hands the remaining delay to the external queue).
-    async fn claim(
+    async fn claim_jobs(
         &self,
         max: u32,
         lease: Duration,
@@ -517,11 +234,26 @@ impl PostgresStorage {
     }
 }
 
-/// The outbox seen from a relay to an external queue (SQS): the same table and leases.
+impl PostgresStorage {
+    /// Runs `sql` over the `(id, lease)` pairs of `deliveries`, bound as two arrays.
+    async fn settle_outbox(&self, sql: &'static str, deliveries: &[Delivery]) -> StorageResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let (ids, leases) = parse_receipts(deliveries)?;
+        sqlx::query(sql)
+            .bind(ids)
+            .bind(leases)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Outbox for PostgresStorage {
     async fn claim_outbox(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
-        Ok(self.claim(max, lease, false).await?)
+        Ok(self.claim_jobs(max, lease, false).await?)
     }
 
     async fn delete_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
@@ -579,47 +311,5 @@ impl AnalyticsOutbox for PostgresStorage {
 
     async fn analytics_enqueued(&self) {
         self.wakeups.analytics_written().await;
-    }
-}
-
-#[async_trait]
-impl SandboxCheckouts for PostgresStorage {
-    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> SandboxCheckoutResult<()> {
-        self.write(&[plan::put_sandbox_checkout(c, to_millis(Utc::now()))])
-            .await?;
-        Ok(())
-    }
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
-        Ok(reads::sandbox_checkout(&self.pool, id).await?)
-    }
-
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> SandboxCheckoutResult<bool> {
-        let moved = self
-            .write(&[plan::sandbox_checkout_status(id, from, to)])
-            .await?;
-        Ok(moved == Committed::Applied)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn receipts_round_trip() {
-        assert_eq!(
-            parse_receipt("42:1700000000000").unwrap(),
-            (42, 1700000000000)
-        );
-        assert!(parse_receipt("42").is_err());
     }
 }

@@ -240,3 +240,22 @@ pub(crate) async fn analytics_batch<'e>(
     )
     .await
 }
+
+/// When the embedded queue next has a job to hand out. A leased job is next due when its
+/// lease runs out (a lease always ends after its run_at): two indexed lookups instead of a
+/// scan of the whole table.
+pub(crate) async fn next_due<'e>(
+    db: impl Executor<'e, Database: Backend>,
+) -> StorageResult<Option<DateTime<Utc>>> {
+    let next = fetch_optional(
+        db,
+        "SELECT MIN(t) AS next FROM (
+            SELECT MIN(run_at) AS t FROM retry_jobs WHERE locked_until IS NULL
+            UNION ALL
+            SELECT MIN(locked_until) AS t FROM retry_jobs WHERE locked_until IS NOT NULL) AS due",
+        &[],
+        |row| row.opt_int("next"),
+    )
+    .await?;
+    opt_time(next.flatten())
+}

@@ -171,6 +171,18 @@ where
     Ok(Committed::Applied)
 }
 
+/// Runs one `write` on `db` by itself (no transaction around it) and answers how many rows
+/// it touched.
+pub(crate) async fn execute<'e, E>(db: E, write: &Write) -> StorageResult<u64>
+where
+    E: Executor<'e, Database: Backend>,
+{
+    let result = <E::Database as Backend>::query(write.sql, &write.args)
+        .execute(db)
+        .await?;
+    Ok(<E::Database as Backend>::rows_affected(&result))
+}
+
 /// The rows `sql` selects, each through `decode`.
 pub(crate) async fn fetch_all<'e, E, T>(
     executor: E,

@@ -3,15 +3,12 @@
 //! transactions with `BEGIN IMMEDIATE`: SQLite has one writer anyway, and queueing writers
 //! in-process avoids `SQLITE_BUSY` reaching a caller. Reads use a separate pool.
 
+use super::engine::Engine;
 use super::sql::{self, Write};
 use super::*;
-use super::{plan, reads, rows};
-use crate::provider::sandbox::{
-    SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
-};
-use crate::queue::{Delivery, JobQueue, Outbox, QueueResult};
+use super::{reads, rows};
+use crate::queue::{Delivery, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
-use payretry_domain::DeadLetterId;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -56,17 +53,6 @@ impl SqliteStorage {
     async fn begin_write(&self) -> StorageResult<Transaction<'static, Sqlite>> {
         Ok(self.writer.begin_with("BEGIN IMMEDIATE").await?)
     }
-
-    /// Runs `writes` in one write transaction and commits it when every write went through;
-    /// otherwise drops it (rolling back) and answers what stopped it.
-    async fn write(&self, writes: &[Write]) -> StorageResult<Committed> {
-        let mut tx = self.begin_write().await?;
-        let committed = sql::apply::<Sqlite>(&mut tx, writes).await?;
-        if committed == Committed::Applied {
-            tx.commit().await?;
-        }
-        Ok(committed)
-    }
 }
 
 /// The idempotency record of `scope`, if any.
@@ -86,59 +72,38 @@ async fn idempotency_record<'c>(
 }
 
 #[async_trait]
-impl Storage for SqliteStorage {
-    async fn migrate(&self) -> StorageResult<()> {
+impl Engine for SqliteStorage {
+    type Db = Sqlite;
+
+    fn reader(&self) -> &sqlx::Pool<Sqlite> {
+        &self.reader
+    }
+
+    fn latest(&self) -> &sqlx::Pool<Sqlite> {
+        &self.writer
+    }
+
+    fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
+    }
+
+    async fn write(&self, writes: Vec<Write>) -> StorageResult<Committed> {
+        let mut tx = self.begin_write().await?;
+        let committed = sql::apply::<Sqlite>(&mut tx, &writes).await?;
+        if committed == Committed::Applied {
+            tx.commit().await?;
+        }
+        Ok(committed)
+    }
+
+    async fn run_migrations(&self) -> StorageResult<()> {
         sqlx::migrate!("./migrations/sqlite")
             .run(&self.writer)
             .await?;
         Ok(())
     }
 
-    async fn ping(&self) -> StorageResult<()> {
-        sqlx::query("SELECT 1").execute(&self.reader).await?;
-        Ok(())
-    }
-
-    async fn insert_session(&self, s: NewSession) -> StorageResult<()> {
-        self.write(&plan::new_session(&s)).await?;
-        Ok(())
-    }
-
-    async fn session(&self, id: &PaymentSessionId) -> StorageResult<Option<SessionRecord>> {
-        reads::session(&self.reader, id).await
-    }
-
-    async fn commit(&self, t: Transition) -> StorageResult<Committed> {
-        let committed = self
-            .write(&plan::transition(&t, to_millis(Utc::now()))?)
-            .await?;
-        if committed == Committed::Applied {
-            self.wakeups.committed(&t, Utc::now());
-        }
-        Ok(committed)
-    }
-
-    async fn audit_log(
-        &self,
-        id: &PaymentSessionId,
-        page: Page,
-    ) -> StorageResult<Paged<AuditEntry>> {
-        reads::audit_log(&self.reader, id, page).await
-    }
-
-    async fn sessions_past_window(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StorageResult<Vec<SessionRecord>> {
-        reads::sessions_past_window(&self.reader, now, limit).await
-    }
-
-    async fn next_window_end(&self) -> StorageResult<Option<DateTime<Utc>>> {
-        reads::next_window_end(&self.reader).await
-    }
-
-    async fn begin_idempotent(
+    async fn claim_key(
         &self,
         scope: &IdempotencyScope,
         now: DateTime<Utc>,
@@ -168,7 +133,7 @@ impl Storage for SqliteStorage {
         Ok(IdempotencyBegin::Started)
     }
 
-    async fn lookup_idempotent(
+    async fn find_key(
         &self,
         scope: &IdempotencyScope,
         now: DateTime<Utc>,
@@ -179,262 +144,7 @@ impl Storage for SqliteStorage {
             .unwrap_or(IdempotencyBegin::Started))
     }
 
-    async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()> {
-        self.write(&[plan::store_response(completion, to_millis(Utc::now()))])
-            .await?;
-        Ok(())
-    }
-
-    async fn abandon_idempotent(&self, scope: &IdempotencyScope) -> StorageResult<()> {
-        self.write(&[plan::abandon_idempotent(scope)]).await?;
-        Ok(())
-    }
-
-    async fn schedule_checkout_closures(
-        &self,
-        session: &PaymentSessionId,
-        checkouts: &[ProviderSessionId],
-    ) -> StorageResult<()> {
-        let writes: Vec<Write> =
-            plan::closures(session, checkouts, to_millis(Utc::now())).collect();
-        self.write(&writes).await?;
-        self.wakeups.checkouts_scheduled();
-        Ok(())
-    }
-
-    async fn checkouts_to_close(&self) {
-        self.wakeups.checkouts_to_close().await;
-    }
-
-    async fn due_checkout_closures(
-        &self,
-        now: DateTime<Utc>,
-        limit: u32,
-    ) -> StorageResult<Vec<CheckoutClosure>> {
-        reads::due_checkout_closures(&self.reader, now, limit).await
-    }
-
-    async fn checkout_closed(&self, checkout: &ProviderSessionId) -> StorageResult<()> {
-        self.write(&[plan::checkout_closed(checkout)]).await?;
-        Ok(())
-    }
-
-    async fn checkout_close_failed(
-        &self,
-        checkout: &ProviderSessionId,
-        retry_at: DateTime<Utc>,
-        error: &str,
-    ) -> StorageResult<()> {
-        self.write(&[plan::checkout_close_failed(
-            checkout,
-            to_millis(retry_at),
-            error,
-        )])
-        .await?;
-        Ok(())
-    }
-
-    async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64> {
-        let before = to_millis(before);
-        let keys = sqlx::query("DELETE FROM idempotency_keys WHERE created_at < ?")
-            .bind(before)
-            .execute(&self.writer)
-            .await?;
-        let events = sqlx::query("DELETE FROM processed_webhook_events WHERE processed_at < ?")
-            .bind(before)
-            .execute(&self.writer)
-            .await?;
-        Ok(keys.rows_affected() + events.rows_affected())
-    }
-
-    async fn dead_letters(&self, page: Page) -> StorageResult<Paged<DeadLetter>> {
-        reads::dead_letters(&self.reader, page).await
-    }
-
-    async fn dead_letter(&self, id: DeadLetterId) -> StorageResult<Option<DeadLetter>> {
-        reads::dead_letter(&self.reader, id).await
-    }
-
-    async fn service_secret(
-        &self,
-        name: &str,
-        generate: &(dyn Fn() -> String + Sync),
-    ) -> StorageResult<String> {
-        // On PostgreSQL a concurrent first insert of the same name makes this one wait for
-        // its commit, so the read below sees whichever value was stored first.
-        self.write(&[plan::first_secret(name, generate())]).await?;
-        reads::secret(&self.writer, name)
-            .await?
-            .ok_or_else(|| corrupt(format!("service secret {name} vanished")))
-    }
-
-    async fn refund_owed(&self) {
-        self.wakeups.refund_owed().await;
-    }
-
-    async fn duplicate_payments(&self, page: Page) -> StorageResult<Paged<DuplicatePayment>> {
-        reads::duplicate_payments(&self.reader, page).await
-    }
-
-    async fn duplicate_payment(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-    ) -> StorageResult<Option<DuplicatePayment>> {
-        reads::duplicate_payment(&self.reader, session_id, attempt).await
-    }
-
-    async fn duplicate_payment_by_intent(
-        &self,
-        payment_intent: &str,
-    ) -> StorageResult<Option<DuplicatePayment>> {
-        reads::duplicate_payment_by_intent(&self.reader, payment_intent).await
-    }
-
-    async fn duplicate_refunds_owed(
-        &self,
-        before: DateTime<Utc>,
-        limit: u32,
-    ) -> StorageResult<Vec<DuplicatePayment>> {
-        reads::duplicate_refunds_owed(&self.reader, before, limit).await
-    }
-
-    async fn claim_duplicate_refund(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-        before: DateTime<Utc>,
-        now: DateTime<Utc>,
-    ) -> StorageResult<bool> {
-        let claim = plan::claim_refund(session_id, attempt, to_millis(before), to_millis(now));
-        Ok(self.write(&[claim]).await? == Committed::Applied)
-    }
-
-    async fn settle_duplicate_refund(
-        &self,
-        session_id: &PaymentSessionId,
-        attempt: AttemptNumber,
-        settlement: &RefundSettlement,
-        audit: Option<&NewAuditEntry>,
-        event_id: Option<&str>,
-    ) -> StorageResult<bool> {
-        let writes = plan::settle_refund(
-            session_id,
-            attempt,
-            settlement,
-            audit,
-            event_id,
-            to_millis(Utc::now()),
-        );
-        Ok(self.write(&writes).await? == Committed::Applied)
-    }
-
-    async fn checkout_attempt(
-        &self,
-        session: &PaymentSessionId,
-        checkout: &ProviderSessionId,
-    ) -> StorageResult<Option<AttemptNumber>> {
-        reads::checkout_attempt(&self.reader, session, checkout).await
-    }
-}
-
-impl SqliteStorage {
-    /// Runs `sql` over the `(id, lease)` pairs of `deliveries`, bound as one JSON array
-    /// (`[[id, lease], …]`), in one write transaction.
-    async fn settle_outbox(&self, sql: &'static str, deliveries: &[Delivery]) -> StorageResult<()> {
-        if deliveries.is_empty() {
-            return Ok(());
-        }
-        let (ids, leases) = parse_receipts(deliveries)?;
-        let pairs: Vec<[i64; 2]> = ids
-            .into_iter()
-            .zip(leases)
-            .map(|(id, lease)| [id, lease])
-            .collect();
-        let pairs = serde_json::to_string(&pairs).map_err(corrupt)?;
-        let mut tx = self.begin_write().await?;
-        sqlx::query(sql).bind(pairs).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(())
-    }
-}
-
-/// The embedded queue: the outbox table itself, claimed with a lease.
-#[async_trait]
-impl JobQueue for SqliteStorage {
-    async fn receive(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
-        Ok(self.claim(max, lease, true).await?)
-    }
-
-    fn settles_in_transition(&self) -> bool {
-        true
-    }
-
-    async fn ack(&self, delivery: &Delivery) -> QueueResult<()> {
-        self.write(&[plan::delete_delivered_job(&delivery.receipt)?])
-            .await?;
-        Ok(())
-    }
-
-    async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
-        let (id, lease) = parse_receipt(&delivery.receipt)?;
-        let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
-        let mut tx = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE retry_jobs SET run_at = ?, locked_until = NULL, last_error = ?
-             WHERE id = ? AND locked_until = ?",
-        )
-        .bind(run_at)
-        .bind(error)
-        .bind(id)
-        .bind(lease)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(())
-    }
-
-    async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {
-        // The lease token is the lease's end, so it cannot move without invalidating the
-        // receipt. The embedded lease (see `WorkerSettings::lease`) is sized above the
-        // provider's worst case instead.
-        Ok(())
-    }
-
-    async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {
-        let remaining = (delivery.job.scheduled_for - Utc::now())
-            .to_std()
-            .unwrap_or_default();
-        self.release(delivery, "not due yet", remaining).await
-    }
-
-    async fn ping(&self) -> QueueResult<()> {
-        Ok(Storage::ping(self).await?)
-    }
-
-    async fn next_due(&self) -> QueueResult<Option<DateTime<Utc>>> {
-        // A leased job is next due when its lease runs out (a lease always ends after its
-        // run_at). Two indexed lookups instead of a scan of the whole table.
-        let next: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(t) FROM (
-                SELECT MIN(run_at) AS t FROM retry_jobs WHERE locked_until IS NULL
-                UNION ALL
-                SELECT MIN(locked_until) AS t FROM retry_jobs WHERE locked_until IS NOT NULL)",
-        )
-        .fetch_one(&self.reader)
-        .await?;
-        Ok(opt_time(next)?)
-    }
-
-    async fn enqueued(&self) {
-        self.wakeups.job_due_soon().await;
-    }
-}
-
-impl SqliteStorage {
-    /// Leases up to `max` jobs: only due ones for the embedded queue's consumers, any for
-    /// an outbox relay (which hands the remaining delay to the external queue).
-    async fn claim(
+    async fn claim_jobs(
         &self,
         max: u32,
         lease: Duration,
@@ -467,10 +177,31 @@ impl SqliteStorage {
     }
 }
 
+impl SqliteStorage {
+    /// Runs `sql` over the `(id, lease)` pairs of `deliveries`, bound as one JSON array
+    /// (`[[id, lease], …]`), in one write transaction.
+    async fn settle_outbox(&self, sql: &'static str, deliveries: &[Delivery]) -> StorageResult<()> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
+        let (ids, leases) = parse_receipts(deliveries)?;
+        let pairs: Vec<[i64; 2]> = ids
+            .into_iter()
+            .zip(leases)
+            .map(|(id, lease)| [id, lease])
+            .collect();
+        let pairs = serde_json::to_string(&pairs).map_err(corrupt)?;
+        let mut tx = self.begin_write().await?;
+        sqlx::query(sql).bind(pairs).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 #[async_trait]
 impl Outbox for SqliteStorage {
     async fn claim_outbox(&self, max: u32, lease: Duration) -> QueueResult<Vec<Delivery>> {
-        Ok(self.claim(max, lease, false).await?)
+        Ok(self.claim_jobs(max, lease, false).await?)
     }
 
     async fn delete_outbox(&self, deliveries: &[Delivery]) -> QueueResult<()> {
@@ -535,33 +266,5 @@ impl AnalyticsOutbox for SqliteStorage {
 
     async fn analytics_enqueued(&self) {
         self.wakeups.analytics_written().await;
-    }
-}
-
-#[async_trait]
-impl SandboxCheckouts for SqliteStorage {
-    async fn put_sandbox_checkout(&self, c: &SandboxCheckout) -> SandboxCheckoutResult<()> {
-        self.write(&[plan::put_sandbox_checkout(c, to_millis(Utc::now()))])
-            .await?;
-        Ok(())
-    }
-
-    async fn sandbox_checkout(
-        &self,
-        id: &ProviderSessionId,
-    ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
-        Ok(reads::sandbox_checkout(&self.writer, id).await?)
-    }
-
-    async fn set_sandbox_checkout_status(
-        &self,
-        id: &ProviderSessionId,
-        from: SandboxCheckoutStatus,
-        to: SandboxCheckoutStatus,
-    ) -> SandboxCheckoutResult<bool> {
-        let moved = self
-            .write(&[plan::sandbox_checkout_status(id, from, to)])
-            .await?;
-        Ok(moved == Committed::Applied)
     }
 }

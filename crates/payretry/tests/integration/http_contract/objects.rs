@@ -1,6 +1,7 @@
 //! The status object and the retry object: exactly their fields, through failure and retry.
 
 use super::*;
+use chrono::SubsecRound;
 
 const STATUS_FIELDS: [&str; 15] = [
     "sessionId",
@@ -129,7 +130,9 @@ async fn accepted_retry_answers_202_with_exactly_the_retry_object() {
     .await;
     let buyer = app.buyer();
     let id = app.declined_session(&buyer).await.id;
-    let before = Utc::now();
+    // To the millisecond, as `scheduledFor` is written: a finer `before` can fall after the
+    // truncated instant the server computed later.
+    let before = Utc::now().trunc_subsecs(3);
 
     let response = app.retry(&buyer, &id, "k-1").await;
 
