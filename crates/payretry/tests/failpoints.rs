@@ -74,13 +74,18 @@ impl Scenario {
 
     /// Starts a process; `crash_at` arms one crash point.
     async fn start(&self, name: &str, crash_at: Option<&str>) -> ServeProcess {
+        self.start_as(name, crash_at, "all").await
+    }
+
+    /// Starts a process in `role` (`all`, `api`, `worker`); `crash_at` arms one crash point.
+    async fn start_as(&self, name: &str, crash_at: Option<&str>, role: &str) -> ServeProcess {
         let mut env = self.env.clone();
         if let Some(point) = crash_at {
             env.push(("FAILPOINTS".to_owned(), format!("{point}=return")));
         }
         let mut process = ServeProcess::spawn(
             env!("CARGO_BIN_EXE_payretry"),
-            &["serve"],
+            &["serve", "--role", role],
             &env,
             self.dir.path(),
             name,
@@ -134,15 +139,22 @@ impl Scenario {
     }
 
     async fn retry(&self, p: &ServeProcess, id: &str) {
-        let r = self
-            .http
+        let r = self.try_retry(p, id).await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+
+    /// A retry of `id` under its one key; an error when the process gave no answer.
+    async fn try_retry(
+        &self,
+        p: &ServeProcess,
+        id: &str,
+    ) -> Result<reqwest::Response, reqwest::Error> {
+        self.http
             .post(format!("{}/payments/retry/{id}", p.base))
             .bearer_auth(self.buyer())
             .header("Idempotency-Key", format!("retry-{id}"))
             .send()
             .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
 
     async fn status(&self, p: &ServeProcess, id: &str) -> Value {
@@ -476,4 +488,83 @@ async fn a_crash_between_detecting_a_double_payment_and_refunding_it_refunds_onc
         "{:?}",
         s.stripe.violations()
     );
+}
+
+/// Retries of several sessions arrive together, so SQLite's writer commits them as one
+/// group, and the process dies at `point` inside that commit. A caller is answered only after
+/// the commit holding its transition is durable, so: every retry answered 202 before the
+/// crash is on disk; every retry the crash left unanswered is either wholly on disk or not at
+/// all, and asking again with its key finishes it exactly once.
+async fn crash_in_group_commit(point: &str) {
+    const SESSIONS: usize = 12;
+    let s = Scenario::new(&[]).await;
+    // The API alone: no worker or sweeper commits beside the requests. The writer waits
+    // 20 ms before it takes what is queued, so that retries sent together share a commit.
+    let armed = format!("sqlite-group-commit-gather=sleep(20);{point}");
+    let mut first = s.start_as("first", Some(&armed), "api").await;
+    let mut ids = Vec::new();
+    for _ in 0..SESSIONS {
+        let id = s.create(&first).await;
+        let declined = s
+            .event(&first, &declined_event(&id, 0, "insufficient_funds"))
+            .await
+            .unwrap();
+        assert_eq!(declined.status(), StatusCode::OK);
+        ids.push(id);
+    }
+
+    let answers = futures::future::join_all(ids.iter().map(|id| s.try_retry(&first, id))).await;
+    assert_crashed(&mut first, point).await;
+    let accepted: Vec<bool> = answers
+        .iter()
+        .map(|answer| match answer {
+            Ok(r) => {
+                assert_eq!(r.status(), StatusCode::ACCEPTED, "the only answer is 202");
+                true
+            }
+            Err(_) => false,
+        })
+        .collect();
+    let unanswered = accepted.iter().filter(|a| !**a).count();
+    assert!(
+        unanswered >= 2,
+        "the crash came inside a commit of several callers, none of them answered"
+    );
+
+    let second = s.start_as("second", None, "api").await;
+    for (id, was_accepted) in ids.iter().zip(&accepted) {
+        let status = s.status(&second, id).await;
+        if *was_accepted {
+            assert_eq!(
+                status["status"], "retry_scheduled",
+                "an accepted retry is kept"
+            );
+        } else {
+            let found = status["status"].as_str().unwrap().to_owned();
+            assert!(
+                found == "failed" || found == "retry_scheduled",
+                "all of it or none of it: {status}"
+            );
+        }
+        let again = s.try_retry(&second, id).await.unwrap();
+        assert_eq!(again.status(), StatusCode::ACCEPTED);
+        assert_eq!(s.status(&second, id).await["status"], "retry_scheduled");
+        let audit = s.audit(&second, id).await;
+        assert_eq!(count_of(&audit, "retry_requested"), 1, "{id}: {audit:?}");
+    }
+    assert_eq!(
+        s.count("SELECT COUNT(*) FROM retry_jobs").await,
+        i64::try_from(SESSIONS).unwrap(),
+        "one job per session"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_inside_a_group_commit_answers_no_caller_and_loses_none() {
+    crash_in_group_commit("sqlite-group-commit-before-commit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_a_group_commit_before_its_answers_loses_none_and_repeats_none() {
+    crash_in_group_commit("sqlite-group-commit-after-commit").await;
 }

@@ -10,12 +10,18 @@
 //! - [`plan`]: what a transition (and every other write) writes, as pure values;
 //! - [`reads`]: the reads both backends make;
 //! - [`rows`]: rows into domain values;
-//! - [`sql`]: binding and running those statements on either backend.
+//! - [`sql`]: binding and running those statements on either backend;
+//! - [`engine`]: [`Storage`], the embedded queue and the sandbox checkouts, once over an
+//!   engine that says how a transaction's writes are committed and where reads go.
 //!
-//! [`sqlite`] and [`postgres`] keep their pools, how they begin a transaction, and the few
-//! statements that truly differ (claims with `SKIP LOCKED`, array binds, idempotency claims).
+//! [`sqlite`] and [`postgres`] are those engines. SQLite commits every write on one thread,
+//! several callers to a commit ([`group_commit`]); PostgreSQL sends a transition as one
+//! statement ([`one_statement`]). Each keeps the few statements that truly differ (claims
+//! with `SKIP LOCKED`, array binds, idempotency claims).
 
 mod engine;
+mod group_commit;
+mod one_statement;
 mod plan;
 pub mod postgres;
 mod reads;
@@ -46,6 +52,12 @@ pub enum StorageError {
     Migration(#[from] sqlx::migrate::MigrateError),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A statement on SQLite's write connection failed (see `group_commit`).
+    #[error("database error: {0}")]
+    Sqlite(String),
+    /// The commit that held the work failed, so none of its writes are on disk.
+    #[error("commit failed: {0}")]
+    Commit(String),
     /// Another request with the same idempotency key stored its response first; the
     /// transaction that wanted to store one was rolled back, and that response stands.
     #[error("the idempotency key was answered by another request")]

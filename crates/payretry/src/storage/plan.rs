@@ -3,8 +3,9 @@
 //! [`transition`] turns a [`Transition`] into its [`Write`]s in the order that keeps its
 //! guarantees: the event id first (a redelivered event stops before it changes anything),
 //! then the compare-and-set on the session (a lost race stops before anything else is
-//! written), then what the change brings with it. A backend runs them in one transaction
-//! ([`super::sql::apply`]); each statement here is the only copy of itself.
+//! written), then what the change brings with it. A backend commits them as one unit
+//! (SQLite in a savepoint of a group commit, PostgreSQL as one statement); each statement
+//! here is the only copy of itself.
 
 use super::sql::{Arg, IfNone, Refusal, Write};
 use super::{

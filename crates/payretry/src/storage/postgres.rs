@@ -24,7 +24,8 @@
 //! database's: the processes sharing a database are expected to run NTP-synchronised.
 
 use super::engine::Engine;
-use super::sql::{self, Write};
+use super::one_statement;
+use super::sql::{self, Backend, Write};
 use super::*;
 use super::{reads, rows};
 use crate::queue::{Delivery, Outbox, QueueResult};
@@ -119,13 +120,31 @@ impl Engine for PostgresStorage {
         &self.wakeups
     }
 
+    /// One round trip: a single write as itself, several as one statement
+    /// ([`one_statement`]), which commits or rolls back whole.
     async fn write(&self, writes: Vec<Write>) -> StorageResult<Committed> {
-        let mut tx = self.pool.begin().await?;
-        let committed = sql::apply::<Postgres>(&mut tx, &writes).await?;
-        if committed == Committed::Applied {
-            tx.commit().await?;
+        match writes.as_slice() {
+            [] => Ok(Committed::Applied),
+            [write] => {
+                if sql::execute(&self.pool, write).await? == 0
+                    && let Some(outcome) = write.if_none.missed()?
+                {
+                    return Ok(outcome);
+                }
+                Ok(Committed::Applied)
+            }
+            writes => {
+                let statement = one_statement::combine(writes);
+                let query = Postgres::query_owned(statement.sql, &statement.args);
+                match query.execute(&self.pool).await {
+                    Ok(_) => Ok(Committed::Applied),
+                    Err(error) => match one_statement::stopped(&error) {
+                        Some(outcome) => outcome,
+                        None => Err(error.into()),
+                    },
+                }
+            }
         }
-        Ok(committed)
     }
 
     async fn run_migrations(&self) -> StorageResult<()> {

@@ -60,6 +60,18 @@ pub(crate) enum IfNone {
     Fail(Refusal),
 }
 
+impl IfNone {
+    /// What a write that touched no row means: nothing (`Ok(None)`), an outcome that stops
+    /// the transaction (`Ok(Some(_))`), or an error that stops it.
+    pub fn missed(self) -> StorageResult<Option<Committed>> {
+        match self {
+            IfNone::Continue => Ok(None),
+            IfNone::Stop(outcome) => Ok(Some(outcome)),
+            IfNone::Fail(refusal) => Err(refusal.into()),
+        }
+    }
+}
+
 /// The errors a write can stop a transaction with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -108,6 +120,9 @@ pub(crate) trait Backend:
 
     /// `sql` with `args` bound.
     fn query(sql: &'static str, args: &[Arg]) -> Query<'static, Self, Self::Arguments>;
+
+    /// A statement built at run time (see `one_statement`), with `args` bound.
+    fn query_owned(sql: String, args: &[Arg]) -> Query<'static, Self, Self::Arguments>;
 }
 
 impl Backend for sqlx::Sqlite {
@@ -117,6 +132,10 @@ impl Backend for sqlx::Sqlite {
 
     fn query(sql: &'static str, args: &[Arg]) -> Query<'static, Self, Self::Arguments> {
         bind_all(sql, args)
+    }
+
+    fn query_owned(sql: String, args: &[Arg]) -> Query<'static, Self, Self::Arguments> {
+        bind_all(sqlx::AssertSqlSafe(sql), args)
     }
 }
 
@@ -128,9 +147,16 @@ impl Backend for sqlx::Postgres {
     fn query(sql: &'static str, args: &[Arg]) -> Query<'static, Self, Self::Arguments> {
         bind_all(sql, args)
     }
+
+    fn query_owned(sql: String, args: &[Arg]) -> Query<'static, Self, Self::Arguments> {
+        bind_all(sqlx::AssertSqlSafe(sql), args)
+    }
 }
 
-fn bind_all<'a, DB>(sql: &'static str, args: &'a [Arg]) -> Query<'static, DB, DB::Arguments>
+fn bind_all<'a, DB>(
+    sql: impl sqlx::SqlSafeStr,
+    args: &'a [Arg],
+) -> Query<'static, DB, DB::Arguments>
 where
     DB: Database,
     Option<i64>: Encode<'a, DB> + Type<DB>,
@@ -143,32 +169,6 @@ where
             Arg::Text(value) => query.bind(value.as_deref()),
             Arg::Bytes(value) => query.bind(value.as_slice()),
         })
-}
-
-/// Runs `writes` in order on `conn` (inside the caller's transaction). The first write that
-/// touches no row and says [`IfNone::Stop`] or [`IfNone::Fail`] ends it: the caller then
-/// drops the transaction, rolling back what came before.
-pub(crate) async fn apply<DB>(
-    conn: &mut DB::Connection,
-    writes: &[Write],
-) -> StorageResult<Committed>
-where
-    DB: Backend,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-{
-    for write in writes {
-        let result = DB::query(write.sql, &write.args)
-            .execute(&mut *conn)
-            .await?;
-        if DB::rows_affected(&result) == 0 {
-            match write.if_none {
-                IfNone::Continue => {}
-                IfNone::Stop(outcome) => return Ok(outcome),
-                IfNone::Fail(refusal) => return Err(refusal.into()),
-            }
-        }
-    }
-    Ok(Committed::Applied)
 }
 
 /// Runs one `write` on `db` by itself (no transaction around it) and answers how many rows

@@ -71,6 +71,7 @@ conformance!(
     idempotent_transition_stores_its_response_without_a_claim,
     a_second_response_for_one_key_rolls_its_transaction_back,
     concurrent_idempotent_transitions_store_one_response,
+    concurrent_transitions_fail_only_their_own,
     concurrent_idempotent_begins_start_once,
     enqueued_job_is_received_once_due,
     lease_hides_job_until_it_expires,
@@ -838,6 +839,50 @@ async fn concurrent_idempotent_transitions_store_one_response(db: Store) {
         }
     }
     assert_eq!(winners.len(), 1, "exactly one response is stored");
+}
+
+/// Transitions committed together (on SQLite, in one group commit) succeed or fail each on
+/// its own: a stale compare-and-set writes none of its rows, and takes nobody else's with it.
+async fn concurrent_transitions_fail_only_their_own(db: Store) {
+    const CALLERS: usize = 16;
+    let start = Arc::new(Barrier::new(CALLERS));
+    let mut tasks = Vec::new();
+    for n in 0..CALLERS {
+        let session = open_session(&db).await;
+        let (db, start) = (db.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let stale = n % 2 == 1;
+            let mut t = Transition::new(
+                &session,
+                with_status(&session, SessionStatus::Failed, "card_declined"),
+            );
+            if stale {
+                t.expected_version += 5;
+            }
+            t.audit.push(audit(AuditAction::PaymentFailed, 0));
+            start.wait().await;
+            (session, stale, db.commit(t).await.expect("commit"))
+        }));
+    }
+    for task in tasks {
+        let (session, stale, outcome) = task.await.expect("commit task");
+        let after = reload(&db, &session.id).await;
+        let entries = db.audit_log(&session.id, ALL).await.expect("audit").items;
+        if stale {
+            assert_eq!(outcome, Committed::Conflict);
+            assert_eq!(after, session, "a lost compare-and-set changed nothing");
+            assert_eq!(
+                entries.len(),
+                1,
+                "only the creation is audited: {entries:?}"
+            );
+        } else {
+            assert_eq!(outcome, Committed::Applied);
+            assert_eq!(after.version, session.version + 1);
+            assert_eq!(after.state.status, SessionStatus::Failed);
+            assert_eq!(entries.len(), 2, "creation and failure: {entries:?}");
+        }
+    }
 }
 
 async fn concurrent_idempotent_begins_start_once(db: Store) {
