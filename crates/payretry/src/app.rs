@@ -17,9 +17,9 @@ use crate::refund_runner::RefundRunner;
 use crate::secret::Secret;
 use crate::service::Payments;
 use crate::shutdown::Shutdown;
-use crate::storage::Storage;
 use crate::storage::postgres::PostgresStorage;
 use crate::storage::sqlite::SqliteStorage;
+use crate::storage::{SecretStore, Storage};
 use crate::sweeper::Sweeper;
 use crate::telemetry::analytics::SegmentRelay;
 use crate::worker::{Worker, WorkerSettings};
@@ -125,7 +125,7 @@ fn random_secret(prefix: &str) -> String {
 }
 
 /// The HS256 key: configured, or generated once and kept in the database.
-pub async fn jwt_secret(config: &Config, storage: &dyn Storage) -> anyhow::Result<Secret> {
+pub async fn jwt_secret(config: &Config, storage: &dyn SecretStore) -> anyhow::Result<Secret> {
     match &config.jwt_secret {
         Some(secret) => Ok(secret.clone()),
         None => Ok(Secret::new(

@@ -12,7 +12,7 @@
 use super::error::ApiError;
 use crate::service::{ServiceError, ServiceResult};
 use crate::storage::{
-    IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, Storage, StorageError,
+    IdempotencyBegin, IdempotencyCompletion, IdempotencyScope, IdempotencyStore, StorageError,
     StoredResponse,
 };
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -65,7 +65,7 @@ pub fn scope(
 /// sent meanwhile gets 409 rather than doing the work twice. `Some` is the answer already
 /// known; `None` means go ahead.
 pub async fn claim(
-    storage: &dyn Storage,
+    storage: &dyn IdempotencyStore,
     scope: &IdempotencyScope,
 ) -> Result<Option<Response>, ApiError> {
     answer(storage.begin_idempotent(scope, chrono::Utc::now()).await?)
@@ -75,7 +75,7 @@ pub async fn claim(
 /// effect is one transaction that stores its response itself. `Some` is the answer already
 /// known; `None` means go ahead.
 pub async fn recorded(
-    storage: &dyn Storage,
+    storage: &dyn IdempotencyStore,
     scope: &IdempotencyScope,
 ) -> Result<Option<Response>, ApiError> {
     answer(storage.lookup_idempotent(scope, chrono::Utc::now()).await?)
@@ -95,7 +95,7 @@ fn answer(found: IdempotencyBegin) -> Result<Option<Response>, ApiError> {
 /// key stored its response first, that response is replayed instead, so every request with
 /// one key gets one answer.
 pub async fn finish(
-    storage: &dyn Storage,
+    storage: &dyn IdempotencyStore,
     scope: &IdempotencyScope,
     outcome: ServiceResult<StoredResponse>,
 ) -> Result<Response, ApiError> {
@@ -109,7 +109,7 @@ pub async fn finish(
 }
 
 async fn replay_winner(
-    storage: &dyn Storage,
+    storage: &dyn IdempotencyStore,
     scope: &IdempotencyScope,
 ) -> Result<Response, ApiError> {
     recorded(storage, scope)
@@ -142,7 +142,7 @@ fn replay(response: &StoredResponse) -> Response {
 /// repeat gets the same refusal); server errors release any claim so the client can try
 /// again.
 async fn settle_error(
-    storage: &dyn Storage,
+    storage: &dyn IdempotencyStore,
     scope: &IdempotencyScope,
     error: ApiError,
 ) -> Result<Response, ApiError> {

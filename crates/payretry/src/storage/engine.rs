@@ -1,14 +1,15 @@
-//! [`Storage`], the embedded [`JobQueue`] and [`SandboxCheckouts`], written once over an
-//! [`Engine`]: what SQLite and PostgreSQL do differently is only how they run a
+//! [`Storage`] (every role of it), the embedded [`JobQueue`] and [`SandboxCheckouts`], written
+//! once over an [`Engine`]: what SQLite and PostgreSQL do differently is only how they run a
 //! transaction's writes, where a read goes, and the three things each does its own way
 //! (claiming an idempotency key, claiming due jobs, migrating).
 
 use super::sql::{self, Backend, Write};
 use super::wakeups::Wakeups;
 use super::{
-    AuditEntry, CheckoutClosure, Committed, DeadLetter, DuplicatePayment, IdempotencyBegin,
-    IdempotencyCompletion, IdempotencyScope, NewAuditEntry, NewSession, Page, Paged,
-    RefundSettlement, SessionRecord, Storage, StorageResult, Transition, corrupt, plan, reads,
+    AuditEntry, CheckoutClosure, ClosureStore, Committed, DeadLetter, DeadLetterStore,
+    DuplicatePayment, DuplicateStore, IdempotencyBegin, IdempotencyCompletion, IdempotencyScope,
+    IdempotencyStore, NewAuditEntry, NewSession, Page, Paged, RefundSettlement, SecretStore,
+    SessionRecord, SessionStore, Storage, StorageResult, Transition, corrupt, plan, reads,
     to_millis,
 };
 use crate::provider::sandbox::{
@@ -74,20 +75,11 @@ async fn execute<'e>(db: impl Executor<'e, Database: Backend>, write: Write) -> 
 }
 
 #[async_trait]
-impl<E> Storage for E
+impl<E> SessionStore for E
 where
     E: Engine + SandboxCheckouts,
     for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
 {
-    async fn migrate(&self) -> StorageResult<()> {
-        self.run_migrations().await
-    }
-
-    async fn ping(&self) -> StorageResult<()> {
-        execute(self.reader(), Write::new("SELECT 1", [])).await?;
-        Ok(())
-    }
-
     async fn insert_session(&self, s: NewSession) -> StorageResult<()> {
         self.write(plan::new_session(&s)).await?;
         Ok(())
@@ -127,6 +119,21 @@ where
         reads::next_window_end(self.reader()).await
     }
 
+    async fn checkout_attempt(
+        &self,
+        session: &PaymentSessionId,
+        checkout: &ProviderSessionId,
+    ) -> StorageResult<Option<AttemptNumber>> {
+        reads::checkout_attempt(self.reader(), session, checkout).await
+    }
+}
+
+#[async_trait]
+impl<E> IdempotencyStore for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
     async fn begin_idempotent(
         &self,
         scope: &IdempotencyScope,
@@ -161,7 +168,14 @@ where
         let [keys, events] = plan::purge(to_millis(before));
         Ok(execute(self.latest(), keys).await? + execute(self.latest(), events).await?)
     }
+}
 
+#[async_trait]
+impl<E> ClosureStore for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
     async fn schedule_checkout_closures(
         &self,
         session: &PaymentSessionId,
@@ -200,7 +214,14 @@ where
         self.write(vec![failed]).await?;
         Ok(())
     }
+}
 
+#[async_trait]
+impl<E> DeadLetterStore for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
     async fn dead_letters(&self, page: Page) -> StorageResult<Paged<DeadLetter>> {
         reads::dead_letters(self.reader(), page).await
     }
@@ -208,21 +229,14 @@ where
     async fn dead_letter(&self, id: DeadLetterId) -> StorageResult<Option<DeadLetter>> {
         reads::dead_letter(self.reader(), id).await
     }
+}
 
-    async fn service_secret(
-        &self,
-        name: &str,
-        generate: &(dyn Fn() -> String + Sync),
-    ) -> StorageResult<String> {
-        // On PostgreSQL a concurrent first insert of the same name makes this one wait for
-        // its commit, so the read below sees whichever value was stored first.
-        self.write(vec![plan::first_secret(name, generate())])
-            .await?;
-        reads::secret(self.latest(), name)
-            .await?
-            .ok_or_else(|| corrupt(format!("service secret {name} vanished")))
-    }
-
+#[async_trait]
+impl<E> DuplicateStore for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
     async fn refund_owed(&self) {
         self.wakeups().refund_owed().await;
     }
@@ -277,13 +291,42 @@ where
         let writes = plan::settle_refund(session_id, attempt, settlement, audit, event_id, now);
         Ok(self.write(writes).await? == Committed::Applied)
     }
+}
 
-    async fn checkout_attempt(
+#[async_trait]
+impl<E> SecretStore for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
+    async fn service_secret(
         &self,
-        session: &PaymentSessionId,
-        checkout: &ProviderSessionId,
-    ) -> StorageResult<Option<AttemptNumber>> {
-        reads::checkout_attempt(self.reader(), session, checkout).await
+        name: &str,
+        generate: &(dyn Fn() -> String + Sync),
+    ) -> StorageResult<String> {
+        // On PostgreSQL a concurrent first insert of the same name makes this one wait for
+        // its commit, so the read below sees whichever value was stored first.
+        self.write(vec![plan::first_secret(name, generate())])
+            .await?;
+        reads::secret(self.latest(), name)
+            .await?
+            .ok_or_else(|| corrupt(format!("service secret {name} vanished")))
+    }
+}
+
+#[async_trait]
+impl<E> Storage for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
+    async fn migrate(&self) -> StorageResult<()> {
+        self.run_migrations().await
+    }
+
+    async fn ping(&self) -> StorageResult<()> {
+        execute(self.reader(), Write::new("SELECT 1", [])).await?;
+        Ok(())
     }
 }
 

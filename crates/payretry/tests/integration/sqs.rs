@@ -16,7 +16,9 @@ use payretry::queue::sqs::{self, SqsQueue};
 use payretry::queue::{Delivery, JobQueue, QueueError};
 use payretry::shutdown;
 use payretry::storage::sqlite::SqliteStorage;
-use payretry::storage::{Committed, NewAuditEntry, NewSession, SessionRecord, Storage, Transition};
+use payretry::storage::{
+    Committed, NewAuditEntry, NewSession, SessionRecord, SessionStore, Transition,
+};
 use payretry::worker::{Outcome, Worker, WorkerSettings};
 use payretry_domain::{
     Amount, AttemptNumber, AuditAction, Currency, Money, PaymentSessionId, ProviderSessionId,
