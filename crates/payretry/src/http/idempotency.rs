@@ -81,7 +81,9 @@ pub async fn recorded(
     answer(storage.lookup_idempotent(scope, chrono::Utc::now()).await?)
 }
 
-fn answer(found: IdempotencyBegin) -> Result<Option<Response>, ApiError> {
+/// What a request finds under its key: `Some` is the answer already known (a replay), an
+/// error the refusal (in flight, or reused for another request); `None` means go ahead.
+pub fn answer(found: IdempotencyBegin) -> Result<Option<Response>, ApiError> {
     match found {
         IdempotencyBegin::Started => Ok(None),
         IdempotencyBegin::Replay(stored) => Ok(Some(replay(&stored))),

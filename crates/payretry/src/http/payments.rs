@@ -218,11 +218,18 @@ pub async fn retry(
     let storage = state.payments.storage.as_ref();
     let path = format!("/payments/retry/{id}");
     let scope = idempotency::scope(caller, &key, &Method::POST, &path, &body);
-    // No claim: the retry's one transaction stores the response with its effect.
-    if let Some(answer) = idempotency::recorded(storage, &scope).await? {
+    // No claim: the retry's one transaction stores the response with its effect. What the
+    // key has recorded and the session are read together, in one round trip.
+    let (found, session) = storage
+        .lookup_idempotent_with_session(&scope, &id, chrono::Utc::now())
+        .await?;
+    if let Some(answer) = idempotency::answer(found)? {
         return Ok(answer);
     }
-    let outcome = state.payments.schedule_retry(&id, caller, &scope).await;
+    let outcome = state
+        .payments
+        .schedule_retry(&id, session, caller, &scope)
+        .await;
     idempotency::finish(storage, &scope, outcome).await
 }
 

@@ -5,20 +5,23 @@
 
 use super::views::RetryAcceptedView;
 use super::{Payments, ServiceError, ServiceResult, completion, json_response, record};
-use crate::storage::{IdempotencyScope, StoredResponse};
+use crate::storage::{IdempotencyScope, SessionRecord, StoredResponse};
 use payretry_domain::{PaymentSessionId, Principal};
 
 impl Payments {
     /// Schedules the next retry of a failed session; returns the 202 response, already
-    /// stored under the caller's idempotency key.
+    /// stored under the caller's idempotency key. `read` is the session as the caller read
+    /// it (`None`: not read, or not found; it is read here, and a missing one is
+    /// [`ServiceError::SessionNotFound`]).
     pub async fn schedule_retry(
         &self,
         id: &PaymentSessionId,
+        read: Option<SessionRecord>,
         caller: &Principal,
         idempotency: &IdempotencyScope,
     ) -> ServiceResult<StoredResponse> {
         let outcome = self
-            .transition(id, |session, now| {
+            .transition_on(id, read, |session, now| {
                 if !caller.can_see(&session.buyer) {
                     return Err(ServiceError::SessionNotFound);
                 }

@@ -150,6 +150,19 @@ where
         self.find_key(scope, now).await
     }
 
+    async fn lookup_idempotent_with_session(
+        &self,
+        scope: &IdempotencyScope,
+        id: &PaymentSessionId,
+        now: DateTime<Utc>,
+    ) -> StorageResult<(IdempotencyBegin, Option<SessionRecord>)> {
+        let (session, record) = reads::session_and_key(self.reader(), id, scope).await?;
+        let found = record
+            .and_then(|record| record.verdict(&scope.fingerprint, to_millis(now)))
+            .unwrap_or(IdempotencyBegin::Started);
+        Ok((found, session))
+    }
+
     async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()> {
         self.write(vec![plan::store_response(
             completion,

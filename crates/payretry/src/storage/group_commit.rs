@@ -111,12 +111,19 @@ impl GroupCommit {
             outcome: None,
             reply,
         });
-        let queue = self.queue.clone();
-        // `send` blocks only while the queue is full: off the async threads.
-        tokio::task::spawn_blocking(move || queue.send(pending))
-            .await
-            .map_err(|error| StorageError::Commit(error.to_string()))?
-            .map_err(|_| StorageError::Commit("the writer has stopped".into()))?;
+        let stopped = || StorageError::Commit("the writer has stopped".into());
+        match self.queue.try_send(pending) {
+            Ok(()) => {}
+            // A full queue: wait for room off the async threads.
+            Err(mpsc::TrySendError::Full(pending)) => {
+                let queue = self.queue.clone();
+                tokio::task::spawn_blocking(move || queue.send(pending))
+                    .await
+                    .map_err(|error| StorageError::Commit(error.to_string()))?
+                    .map_err(|_| stopped())?;
+            }
+            Err(mpsc::TrySendError::Disconnected(_)) => return Err(stopped()),
+        }
         answer
             .await
             .map_err(|_| StorageError::Commit("the writer dropped the work".into()))?
@@ -164,7 +171,9 @@ fn commit(conn: &Connection, batch: &mut [Box<dyn Work>]) -> Result<(), String> 
     for work in batch.iter_mut() {
         conn.execute_batch("SAVEPOINT work")
             .map_err(|e| e.to_string())?;
-        let keep = work.run(conn);
+        // A work that panics is rolled back and answered with an error; the writer goes on.
+        let keep = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work.run(conn)))
+            .unwrap_or(false);
         let end = if keep {
             "RELEASE work"
         } else {
@@ -242,10 +251,8 @@ impl Columns for WriterRow<'_, '_> {
     fn opt_text(&self, column: &str) -> StorageResult<Option<String>> {
         self.0.get(column).map_err(sqlite)
     }
-}
 
-impl WriterRow<'_, '_> {
-    pub fn opt_bytes(&self, column: &str) -> StorageResult<Option<Vec<u8>>> {
+    fn opt_bytes(&self, column: &str) -> StorageResult<Option<Vec<u8>>> {
         self.0.get(column).map_err(sqlite)
     }
 }

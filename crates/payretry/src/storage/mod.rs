@@ -544,6 +544,15 @@ pub trait IdempotencyStore: Send + Sync {
         now: DateTime<Utc>,
     ) -> StorageResult<IdempotencyBegin>;
 
+    /// [`IdempotencyStore::lookup_idempotent`] and the session `id` (`None` when it does not
+    /// exist), read together in one round trip: what a retry request needs before it decides.
+    async fn lookup_idempotent_with_session(
+        &self,
+        scope: &IdempotencyScope,
+        id: &PaymentSessionId,
+        now: DateTime<Utc>,
+    ) -> StorageResult<(IdempotencyBegin, Option<SessionRecord>)>;
+
     /// Stores the response of a request that reached the business logic without a transition
     /// (a refusal); [`StorageError::IdempotencyKeyTaken`] if another response stands.
     async fn complete_idempotent(&self, completion: &IdempotencyCompletion) -> StorageResult<()>;

@@ -4,8 +4,8 @@
 
 use super::sql::{Backend, Columns, fetch_all, fetch_optional};
 use super::{
-    AuditEntry, CheckoutClosure, DeadLetter, DuplicatePayment, Page, Paged, SessionRecord,
-    StorageResult, attempt, opt_time, rows, to_millis,
+    AuditEntry, CheckoutClosure, DeadLetter, DuplicatePayment, IdempotencyRecord, IdempotencyScope,
+    Page, Paged, SessionRecord, StorageResult, attempt, opt_time, rows, to_millis,
 };
 use crate::provider::sandbox::SandboxCheckout;
 use crate::telemetry::analytics::AnalyticsRow;
@@ -258,4 +258,37 @@ pub(crate) async fn next_due<'e>(
     )
     .await?;
     opt_time(next.flatten())
+}
+
+/// The session `id` and the idempotency record of `scope`, in one round trip: what a retry
+/// request reads before it decides. Planned afresh each time, like every idempotency lookup:
+/// a plan cached while `idempotency_keys` was nearly empty would scan it once it has grown.
+pub(crate) async fn session_and_key<'e, E>(
+    db: E,
+    id: &PaymentSessionId,
+    scope: &IdempotencyScope,
+) -> StorageResult<(Option<SessionRecord>, Option<IdempotencyRecord>)>
+where
+    E: Executor<'e, Database: Backend>,
+{
+    const SQL: &str = "SELECT s.*, k.fingerprint AS key_fingerprint,
+            k.response_status AS key_response_status, k.response_body AS key_response_body,
+            k.locked_at AS key_locked_at, k.created_at AS key_created_at
+         FROM (SELECT 1 AS request) AS request
+         LEFT JOIN payment_sessions AS s ON s.id = $1
+         LEFT JOIN idempotency_keys AS k ON k.caller = $2 AND k.idempotency_key = $3";
+    let args = [
+        id.as_str().into(),
+        scope.caller.as_str().into(),
+        scope.key.as_str().into(),
+    ];
+    let row = <E::Database as Backend>::query(SQL, &args)
+        .persistent(false)
+        .fetch_one(db)
+        .await?;
+    let session = match row.opt_text("id")? {
+        Some(_) => Some(rows::session(&row)?),
+        None => None,
+    };
+    Ok((session, rows::idempotency_record(&row, "key_")?))
 }

@@ -4,8 +4,8 @@
 
 use super::sql::Columns;
 use super::{
-    AuditEntry, CheckoutClosure, DeadLetter, DuplicatePayment, SessionRecord, StorageResult,
-    attempt, corrupt, from_millis, opt_time,
+    AuditEntry, CheckoutClosure, DeadLetter, DuplicatePayment, IdempotencyRecord, SessionRecord,
+    StorageResult, attempt, corrupt, from_millis, opt_time,
 };
 use crate::provider::sandbox::SandboxCheckout;
 use crate::queue::Delivery;
@@ -31,6 +31,26 @@ fn reason(row: &impl Columns, column: &str) -> StorageResult<Option<FailureReaso
 
 fn checkout(row: &impl Columns, column: &str) -> StorageResult<Option<ProviderSessionId>> {
     Ok(row.opt_text(column)?.map(ProviderSessionId::new))
+}
+
+/// The idempotency record in `row`, its columns named `{prefix}fingerprint` and so on;
+/// `None` when the row holds none (a `LEFT JOIN` that found no key).
+pub(crate) fn idempotency_record(
+    row: &impl Columns,
+    prefix: &str,
+) -> StorageResult<Option<IdempotencyRecord>> {
+    let column = |name: &str| format!("{prefix}{name}");
+    let Some(fingerprint) = row.opt_text(&column("fingerprint"))? else {
+        return Ok(None);
+    };
+    IdempotencyRecord::from_columns((
+        fingerprint,
+        row.opt_int(&column("response_status"))?,
+        row.opt_bytes(&column("response_body"))?,
+        row.int(&column("locked_at"))?,
+        row.int(&column("created_at"))?,
+    ))
+    .map(Some)
 }
 
 /// A `payment_sessions` row.

@@ -114,7 +114,7 @@ impl Write {
 
 /// The backends payretry runs on: what sqlx does not say the same way for both.
 pub(crate) trait Backend:
-    Database<Row: Columns, Arguments: sqlx::IntoArguments<Self>>
+    Database<Row: Columns, Arguments: sqlx::IntoArguments<Self>> + sqlx::database::HasStatementCache
 {
     fn rows_affected(result: &Self::QueryResult) -> u64;
 
@@ -221,6 +221,7 @@ pub(crate) trait Columns {
     fn opt_int(&self, column: &str) -> StorageResult<Option<i64>>;
     fn text(&self, column: &str) -> StorageResult<String>;
     fn opt_text(&self, column: &str) -> StorageResult<Option<String>>;
+    fn opt_bytes(&self, column: &str) -> StorageResult<Option<Vec<u8>>>;
 }
 
 impl<R> Columns for R
@@ -229,6 +230,7 @@ where
     for<'n> &'n str: ColumnIndex<R>,
     for<'r> i64: Decode<'r, R::Database> + Type<R::Database>,
     for<'r> String: Decode<'r, R::Database> + Type<R::Database>,
+    for<'r> Vec<u8>: Decode<'r, R::Database> + Type<R::Database>,
 {
     fn int(&self, column: &str) -> StorageResult<i64> {
         Ok(self.try_get(column)?)
@@ -243,6 +245,10 @@ where
     }
 
     fn opt_text(&self, column: &str) -> StorageResult<Option<String>> {
+        Ok(self.try_get(column)?)
+    }
+
+    fn opt_bytes(&self, column: &str) -> StorageResult<Option<Vec<u8>>> {
         Ok(self.try_get(column)?)
     }
 }

@@ -72,6 +72,7 @@ conformance!(
     a_second_response_for_one_key_rolls_its_transaction_back,
     concurrent_idempotent_transitions_store_one_response,
     concurrent_transitions_fail_only_their_own,
+    the_session_and_its_key_are_read_together,
     concurrent_idempotent_begins_start_once,
     enqueued_job_is_received_once_due,
     lease_hides_job_until_it_expires,
@@ -883,6 +884,63 @@ async fn concurrent_transitions_fail_only_their_own(db: Store) {
             assert_eq!(entries.len(), 2, "creation and failure: {entries:?}");
         }
     }
+}
+
+/// The retry's reads in one round trip mean what the two separate reads meant.
+async fn the_session_and_its_key_are_read_together(db: Store) {
+    let now = now_ms();
+    let key = scope("buyer-1", "together");
+    let missing = new_session_id();
+    let (found, session) = db
+        .lookup_idempotent_with_session(&key, &missing, now)
+        .await
+        .expect("read");
+    assert_eq!((found, session), (IdempotencyBegin::Started, None));
+
+    let stored = open_session(&db).await;
+    let (found, session) = db
+        .lookup_idempotent_with_session(&key, &stored.id, now)
+        .await
+        .expect("read");
+    assert_eq!(
+        found,
+        IdempotencyBegin::Started,
+        "no record under the key yet"
+    );
+    assert_eq!(session.as_ref(), Some(&stored));
+
+    let mut t = Transition::new(&stored, stored.state.clone());
+    t.idempotency = Some(IdempotencyCompletion {
+        scope: key.clone(),
+        response: response_with(202),
+    });
+    assert_eq!(db.commit(t).await.expect("commit"), Committed::Applied);
+    let (found, session) = db
+        .lookup_idempotent_with_session(&key, &stored.id, now)
+        .await
+        .expect("read");
+    assert_eq!(found, IdempotencyBegin::Replay(response_with(202)));
+    assert_eq!(session.expect("the session").version, stored.version + 1);
+    // The same answers as the key's own lookup, for another request under the key too.
+    let other = with_fingerprint(&key, "POST /y {}");
+    let (found, _) = db
+        .lookup_idempotent_with_session(&other, &stored.id, now)
+        .await
+        .expect("read");
+    assert_eq!(found, IdempotencyBegin::Mismatch);
+    assert_eq!(
+        found,
+        db.lookup_idempotent(&other, now).await.expect("lookup")
+    );
+    // A key of the session read for a session that does not exist.
+    let (found, session) = db
+        .lookup_idempotent_with_session(&key, &missing, now)
+        .await
+        .expect("read");
+    assert_eq!(
+        (found, session),
+        (IdempotencyBegin::Replay(response_with(202)), None)
+    );
 }
 
 async fn concurrent_idempotent_begins_start_once(db: Store) {
