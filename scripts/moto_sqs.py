@@ -15,7 +15,10 @@ payretry, not those races.
     python scripts/moto_sqs.py -H 127.0.0.1 -p PORT
 """
 
+import os
 import sys
+import threading
+import time
 
 from moto.server import main
 from moto.sqs import models
@@ -43,6 +46,18 @@ def _receive_message_locked(self, queue_name, *args, **kwargs):
 
 models.SQSBackend.receive_message = _receive_message_locked
 
+
+
+def _exit_with_parent():
+    # A test binary starts one of these and keeps it in a static, which is never dropped:
+    # when the binary's process ends, this server is orphaned. It then ends too.
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)
+
+
 if __name__ == "__main__":
+    threading.Thread(target=_exit_with_parent, daemon=True).start()
     sys.argv[0] = "moto_server"
     sys.exit(main())

@@ -261,8 +261,8 @@ pub(crate) async fn next_due<'e>(
 }
 
 /// The session `id` and the idempotency record of `scope`, in one round trip: what a retry
-/// request reads before it decides. Planned afresh each time, like every idempotency lookup:
-/// a plan cached while `idempotency_keys` was nearly empty would scan it once it has grown.
+/// request reads before it decides. On PostgreSQL planned afresh each time, like every
+/// idempotency lookup ([`Backend::REPLAN_GROWING_LOOKUPS`]).
 pub(crate) async fn session_and_key<'e, E>(
     db: E,
     id: &PaymentSessionId,
@@ -283,7 +283,7 @@ where
         scope.key.as_str().into(),
     ];
     let row = <E::Database as Backend>::query(SQL, &args)
-        .persistent(false)
+        .persistent(!<E::Database as Backend>::REPLAN_GROWING_LOOKUPS)
         .fetch_one(db)
         .await?;
     let session = match row.opt_text("id")? {
