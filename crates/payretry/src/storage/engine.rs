@@ -28,12 +28,9 @@ use std::time::Duration;
 pub(crate) trait Engine: AnalyticsOutbox + Send + Sync + 'static {
     type Db: Backend;
 
-    /// Where reads go (SQLite: its reader pool).
+    /// Where reads go (SQLite: its reader pool; in WAL mode every read there sees every
+    /// commit that was answered before it).
     fn reader(&self) -> &Pool<Self::Db>;
-
-    /// Where a read goes that must see the latest commit, and a write that needs no
-    /// transaction (SQLite: its writer).
-    fn latest(&self) -> &Pool<Self::Db>;
 
     /// Wakes this process's worker, relays and sweepers after a commit.
     fn wakeups(&self) -> &Wakeups;
@@ -41,6 +38,10 @@ pub(crate) trait Engine: AnalyticsOutbox + Send + Sync + 'static {
     /// Runs `writes` in one transaction and commits it when every write went through;
     /// otherwise rolls it back and answers what stopped it ([`sql::IfNone`]).
     async fn write(&self, writes: Vec<Write>) -> StorageResult<Committed>;
+
+    /// Runs `writes` (deletes that need no compare-and-set) and answers how many rows they
+    /// touched in all.
+    async fn write_counted(&self, writes: Vec<Write>) -> StorageResult<u64>;
 
     /// Applies pending migrations.
     async fn run_migrations(&self) -> StorageResult<()>;
@@ -178,8 +179,8 @@ where
     }
 
     async fn purge_expired(&self, before: DateTime<Utc>) -> StorageResult<u64> {
-        let [keys, events] = plan::purge(to_millis(before));
-        Ok(execute(self.latest(), keys).await? + execute(self.latest(), events).await?)
+        self.write_counted(plan::purge(to_millis(before)).into())
+            .await
     }
 }
 
@@ -321,7 +322,7 @@ where
         // its commit, so the read below sees whichever value was stored first.
         self.write(vec![plan::first_secret(name, generate())])
             .await?;
-        reads::secret(self.latest(), name)
+        reads::secret(self.reader(), name)
             .await?
             .ok_or_else(|| corrupt(format!("service secret {name} vanished")))
     }
@@ -399,7 +400,6 @@ where
 }
 
 /// The sandbox provider's checkouts, kept in the database so every process on it sees them.
-/// Read from [`Engine::latest`]: a checkout just created is paid on the next request.
 #[async_trait]
 impl<E> SandboxCheckouts for E
 where
@@ -416,7 +416,7 @@ where
         &self,
         id: &ProviderSessionId,
     ) -> SandboxCheckoutResult<Option<SandboxCheckout>> {
-        Ok(reads::sandbox_checkout(self.latest(), id).await?)
+        Ok(reads::sandbox_checkout(self.reader(), id).await?)
     }
 
     async fn set_sandbox_checkout_status(

@@ -112,10 +112,6 @@ impl Engine for PostgresStorage {
         &self.pool
     }
 
-    fn latest(&self) -> &sqlx::Pool<Postgres> {
-        &self.pool
-    }
-
     fn wakeups(&self) -> &Wakeups {
         &self.wakeups
     }
@@ -145,6 +141,14 @@ impl Engine for PostgresStorage {
                 }
             }
         }
+    }
+
+    async fn write_counted(&self, writes: Vec<Write>) -> StorageResult<u64> {
+        let mut touched = 0;
+        for write in &writes {
+            touched += sql::execute(&self.pool, write).await?;
+        }
+        Ok(touched)
     }
 
     async fn run_migrations(&self) -> StorageResult<()> {

@@ -21,9 +21,9 @@ use std::time::Duration;
 pub struct SqliteStorage {
     /// Every transition and write of the service, committed in groups by one thread.
     committer: GroupCommit,
-    /// Migrations, and reads that must see the latest commit.
-    writer: SqlitePool,
     reader: SqlitePool,
+    /// How to open a connection of its own, for migrations.
+    options: SqliteConnectOptions,
     /// Wakes this process's worker, outbox relay and analytics relay after a commit. Jobs
     /// enqueued by other processes are found by the worker's idle poll.
     wakeups: Wakeups,
@@ -38,19 +38,14 @@ impl SqliteStorage {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let writer = SqlitePoolOptions::new()
-            .max_connections(1)
-            .min_connections(1)
-            .connect_with(options.clone())
-            .await?;
         let reader = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(options.clone())
             .await?;
         Ok(Self {
             committer: GroupCommit::open(options.get_filename())?,
-            writer,
             reader,
+            options,
             wakeups: Wakeups::default(),
         })
     }
@@ -99,10 +94,6 @@ impl Engine for SqliteStorage {
         &self.reader
     }
 
-    fn latest(&self) -> &sqlx::Pool<Sqlite> {
-        &self.writer
-    }
-
     fn wakeups(&self) -> &Wakeups {
         &self.wakeups
     }
@@ -111,10 +102,26 @@ impl Engine for SqliteStorage {
         self.committer.write(writes).await
     }
 
+    async fn write_counted(&self, writes: Vec<Write>) -> StorageResult<u64> {
+        self.committer
+            .run(move |conn| {
+                let mut touched = 0;
+                for write in &writes {
+                    touched += group_commit::execute(conn, write)?;
+                }
+                Ok((u64::try_from(touched).unwrap_or(u64::MAX), true))
+            })
+            .await
+    }
+
     async fn run_migrations(&self) -> StorageResult<()> {
-        sqlx::migrate!("./migrations/sqlite")
-            .run(&self.writer)
+        // A connection of its own, closed after: the writer thread owns every other write.
+        let migrator = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(self.options.clone())
             .await?;
+        sqlx::migrate!("./migrations/sqlite").run(&migrator).await?;
+        migrator.close().await;
         Ok(())
     }
 
