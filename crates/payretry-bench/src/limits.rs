@@ -19,7 +19,7 @@ pub struct Limits {
 }
 
 /// Latency percentiles (ms) from pgbench `-l` logs whose names start with `prefix`.
-fn percentiles(dir: &Path, prefix: &str) -> Option<(f64, f64)> {
+pub fn percentiles(dir: &Path, prefix: &str) -> Option<(f64, f64)> {
     let mut us: Vec<u64> = Vec::new();
     for entry in std::fs::read_dir(dir).ok()?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -109,7 +109,7 @@ pub fn run(script: &Path, seconds: u64, clients: u64, work: &Path) -> anyhow::Re
     })
 }
 
-fn which(name: &str) -> Option<std::path::PathBuf> {
+pub fn which(name: &str) -> Option<std::path::PathBuf> {
     std::env::var("PATH")
         .ok()?
         .split(':')

@@ -7,6 +7,7 @@ mod charts;
 mod db;
 mod limits;
 mod load;
+mod s2p;
 mod scenarios;
 mod stub;
 
@@ -39,10 +40,10 @@ pub fn log(line: &str) {
 /// which `pgbench` on the socket never pays).
 const DEFAULT_PG: &str = "postgres://postgres@localhost/postgres?host=/var/run/postgresql";
 
-const USAGE: &str = "usage: payretry-bench [--quick] [--out DIR] [--only a,b,c,d,e,f,limits] \
+const USAGE: &str = "usage: payretry-bench [--quick] [--out DIR] [--only a,b,c,d,e,f,limits,s2p] \
 [--payretry PATH] [--pg URL] [--limits PATH]
 
-Runs shared/bench/limits.sh and the scenarios (a) retry endpoint on SQLite, (b) on \
+Runs shared/bench/limits.sh, S2p (payretry's retry statement through pgbench) and the scenarios (a) retry endpoint on SQLite, (b) on \
 PostgreSQL, (c) worker drain, (d) schedule lateness, (e) idle RSS and time to ready, \
 (f) the drain on apalis; prints a table and, last, one JSON line with every ratio.
 Build first: cargo build --release -p payretry -p payretry-bench";
@@ -127,6 +128,7 @@ fn round(v: f64, digits: i32) -> Value {
 #[derive(Default)]
 struct Results {
     limits: Option<limits::Limits>,
+    s2p: Option<s2p::S2pBench>,
     sqlite: Option<RetryBench>,
     postgres: Option<RetryBench>,
     drain: Option<DrainBench>,
@@ -151,7 +153,8 @@ struct Row {
 
 impl Row {
     fn met(&self) -> Option<bool> {
-        if !self.ratio.is_finite() {
+        // A NaN bound: a figure reported for information, with no target.
+        if !self.ratio.is_finite() || self.bound.is_nan() {
             return None;
         }
         Some(if self.at_least {
@@ -179,6 +182,37 @@ fn rows(r: &Results) -> Vec<Row> {
     let s2_p99 = lim.and_then(|l| l.s2_p99_ms).unwrap_or(f64::NAN);
     let s3 = lim.map_or(f64::NAN, |l| l.s3_tps);
     let sq = lim.map_or(f64::NAN, |l| l.sqlite_commits);
+    if let Some(p) = &r.s2p {
+        rows.push(Row {
+            key: "s2p_vs_s2",
+            what: "S2p: payretry's retry statement in pgbench, 16 clients".into(),
+            measured: format!("{:.0} tps", p.tps),
+            against: format!("S2 {s2:.0} tps"),
+            ratio: p.tps / s2,
+            at_least: true,
+            bound: f64::NAN,
+        });
+        rows.push(Row {
+            key: "s2p_p99_vs_s2_p99",
+            what: "S2p: p99".into(),
+            measured: format!("{:.2} ms", p.p99_ms.unwrap_or(f64::NAN)),
+            against: format!("S2 p99 {s2_p99:.2} ms"),
+            ratio: p.p99_ms.unwrap_or(f64::NAN) / s2_p99,
+            at_least: false,
+            bound: f64::NAN,
+        });
+        if let Some(c16) = r.postgres.as_ref().and_then(|pg| pg.at(16)) {
+            rows.push(Row {
+                key: "pg_retry_16_vs_s2p",
+                what: "(b) retry endpoint, PostgreSQL, 16 conns vs S2p".into(),
+                measured: format!("{:.0} req/s", c16.rps),
+                against: format!("S2p {:.0} tps", p.tps),
+                ratio: c16.rps / p.tps,
+                at_least: true,
+                bound: f64::NAN,
+            });
+        }
+    }
     if let Some(pg) = &r.postgres
         && let Some(c16) = pg.at(16)
     {
@@ -335,7 +369,11 @@ fn table(rows: &[Row]) -> String {
         "| result | measured | against | ratio | target | met |\n|---|---|---|---|---|---|\n",
     );
     for r in rows {
-        let target = format!("{} {}", if r.at_least { "≥" } else { "≤" }, r.bound);
+        let target = if r.bound.is_nan() {
+            "information".to_owned()
+        } else {
+            format!("{} {}", if r.at_least { "≥" } else { "≤" }, r.bound)
+        };
         let met = match r.met() {
             Some(true) => "yes",
             Some(false) => "**no**",
@@ -404,6 +442,12 @@ async fn run(opts: &Opts) -> anyhow::Result<()> {
             .await??;
         log(&format!("  {l:?}"));
         r.limits = Some(l);
+    }
+    if wants("limits") || wants("s2p") {
+        let secs = if opts.quick { 5 } else { 10 };
+        let sessions = if opts.quick { 120_000 } else { 600_000 };
+        log("S2p: payretry's retry statement through pgbench…");
+        r.s2p = Some(s2p::run(opts, sessions, secs, 16).await?);
     }
     if wants("a") {
         log("(a) retry endpoint on SQLite");
@@ -515,6 +559,13 @@ async fn run(opts: &Opts) -> anyhow::Result<()> {
             l.s3_tps, l.s3_p99_ms.unwrap_or(f64::NAN), l.sqlite_commits, l.clients, l.seconds
         ));
     }
+    if let Some(p) = &r.s2p {
+        extra.push_str(&format!(
+            "- S2p: {:.0} tps (p50 {:.2} ms, p99 {:.2} ms), {} writes in one statement of {} chars, {} sessions, {} clients, {} s, {} failed\n",
+            p.tps, p.p50_ms.unwrap_or(f64::NAN), p.p99_ms.unwrap_or(f64::NAN), p.writes,
+            p.statement_chars, p.sessions, p.clients, p.seconds, p.failed
+        ));
+    }
     let header = format!(
         "Machine: {} CPUs, {}, {} GiB RAM, Linux {}. Mode: {}. Load average before {}, after {}. Took {:.0} s.\n",
         machine["nproc"],
@@ -542,6 +593,7 @@ async fn run(opts: &Opts) -> anyhow::Result<()> {
         "loadavg_before": load_before,
         "loadavg_after": load_after,
         "limits": r.limits,
+        "s2p": r.s2p,
         "retry_sqlite": r.sqlite,
         "retry_postgres": r.postgres,
         "drain": r.drain,

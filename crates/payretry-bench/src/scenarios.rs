@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 pub const JWT_SECRET: &str = "payretry-bench-jwt-secret-of-at-least-32-chars";
 pub const STRIPE_KEY: &str = "sk_test_payretrybench";
 pub const WEBHOOK_SECRET: &str = "whsec_payretry_bench";
-const BUYER: &str = "bench-buyer";
+pub(crate) const BUYER: &str = "bench-buyer";
 
 fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;

@@ -5,8 +5,9 @@
 
 use super::views::RetryAcceptedView;
 use super::{Payments, ServiceError, ServiceResult, completion, json_response, record};
-use crate::storage::{IdempotencyScope, SessionRecord, StoredResponse};
-use payretry_domain::{PaymentSessionId, Principal};
+use crate::storage::{IdempotencyScope, SessionRecord, StoredResponse, Transition};
+use chrono::{DateTime, Utc};
+use payretry_domain::{PaymentSessionId, Principal, RetryPolicy};
 
 impl Payments {
     /// Schedules the next retry of a failed session; returns the 202 response, already
@@ -22,20 +23,32 @@ impl Payments {
     ) -> ServiceResult<StoredResponse> {
         let outcome = self
             .transition_on(id, read, |session, now| {
-                if !caller.can_see(&session.buyer) {
-                    return Err(ServiceError::SessionNotFound);
-                }
-                let (change, plan) =
-                    session
-                        .lifecycle()
-                        .request_retry(&self.policy, now, caller.actor())?;
-                let response = json_response(202, &RetryAcceptedView::of(session, &plan));
-                let (mut t, _) = record::transition(session, change, now);
-                t.idempotency = completion(Some(idempotency), &response);
-                Ok(Some((t, response)))
+                retry_transition(&self.policy, session, caller, idempotency, now).map(Some)
             })
             .await?;
         let (_, response) = outcome.ok_or(ServiceError::Contended)?;
         Ok(response)
     }
+}
+
+/// What `caller`'s retry of `session` at `now` commits, and the 202 response stored with it
+/// under `idempotency`. Public so that `payretry-bench` can run exactly these writes through
+/// `pgbench` (its S2p ceiling).
+pub fn retry_transition(
+    policy: &RetryPolicy,
+    session: &SessionRecord,
+    caller: &Principal,
+    idempotency: &IdempotencyScope,
+    now: DateTime<Utc>,
+) -> ServiceResult<(Transition, StoredResponse)> {
+    if !caller.can_see(&session.buyer) {
+        return Err(ServiceError::SessionNotFound);
+    }
+    let (change, plan) = session
+        .lifecycle()
+        .request_retry(policy, now, caller.actor())?;
+    let response = json_response(202, &RetryAcceptedView::of(session, &plan));
+    let (mut t, _) = record::transition(session, change, now);
+    t.idempotency = completion(Some(idempotency), &response);
+    Ok((t, response))
 }

@@ -105,6 +105,36 @@ impl From<sqlx::Error> for AnalyticsOutboxError {
     }
 }
 
+/// A value of a transition's statement, as [`postgres_transition_sql`] hands it out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiteralArg<'a> {
+    Null,
+    Int(i64),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
+/// The one statement PostgreSQL runs to commit `t` at `now`, with each argument written as
+/// `literal` returns it. For `payretry-bench`'s S2p ceiling, which runs payretry's own
+/// transition through `pgbench` (a tool without binds); not for running transitions.
+#[doc(hidden)]
+pub fn postgres_transition_sql(
+    t: &Transition,
+    now: DateTime<Utc>,
+    literal: impl Fn(LiteralArg<'_>) -> String,
+) -> StorageResult<String> {
+    let writes = plan::transition(t, to_millis(now))?;
+    let statement = one_statement::combine(&writes);
+    Ok(one_statement::with_literals(&statement, |arg| {
+        literal(match arg {
+            sql::Arg::Int(Some(n)) => LiteralArg::Int(*n),
+            sql::Arg::Text(Some(text)) => LiteralArg::Text(text),
+            sql::Arg::Bytes(bytes) => LiteralArg::Bytes(bytes),
+            sql::Arg::Int(None) | sql::Arg::Text(None) => LiteralArg::Null,
+        })
+    }))
+}
+
 /// The mutable part of a session, and the attempt rows: the domain's lifecycle types.
 pub use payretry_domain::lifecycle::{AttemptChange, AttemptStatus, SessionState};
 

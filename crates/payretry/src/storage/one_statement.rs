@@ -139,15 +139,32 @@ fn closing_paren(sql: &str, open: usize) -> usize {
 
 /// Appends `sql` to `out` with every `$n` written as `$(n + offset)`.
 fn renumber(sql: &str, offset: usize, out: &mut String) {
+    replace_placeholders(sql, out, |n| format!("${}", n + offset));
+}
+
+/// `statement` with every `$n` replaced by `literal(n-th argument)`: the SQL text a tool
+/// without binds (`pgbench`) can run. Used only by `payretry-bench`'s S2p ceiling.
+pub(crate) fn with_literals(statement: &Statement, literal: impl Fn(&Arg) -> String) -> String {
+    let mut out = String::new();
+    replace_placeholders(&statement.sql, &mut out, |n| {
+        literal(&statement.args[n - 1])
+    });
+    out
+}
+
+/// Appends `sql` to `out` with every `$n` written as `placeholder(n)`.
+fn replace_placeholders(sql: &str, out: &mut String, placeholder: impl Fn(usize) -> String) {
     let mut rest = sql;
     while let Some(at) = rest.find('$') {
-        out.push_str(&rest[..=at]);
+        out.push_str(&rest[..at]);
         rest = &rest[at + 1..];
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
         if digits > 0 {
             let n: usize = rest[..digits].parse().expect("digits");
-            out.push_str(&(n + offset).to_string());
+            out.push_str(&placeholder(n));
             rest = &rest[digits..];
+        } else {
+            out.push('$');
         }
     }
     out.push_str(rest);
@@ -219,6 +236,22 @@ mod tests {
                         (SELECT count(*) FROM w0) AS w0_done ON CONFLICT (x) DO NOTHING \
                         RETURNING 1)";
         assert!(combine(&writes).sql.contains(expected));
+    }
+
+    #[test]
+    fn literals_take_the_place_of_every_placeholder() {
+        let writes = [
+            Write::new("INSERT INTO a VALUES ($1, $2)", [1.into(), "x".into()]),
+            Write::new("UPDATE b SET x = $1 WHERE y = $1", [3.into()]),
+        ];
+        let sql = with_literals(&combine(&writes), |arg| match arg {
+            Arg::Int(Some(n)) => format!("<{n}>"),
+            other => format!("<{other:?}>"),
+        });
+        assert!(sql.contains("VALUES (<1>, <Text(Some(\"x\"))>)"));
+        assert!(sql.contains("SET x = <3> FROM"));
+        assert!(sql.contains("WHERE y = <3>"));
+        assert!(!sql.contains('$'));
     }
 
     #[test]

@@ -69,6 +69,14 @@ impl PostgresStorage {
             Some(_) => options,
             None => options.application_name("payretry"),
         };
+        // Every statement payretry runs is an index lookup by design, and each is prepared
+        // once per connection. PostgreSQL may cache a generic plan made while a table was
+        // nearly empty (after a deploy: `idempotency_keys`), a sequential scan that the
+        // connection then keeps running on the grown table (`payretry-bench` saw 4 605 scans
+        // reading 46 M rows in 20 s). With scans priced out, that plan is never chosen while an
+        // index exists, and no statement has to be planned afresh each time (replanning the
+        // retry's read cost about 10 % of PostgreSQL's CPU per retry: BENCHMARKS.md).
+        let options = options.options([("enable_seqscan", "off")]);
         let pool = PgPoolOptions::new()
             .max_connections(max_connections.max(1))
             .acquire_timeout(ACQUIRE_TIMEOUT)
@@ -89,13 +97,7 @@ async fn idempotency_record(
 ) -> StorageResult<Option<IdempotencyRecord>> {
     let lock = if lock { " FOR UPDATE" } else { "" };
     let sql = format!("{IDEMPOTENCY_COLUMNS} WHERE caller = $1 AND idempotency_key = $2{lock}");
-    // Planned afresh each time (not a cached prepared statement): the table starts empty
-    // after a deploy and grows by one row per request, and a plan cached while it was empty
-    // is a sequential scan that each connection would keep running on the grown table until
-    // the next autovacuum ANALYZE (`payretry-bench` saw 4 605 scans reading 46 M rows in a
-    // 20-second run).
     sqlx::query_as::<_, IdempotencyColumns>(sqlx::AssertSqlSafe(sql))
-        .persistent(false)
         .bind(scope.caller.as_str())
         .bind(&scope.key)
         .fetch_optional(conn)

@@ -261,8 +261,8 @@ pub(crate) async fn next_due<'e>(
 }
 
 /// The session `id` and the idempotency record of `scope`, in one round trip: what a retry
-/// request reads before it decides. On PostgreSQL planned afresh each time, like every
-/// idempotency lookup ([`Backend::REPLAN_GROWING_LOOKUPS`]).
+/// request reads before it decides. Prepared once per connection: on PostgreSQL the
+/// connection's planner never picks a scan where an index serves (`postgres.rs`).
 pub(crate) async fn session_and_key<'e, E>(
     db: E,
     id: &PaymentSessionId,
@@ -283,7 +283,6 @@ where
         scope.key.as_str().into(),
     ];
     let row = <E::Database as Backend>::query(SQL, &args)
-        .persistent(!<E::Database as Backend>::REPLAN_GROWING_LOOKUPS)
         .fetch_one(db)
         .await?;
     let session = match row.opt_text("id")? {

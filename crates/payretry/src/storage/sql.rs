@@ -116,11 +116,6 @@ impl Write {
 pub(crate) trait Backend:
     Database<Row: Columns, Arguments: sqlx::IntoArguments<Self>> + sqlx::database::HasStatementCache
 {
-    /// Whether a statement whose best plan changes as its table grows (the idempotency-key
-    /// lookups) is planned afresh each time rather than prepared once: PostgreSQL keeps a
-    /// plan made while the table was nearly empty (a scan); SQLite plans cheaply and well.
-    const REPLAN_GROWING_LOOKUPS: bool;
-
     fn rows_affected(result: &Self::QueryResult) -> u64;
 
     /// `sql` with `args` bound.
@@ -131,8 +126,6 @@ pub(crate) trait Backend:
 }
 
 impl Backend for sqlx::Sqlite {
-    const REPLAN_GROWING_LOOKUPS: bool = false;
-
     fn rows_affected(result: &Self::QueryResult) -> u64 {
         result.rows_affected()
     }
@@ -147,8 +140,6 @@ impl Backend for sqlx::Sqlite {
 }
 
 impl Backend for sqlx::Postgres {
-    const REPLAN_GROWING_LOOKUPS: bool = true;
-
     fn rows_affected(result: &Self::QueryResult) -> u64 {
         result.rows_affected()
     }

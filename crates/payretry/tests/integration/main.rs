@@ -16,6 +16,7 @@ mod dogstatsd;
 mod double_payment;
 mod http_contract;
 mod logs;
+mod postgres_plans;
 mod queue_conformance;
 mod readiness;
 mod refunds;

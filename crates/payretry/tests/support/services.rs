@@ -143,6 +143,21 @@ impl TempDatabase {
         }
     }
 
+    /// Runs one PostgreSQL statement straight on the database, on a connection of its own.
+    pub async fn execute(&self, sql: &'static str) {
+        use sqlx::Connection;
+        assert_eq!(
+            self.engine(),
+            Database::Postgres,
+            "not a PostgreSQL database"
+        );
+        let mut conn = sqlx::PgConnection::connect(&self.url)
+            .await
+            .expect("connect to the test database");
+        sqlx::query(sql).execute(&mut conn).await.expect(sql);
+        let _ = conn.close().await;
+    }
+
     /// Drops the PostgreSQL database now, connections and all, as an outage would take it
     /// away.
     pub fn drop_now(&self) {
