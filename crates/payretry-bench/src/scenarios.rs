@@ -684,6 +684,7 @@ pub async fn apalis_drain(
             job,
             receipt: String::new(),
             receive_count: 1,
+            first_delivered_at: chrono::Utc::now(),
         };
         match worker.process(&delivery).await {
             payretry::worker::Outcome::CheckoutCreated => Ok(()),

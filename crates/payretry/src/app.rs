@@ -187,7 +187,7 @@ impl App {
                 ))
             }
             ProviderKind::Stripe => {
-                let stripe = match &tuning.stripe {
+                let mut stripe = match &tuning.stripe {
                     Some(stripe) => stripe.clone(),
                     None => {
                         let key = config
@@ -197,6 +197,9 @@ impl App {
                         StripeConfig::new(config.stripe_api_base.clone(), key)
                     }
                 };
+                if let Some(max_rps) = config.provider_max_rps {
+                    stripe.max_rps = max_rps;
+                }
                 Arc::new(StripeProvider::new(stripe)?)
             }
         };

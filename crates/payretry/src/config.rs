@@ -70,6 +70,9 @@ pub struct Config {
     /// Webhook signing secrets: the first signs (sandbox), any verifies (rotation).
     pub webhook_secrets: Vec<Secret>,
     pub stripe_api_base: String,
+    /// Provider calls per second for the whole deployment (`PAYRETRY_PROVIDER_MAX_RPS`);
+    /// `None`: the default for the key ([`crate::provider::stripe::default_max_rps`]).
+    pub provider_max_rps: Option<u32>,
     /// `None`: generated once and kept in the database.
     pub jwt_secret: Option<Secret>,
     pub log_format: LogFormat,
@@ -151,6 +154,7 @@ impl Default for Config {
             stripe_secret_key: None,
             webhook_secrets: Vec::new(),
             stripe_api_base: "https://api.stripe.com".to_owned(),
+            provider_max_rps: None,
             jwt_secret: None,
             log_format: LogFormat::Text,
             dogstatsd_addr: None,
@@ -314,6 +318,20 @@ impl Config {
                         &v,
                     )
                 })?;
+        }
+        if let Some(v) = lookup("PAYRETRY_PROVIDER_MAX_RPS") {
+            c.provider_max_rps = Some(
+                v.parse::<u32>()
+                    .ok()
+                    .filter(|n| (1..=10_000).contains(n))
+                    .ok_or_else(|| {
+                        bad(
+                            "PAYRETRY_PROVIDER_MAX_RPS",
+                            "expected a whole number of calls per second from 1 to 10000",
+                            &v,
+                        )
+                    })?,
+            );
         }
         if let Some(v) = lookup("PAYRETRY_PROVIDER") {
             c.provider = match v.as_str() {
@@ -505,6 +523,10 @@ mod tests {
             ("PAYRETRY_QUEUE", "kafka"),
             ("PAYRETRY_SQS_ENDPOINT", "localhost:4566"),
             ("PAYRETRY_MAX_RECEIVES", "-1"),
+            ("PAYRETRY_PROVIDER_MAX_RPS", "0"),
+            ("PAYRETRY_PROVIDER_MAX_RPS", "2.5"),
+            ("PAYRETRY_PROVIDER_MAX_RPS", "10001"),
+            ("PAYRETRY_PROVIDER_MAX_RPS", "fast"),
             ("PAYRETRY_DATABASE_URL", "mysql://x"),
             ("PAYRETRY_AUTO_REFUND_DUPLICATES", "yes"),
             ("PAYRETRY_TRUSTED_PROXIES", "localhost"),

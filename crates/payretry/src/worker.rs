@@ -41,6 +41,9 @@ pub enum Outcome {
     Abandoned,
     /// The provider is unavailable: deliver again later.
     RetryLater(String),
+    /// The provider's rate limit kept refusing: deliver again later, and count this
+    /// delivery as if it never happened (DESIGN.md §4: not a failure).
+    Throttled(String),
     /// The provider refused for good: no redelivery will help.
     Permanent(String),
     /// Delivered before its due time (an SQS delay is at most 15 minutes): queued again.
@@ -111,6 +114,7 @@ impl Worker {
         match self.try_process(delivery, in_transition).await {
             Ok(outcome) => outcome,
             Err(ServiceError::Provider(ProviderError::Permanent(e))) => Outcome::Permanent(e),
+            Err(ServiceError::Provider(ProviderError::RateLimited(e))) => Outcome::Throttled(e),
             Err(error) => Outcome::RetryLater(error.to_string()),
         }
     }
@@ -195,7 +199,7 @@ impl Worker {
                 description: session.description.clone(),
                 success_url: format!("{}?result=success", self.payments.pay_url(&session.id)),
                 cancel_url: self.payments.pay_url(&session.id),
-                expires_at: checkout_expires_at(session.expires_at, job.scheduled_for),
+                expires_at: checkout_expires_at(session.expires_at, delivery.checkout_reference()),
             })
             .await?;
         crate::crash_point!("worker-after-checkout-created");
@@ -248,6 +252,11 @@ impl Worker {
         };
         match &outcome {
             Outcome::NotDue => self.queue.defer(&delivery).await?,
+            Outcome::Throttled(error) => {
+                let delay = throttled_delay(self.settings.backoff, rand::random::<f64>());
+                tracing::warn!(%error, delay_ms = delay.as_millis() as u64, "provider rate limit; job postponed, not counted");
+                self.queue.postpone(&delivery, error, delay).await?;
+            }
             Outcome::RetryLater(error) if delivery.receive_count < self.settings.max_receives => {
                 let delay = self.backoff(delivery.receive_count);
                 tracing::warn!(%error, receive_count = delivery.receive_count, "retry job failed; will redeliver");
@@ -417,6 +426,13 @@ impl Worker {
         next.map(|at| (at - Utc::now()).to_std().unwrap_or(Duration::ZERO))
             .map_or(IDLE_POLL, |d| d.min(IDLE_POLL))
     }
+}
+
+/// How long a job the provider's rate limit refused waits before its next delivery: one to
+/// two first backoffs (10–20 s by default; `jitter` in `0.0..1.0`), so the jobs of one 429
+/// storm come back spread out. Not doubled: the job did not fail.
+fn throttled_delay(backoff: Duration, jitter: f64) -> Duration {
+    backoff.mul_f64(1.0 + jitter.clamp(0.0, 1.0))
 }
 
 impl Worker {

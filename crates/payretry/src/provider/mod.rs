@@ -3,6 +3,7 @@
 //! The rest of payretry talks to a provider only through [`PaymentProvider`]; provider
 //! vocabulary (Stripe's `payment_status`, `cs_…` ids) is mapped into these types at the edge.
 
+pub mod budget;
 pub mod sandbox;
 pub mod signature;
 pub mod stripe;
@@ -106,9 +107,13 @@ pub fn duplicate_refund_key(session_id: &PaymentSessionId, attempt: AttemptNumbe
 /// Provider failures, split by what the caller should do about them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProviderError {
-    /// Timeouts, 429, 5xx, connection errors: try again later with the same idempotency key.
+    /// Timeouts, 5xx, connection errors: try again later with the same idempotency key.
     #[error("provider temporarily unavailable: {0}")]
     Transient(String),
+    /// The provider's rate limit kept refusing (429): nothing was done, and nothing failed.
+    /// Try again later, without counting it against the job (DESIGN.md §4).
+    #[error("provider rate limit reached: {0}")]
+    RateLimited(String),
     /// A request the provider will never accept (4xx other than 429).
     #[error("provider refused the request: {0}")]
     Permanent(String),
@@ -116,7 +121,7 @@ pub enum ProviderError {
 
 impl ProviderError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Transient(_))
+        matches!(self, Self::Transient(_) | Self::RateLimited(_))
     }
 }
 

@@ -14,6 +14,11 @@
 //!   `Stripe-Should-Retry: false`, and a 5xx Stripe replays under the idempotency key
 //!   (`Idempotent-Replayed: true`) are permanent at once: trying again cannot change them.
 //!   See [`classify`].
+//! - Every try waits for a slot of the provider budget ([`ProviderBudget`], DESIGN.md §4). A
+//!   429 for the rate limit (not an object's `lock_timeout`) tells the budget, which slows
+//!   down and pauses for the `Retry-After`; such a try is not counted against `max_tries`
+//!   (it did nothing), and only after [`MAX_RATE_LIMITED`] of them does the call give up as
+//!   [`ProviderError::RateLimited`], which no caller counts as a failure of its job.
 //! - Stripe's vocabulary (`status`, `payment_status`) is mapped into [`CheckoutState`] here
 //!   and goes no further.
 //! - The secret key travels only in the `Authorization` header. No error, log line or `Debug`
@@ -30,11 +35,13 @@ use reqwest::header::{AUTHORIZATION, HeaderMap, HeaderValue, RETRY_AFTER};
 use reqwest::{Client, Method, StatusCode, Url};
 use serde::Deserialize;
 
+use super::budget::{LocalBudget, ProviderBudget};
 use super::{
     CheckoutRequest, CheckoutState, PaymentProvider, ProviderCheckout, ProviderError, Refund,
     RefundRequest, RefundState,
 };
 use crate::secret::Secret;
+use std::sync::Arc;
 
 /// The Stripe API version payretry is written against. Pinned on every request so a change of
 /// the account's default version cannot change the shapes parsed here. Events follow the
@@ -48,6 +55,28 @@ pub const DEFAULT_API_BASE: &str = "https://api.stripe.com";
 /// Longest single wait between two tries: caps both the exponential backoff and a
 /// `Retry-After` header. Longer outages are the queue's business (the job is redelivered).
 pub const MAX_RETRY_WAIT: Duration = Duration::from_secs(10);
+
+/// How long one call keeps trying, by default, while Stripe answers 429 for its rate limit,
+/// before it gives up as [`ProviderError::RateLimited`] (the job is then postponed,
+/// uncounted). Well inside a queue job's lease.
+pub const MAX_RATE_LIMITED: Duration = Duration::from_secs(20);
+
+/// Stripe's default rate limits are 25 requests/s in test mode and 100 in live mode, per
+/// account and shared with the merchant's own traffic: payretry takes at most 80 % of them
+/// unless `PAYRETRY_PROVIDER_MAX_RPS` says otherwise.
+pub const DEFAULT_TEST_MAX_RPS: u32 = 20;
+pub const DEFAULT_LIVE_MAX_RPS: u32 = 80;
+
+/// The default budget for `key`: a test-mode key (`sk_test_`, `rk_test_`) gets
+/// [`DEFAULT_TEST_MAX_RPS`], any other [`DEFAULT_LIVE_MAX_RPS`].
+pub fn default_max_rps(key: &Secret) -> u32 {
+    let key = key.expose();
+    if key.starts_with("sk_test_") || key.starts_with("rk_test_") {
+        DEFAULT_TEST_MAX_RPS
+    } else {
+        DEFAULT_LIVE_MAX_RPS
+    }
+}
 
 /// Longest error text kept from a Stripe response.
 const MAX_MESSAGE_LEN: usize = 300;
@@ -65,6 +94,12 @@ pub struct StripeConfig {
     pub max_tries: u32,
     /// Wait before the second try; doubled for each further one, plus jitter.
     pub initial_backoff: Duration,
+    /// Calls per second this process may make ([`LocalBudget`]); a deployment of several
+    /// processes shares one budget instead ([`StripeProvider::with_budget`]).
+    pub max_rps: u32,
+    /// How long one call keeps trying while Stripe's rate limit refuses it
+    /// ([`MAX_RATE_LIMITED`] by default).
+    pub rate_limited_patience: Duration,
 }
 
 impl StripeConfig {
@@ -73,10 +108,12 @@ impl StripeConfig {
     pub fn new(api_base: impl Into<String>, secret_key: Secret) -> Self {
         Self {
             api_base: api_base.into(),
-            secret_key,
             request_timeout: Duration::from_secs(10),
             max_tries: 3,
             initial_backoff: Duration::from_millis(250),
+            max_rps: default_max_rps(&secret_key),
+            rate_limited_patience: MAX_RATE_LIMITED,
+            secret_key,
         }
     }
 }
@@ -104,6 +141,9 @@ pub struct StripeProvider {
     secret_key: Secret,
     max_tries: u32,
     initial_backoff: Duration,
+    /// Paces every try (DESIGN.md §4).
+    budget: Arc<dyn ProviderBudget>,
+    rate_limited_patience: Duration,
 }
 
 impl fmt::Debug for StripeProvider {
@@ -142,7 +182,16 @@ impl StripeProvider {
             secret_key: config.secret_key,
             max_tries: config.max_tries.max(1),
             initial_backoff: config.initial_backoff,
+            budget: Arc::new(LocalBudget::new(f64::from(config.max_rps.max(1)))),
+            rate_limited_patience: config.rate_limited_patience,
         })
+    }
+
+    /// The same provider, paced by `budget` (one shared by every process of a deployment)
+    /// instead of its own.
+    pub fn with_budget(mut self, budget: Arc<dyn ProviderBudget>) -> Self {
+        self.budget = budget;
+        self
     }
 
     /// `{base}/v1/checkout/sessions[/{id}[/{action}]]`.
@@ -181,11 +230,30 @@ impl StripeProvider {
     /// Sends one logical request, retrying transient failures under the same idempotency key.
     async fn call(&self, call: &Call<'_>) -> Result<Vec<u8>, CallError> {
         let mut tries = 1;
+        let started = tokio::time::Instant::now();
         loop {
+            self.budget.acquire().await;
             let (message, retry_after) = match self.try_once(call).await {
                 Ok(body) => return Ok(body),
                 Err(TryError::Refused { status, message }) => {
                     return Err(CallError::Refused { status, message });
+                }
+                Err(TryError::RateLimited {
+                    message,
+                    retry_after,
+                }) => {
+                    // Not a failed try: Stripe did nothing. The budget slows down and pauses.
+                    self.budget.throttled(retry_after).await;
+                    if started.elapsed() >= self.rate_limited_patience {
+                        return Err(CallError::RateLimited(message));
+                    }
+                    tracing::warn!(
+                        operation = call.operation,
+                        rate = self.budget.current_rate(),
+                        error = %message,
+                        "Stripe's rate limit reached; slowing down"
+                    );
+                    continue;
                 }
                 Err(TryError::Transient {
                     message,
@@ -250,6 +318,10 @@ impl StripeProvider {
             error_summary(status, &headers, &body)
         ));
         match classify(status, &headers) {
+            Answer::TryAgain if is_rate_limit(status, &body) => Err(TryError::RateLimited {
+                message,
+                retry_after: retry_after(&headers, Utc::now()),
+            }),
             Answer::TryAgain => Err(TryError::Transient {
                 message,
                 retry_after: retry_after(&headers, Utc::now()),
@@ -504,8 +576,21 @@ fn classify(status: StatusCode, headers: &HeaderMap) -> Answer {
     }
 }
 
+/// Whether an answer is Stripe's rate limiter refusing the request: a 429 other than a
+/// `lock_timeout` (contention on one object, which a slower rate does not cure).
+fn is_rate_limit(status: StatusCode, body: &[u8]) -> bool {
+    status == StatusCode::TOO_MANY_REQUESTS
+        && serde_json::from_slice::<ErrorEnvelope>(body)
+            .map_or(true, |e| e.error.code.as_deref() != Some("lock_timeout"))
+}
+
 /// The outcome of one try.
 enum TryError {
+    /// Refused by the provider's rate limiter: nothing was done.
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
     Transient {
         message: String,
         /// What the server asked for with `Retry-After`, uncapped.
@@ -519,6 +604,7 @@ enum TryError {
 
 /// The outcome of a whole call; keeps the status so `expire` can tell a 400 apart.
 enum CallError {
+    RateLimited(String),
     Transient(String),
     Refused { status: StatusCode, message: String },
 }
@@ -526,6 +612,7 @@ enum CallError {
 impl From<CallError> for ProviderError {
     fn from(error: CallError) -> Self {
         match error {
+            CallError::RateLimited(message) => ProviderError::RateLimited(message),
             CallError::Transient(message) => ProviderError::Transient(message),
             CallError::Refused { message, .. } => ProviderError::Permanent(message),
         }

@@ -31,6 +31,20 @@ pub struct Delivery {
     pub receipt: String,
     /// How many times the job has been delivered, this one included.
     pub receive_count: u32,
+    /// When the job was first delivered (this delivery, or an earlier one of the same job),
+    /// kept by the queue: the reference for the provider checkout's `expires_at`
+    /// ([`Delivery::checkout_reference`]).
+    pub first_delivered_at: DateTime<Utc>,
+}
+
+impl Delivery {
+    /// The time a retry checkout's `expires_at` is computed from: the job's due time, or its
+    /// first delivery when that was later (a backlog, an outage). Fixed per job, so every
+    /// redelivery sends the provider the same parameters under the same Idempotency-Key, and
+    /// however late the job came, the checkout closes inside the provider's bounds.
+    pub fn checkout_reference(&self) -> DateTime<Utc> {
+        self.job.scheduled_for.max(self.first_delivered_at)
+    }
 }
 
 /// A queue backend, seen from the worker.
@@ -51,6 +65,12 @@ pub trait JobQueue: Send + Sync + 'static {
 
     /// The job failed: deliver it again after `delay`.
     async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()>;
+
+    /// The job could not run for a reason that is not its failure (the provider's rate
+    /// limit): deliver it again after `delay`, and do not count this delivery towards
+    /// `PAYRETRY_MAX_RECEIVES`.
+    async fn postpone(&self, delivery: &Delivery, reason: &str, delay: Duration)
+    -> QueueResult<()>;
 
     /// The job runs long: keep it hidden from other workers for another `lease`.
     async fn extend(&self, delivery: &Delivery, lease: Duration) -> QueueResult<()>;

@@ -214,6 +214,9 @@ async fn receive(
         .visibility_timeout(lease.as_secs().clamp(1, 43_200) as i32)
         .wait_time_seconds(wait)
         .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+        .message_system_attribute_names(
+            MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
+        )
         .send()
         .await
         .map_err(|e| sqs_error("receive", aws_sdk_sqs::error::DisplayErrorContext(e)))?;
@@ -222,18 +225,26 @@ async fn receive(
         let (Some(body), Some(receipt)) = (message.body(), message.receipt_handle()) else {
             continue;
         };
-        let receive_count = message
-            .attributes()
-            .and_then(|a: &HashMap<MessageSystemAttributeName, String>| {
-                a.get(&MessageSystemAttributeName::ApproximateReceiveCount)
-            })
+        let attribute = |name: &MessageSystemAttributeName| {
+            message
+                .attributes()
+                .and_then(|a: &HashMap<MessageSystemAttributeName, String>| a.get(name))
+        };
+        let receive_count = attribute(&MessageSystemAttributeName::ApproximateReceiveCount)
             .and_then(|c| c.parse().ok())
             .unwrap_or(1);
+        // SQS keeps the first receive's time (ms) with the message across redeliveries.
+        let first_delivered_at =
+            attribute(&MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
+                .and_then(|ms| ms.parse::<i64>().ok())
+                .and_then(DateTime::from_timestamp_millis)
+                .unwrap_or_else(Utc::now);
         match serde_json::from_str::<RetryJob>(body) {
             Ok(job) => deliveries.push(Delivery {
                 job,
                 receipt: receipt.to_owned(),
                 receive_count,
+                first_delivered_at,
             }),
             Err(error) => {
                 // Not ours or corrupt: it can never succeed; let the redrive policy take it.
@@ -305,6 +316,33 @@ impl JobQueue for SqsQueue {
 
     async fn extend(&self, delivery: &Delivery, lease: Duration) -> QueueResult<()> {
         self.release(delivery, "", lease).await
+    }
+
+    async fn postpone(
+        &self,
+        delivery: &Delivery,
+        _reason: &str,
+        delay: Duration,
+    ) -> QueueResult<()> {
+        // SQS counts every receive, and its redrive policy would dead-letter a job the rate
+        // limit kept refusing. A fresh copy starts its count afresh; then this copy goes (a
+        // redelivery of it after a crash is harmless: the attempt check drops duplicates).
+        // The copy's first receive is later: its checkout's `expires_at` may differ, which
+        // Stripe accepts under the same key because a rate-limited create was never run.
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(serde_json::to_string(&delivery.job).expect("jobs serialise"))
+            .delay_seconds(delay.as_secs().min(MAX_DELAY_SECONDS as u64) as i32)
+            .send()
+            .await
+            .map_err(|e| {
+                sqs_error(
+                    "send a postponed job",
+                    aws_sdk_sqs::error::DisplayErrorContext(e),
+                )
+            })?;
+        self.ack(delivery).await
     }
 
     async fn defer(&self, delivery: &Delivery) -> QueueResult<()> {

@@ -60,7 +60,11 @@ impl Payments {
                 tracing::info!(session_id = %closure.session_id, provider_session_id = %checkout, "closed a checkout nobody should pay any more");
                 return Ok(true);
             }
-            Err(ProviderError::Transient(e) | ProviderError::Permanent(e)) => e,
+            Err(
+                ProviderError::Transient(e)
+                | ProviderError::RateLimited(e)
+                | ProviderError::Permanent(e),
+            ) => e,
         };
         if now - closure.created_at > GIVE_UP_AFTER {
             tracing::error!(session_id = %closure.session_id, provider_session_id = %checkout, %error, "gave up closing a checkout; the provider has expired it by now");

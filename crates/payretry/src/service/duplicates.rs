@@ -176,7 +176,7 @@ impl Payments {
                 self.settle(record, &settlement, None).await?;
                 Ok(outcome)
             }
-            Err(ProviderError::Transient(error)) => {
+            Err(ProviderError::Transient(error) | ProviderError::RateLimited(error)) => {
                 tracing::warn!(
                     %session_id,
                     duplicate_attempt = attempt.get(),

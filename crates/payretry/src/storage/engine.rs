@@ -344,6 +344,26 @@ where
     }
 }
 
+/// Puts a delivered job back, due after `delay`, if the delivery still holds it.
+async fn put_back<E: Engine>(
+    engine: &E,
+    delivery: &Delivery,
+    error: &str,
+    delay: Duration,
+    delivered: plan::Delivered,
+) -> QueueResult<()> {
+    let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
+    engine
+        .write(vec![plan::release_job(
+            &delivery.receipt,
+            run_at,
+            error,
+            delivered,
+        )?])
+        .await?;
+    Ok(())
+}
+
 /// The embedded queue: the outbox table itself, claimed with a lease.
 #[async_trait]
 impl<E> JobQueue for E
@@ -366,10 +386,16 @@ where
     }
 
     async fn release(&self, delivery: &Delivery, error: &str, delay: Duration) -> QueueResult<()> {
-        let run_at = to_millis(Utc::now()) + i64::try_from(delay.as_millis()).unwrap_or(0);
-        self.write(vec![plan::release_job(&delivery.receipt, run_at, error)?])
-            .await?;
-        Ok(())
+        put_back(self, delivery, error, delay, plan::Delivered::Counted).await
+    }
+
+    async fn postpone(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        delay: Duration,
+    ) -> QueueResult<()> {
+        put_back(self, delivery, reason, delay, plan::Delivered::Uncounted).await
     }
 
     async fn extend(&self, _delivery: &Delivery, _lease: Duration) -> QueueResult<()> {

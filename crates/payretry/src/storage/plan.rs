@@ -498,14 +498,37 @@ pub(crate) fn claim_refund(
     .or(IfNone::Stop(Committed::Conflict))
 }
 
+/// Whether a released delivery counts towards the job's receives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Delivered {
+    /// It failed (or ran out of time): it counts.
+    Counted,
+    /// It did not run for a reason that is not the job's (the provider's rate limit): as if
+    /// it never happened.
+    Uncounted,
+}
+
 /// Puts the job of the delivery with `receipt` back, due at `run_at` (ms), if that delivery
 /// still holds it.
-pub(crate) fn release_job(receipt: &str, run_at: i64, error: &str) -> StorageResult<Write> {
+pub(crate) fn release_job(
+    receipt: &str,
+    run_at: i64,
+    error: &str,
+    delivered: Delivered,
+) -> StorageResult<Write> {
     let (id, lease) = parse_receipt(receipt)?;
+    let uncount = i64::from(delivered == Delivered::Uncounted);
     Ok(Write::new(
-        "UPDATE retry_jobs SET run_at = $1, locked_until = NULL, last_error = $2
+        "UPDATE retry_jobs SET run_at = $1, locked_until = NULL, last_error = $2,
+            receive_count = receive_count - $5
          WHERE id = $3 AND locked_until = $4",
-        [run_at.into(), error.into(), id.into(), lease.into()],
+        [
+            run_at.into(),
+            error.into(),
+            id.into(),
+            lease.into(),
+            uncount.into(),
+        ],
     ))
 }
 

@@ -242,9 +242,11 @@ impl Engine for PostgresStorage {
                 WHERE run_at <= $2 AND (locked_until IS NULL OR locked_until <= $3)
                 ORDER BY run_at LIMIT $4
                 FOR UPDATE SKIP LOCKED)
-             UPDATE retry_jobs SET locked_until = $1, receive_count = receive_count + 1
+             UPDATE retry_jobs SET locked_until = $1, receive_count = receive_count + 1,
+                first_delivered_at = COALESCE(first_delivered_at, $3)
              FROM claimed WHERE retry_jobs.id = claimed.id
-             RETURNING retry_jobs.id, retry_jobs.payload, retry_jobs.receive_count",
+             RETURNING retry_jobs.id, retry_jobs.payload, retry_jobs.receive_count,
+                retry_jobs.first_delivered_at",
         )
         .bind(locked_until)
         .bind(due_before)

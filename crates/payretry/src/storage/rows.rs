@@ -170,13 +170,15 @@ pub(crate) fn analytics(row: &impl Columns) -> StorageResult<AnalyticsRow> {
     })
 }
 
-/// A claimed `retry_jobs` row (`id`, `payload`, `receive_count`) as the delivery of a lease
-/// that ends at `locked_until` (ms): the receipt names both, see [`super::parse_receipt`].
+/// A claimed `retry_jobs` row (`id`, `payload`, `receive_count`, `first_delivered_at`) as the
+/// delivery of a lease that ends at `locked_until` (ms): the receipt names both, see
+/// [`super::parse_receipt`].
 pub(crate) fn delivery(row: &impl Columns, locked_until: i64) -> StorageResult<Delivery> {
     let id = row.int("id")?;
     Ok(Delivery {
         job: serde_json::from_str(&row.text("payload")?).map_err(corrupt)?,
         receipt: format!("{id}:{locked_until}"),
         receive_count: count(row, "receive_count")?,
+        first_delivered_at: super::from_millis(row.int("first_delivered_at")?)?,
     })
 }

@@ -65,12 +65,13 @@ const CLAIM_KEY: &str = "INSERT INTO idempotency_keys (caller, idempotency_key, 
 
 /// Leases up to `$4` jobs due by `$2` whose lease (if any) ended by `$3`, until `$1`.
 const CLAIM_JOBS: &str =
-    "UPDATE retry_jobs SET locked_until = $1, receive_count = receive_count + 1
+    "UPDATE retry_jobs SET locked_until = $1, receive_count = receive_count + 1,
+        first_delivered_at = COALESCE(first_delivered_at, $3)
      WHERE id IN (
         SELECT id FROM retry_jobs
         WHERE run_at <= $2 AND (locked_until IS NULL OR locked_until <= $3)
         ORDER BY run_at LIMIT $4)
-     RETURNING id, payload, receive_count";
+     RETURNING id, payload, receive_count, first_delivered_at";
 
 /// The idempotency record of `scope`, if any.
 async fn idempotency_record<'c>(

@@ -17,6 +17,7 @@ mod double_payment;
 mod http_contract;
 mod logs;
 mod postgres_plans;
+mod provider_budget;
 mod queue_conformance;
 mod readiness;
 mod refunds;

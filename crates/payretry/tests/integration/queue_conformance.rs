@@ -70,6 +70,7 @@ queue_conformance!(
     received_job_is_invisible_during_its_lease_and_redelivered_after_it,
     ack_deletes_the_job_for_good,
     release_redelivers_after_the_delay,
+    postpone_redelivers_after_the_delay_without_counting_the_delivery,
     defer_requeues_a_job_that_is_not_due_without_losing_it,
     concurrent_receivers_get_each_job_exactly_once,
     ping_succeeds,
@@ -477,6 +478,7 @@ async fn ack_deletes_the_job_for_good(h: Harness) {
 async fn release_redelivers_after_the_delay(h: Harness) {
     let queue = h.queue();
     let job = due_job(&h).await;
+    let before = Utc::now() - TimeDelta::seconds(1);
     let (first, _) = receive_within(
         queue.as_ref(),
         Duration::from_secs(30),
@@ -506,6 +508,51 @@ async fn release_redelivers_after_the_delay(h: Harness) {
     assert_eq!(again.len(), 1);
     assert_eq!(again[0].job, job);
     assert_eq!(again[0].receive_count, 2);
+    // The first delivery's time stays with the job (the reference of its checkout's expiry).
+    let first_at = first[0].first_delivered_at;
+    assert!(
+        before <= first_at && first_at <= Utc::now(),
+        "first delivered at {first_at}, received after {before}"
+    );
+    assert_eq!(again[0].first_delivered_at, first_at);
+}
+
+async fn postpone_redelivers_after_the_delay_without_counting_the_delivery(h: Harness) {
+    let queue = h.queue();
+    let job = due_job(&h).await;
+    let (first, _) = receive_within(
+        queue.as_ref(),
+        Duration::from_secs(30),
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].receive_count, 1);
+
+    let delay = Duration::from_secs(2);
+    let postponed_at = Instant::now();
+    queue
+        .postpone(&first[0], "provider rate limit reached", delay)
+        .await
+        .expect("postpone");
+
+    let (again, at) = receive_within(
+        queue.as_ref(),
+        Duration::from_secs(30),
+        Duration::from_secs(15),
+    )
+    .await;
+    assert!(
+        at + EARLY_TOLERANCE >= postponed_at + delay,
+        "redelivered {:?} after a postponement for {delay:?}",
+        at - postponed_at
+    );
+    assert_eq!(again.len(), 1, "one job, not a copy beside it");
+    assert_eq!(again[0].job, job);
+    assert_eq!(
+        again[0].receive_count, 1,
+        "the postponed delivery is not counted"
+    );
 }
 
 async fn defer_requeues_a_job_that_is_not_due_without_losing_it(h: Harness) {

@@ -429,6 +429,56 @@ async fn a_redelivered_job_after_processing_creates_no_second_checkout() {
 }
 
 #[tokio::test]
+async fn a_job_delivered_twenty_minutes_late_still_asks_for_a_checkout_stripe_accepts() {
+    // Arrange: a 10-minute window, and a job that fell due 20 minutes ago and is delivered
+    // only now (a backlog, an outage). Its checkout must still close at least 30 minutes
+    // after the request (Stripe's minimum, which the fake enforces with a 400).
+    let d = driven(vec![
+        ("PAYRETRY_PAYMENT_WINDOW", "10m".to_owned()),
+        delays("1s"),
+    ])
+    .await;
+    let app = &d.app;
+    let id = app.declined_session(&app.buyer()).await.id;
+    assert_eq!(app.retry(&app.buyer(), &id, "key-1").await.status(), 202);
+    let due = chrono::Utc::now() - chrono::TimeDelta::minutes(20);
+    app.db
+        .execute(&format!(
+            "UPDATE retry_jobs SET run_at = {},
+                payload = json_set(payload, '$.scheduledFor', '{}')",
+            due.timestamp_millis(),
+            due.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+        ))
+        .await;
+    let delivery = next_delivery(d.queue.as_ref()).await;
+    assert_eq!(
+        delivery.job.scheduled_for.timestamp_millis(),
+        due.timestamp_millis()
+    );
+    let sent_at = chrono::Utc::now().timestamp();
+
+    // Act
+    let outcome = d.worker.handle(delivery).await.unwrap();
+
+    // Assert
+    assert_eq!(outcome, Outcome::CheckoutCreated);
+    let fake = fake(app);
+    let retry = fake
+        .checkouts()
+        .into_iter()
+        .find(|c| c.retry_attempt == 1)
+        .expect("the retry's checkout");
+    assert!(
+        retry.expires_at - sent_at >= 30 * 60,
+        "expires {} s after the request",
+        retry.expires_at - sent_at
+    );
+    assert_eq!(app.status(&app.buyer(), &id).await["status"], "open");
+    assert!(dead_letters(app).await.is_empty());
+    assert_provider_contract(fake);
+}
+
+#[tokio::test]
 async fn two_concurrent_deliveries_of_one_job_create_one_checkout_and_leave_it_live() {
     // Arrange: two deliveries of one job processed at once; the provider answers each one's
     // first request slowly, so both pass the session check before either commits.
@@ -750,6 +800,14 @@ impl payretry::queue::JobQueue for CountingQueue {
         delay: Duration,
     ) -> Result<(), payretry::queue::QueueError> {
         self.inner.release(delivery, error, delay).await
+    }
+    async fn postpone(
+        &self,
+        delivery: &payretry::queue::Delivery,
+        reason: &str,
+        delay: Duration,
+    ) -> Result<(), payretry::queue::QueueError> {
+        self.inner.postpone(delivery, reason, delay).await
     }
     async fn extend(
         &self,

@@ -143,19 +143,26 @@ impl TempDatabase {
         }
     }
 
-    /// Runs one PostgreSQL statement straight on the database, on a connection of its own.
-    pub async fn execute(&self, sql: &'static str) {
+    /// Runs one statement straight on the database, on a connection of its own.
+    pub async fn execute(&self, sql: &str) {
         use sqlx::Connection;
-        assert_eq!(
-            self.engine(),
-            Database::Postgres,
-            "not a PostgreSQL database"
-        );
-        let mut conn = sqlx::PgConnection::connect(&self.url)
-            .await
-            .expect("connect to the test database");
-        sqlx::query(sql).execute(&mut conn).await.expect(sql);
-        let _ = conn.close().await;
+        let sql_text = || sqlx::AssertSqlSafe(sql.to_owned());
+        match self.engine() {
+            Database::Sqlite => {
+                let mut conn = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open the test database");
+                sqlx::query(sql_text()).execute(&mut conn).await.expect(sql);
+                let _ = conn.close().await;
+            }
+            Database::Postgres => {
+                let mut conn = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to the test database");
+                sqlx::query(sql_text()).execute(&mut conn).await.expect(sql);
+                let _ = conn.close().await;
+            }
+        }
     }
 
     /// Drops the PostgreSQL database now, connections and all, as an outage would take it

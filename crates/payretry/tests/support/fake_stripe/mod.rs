@@ -27,6 +27,13 @@
 //! (401 for the key, as Stripe does) and recorded in [`FakeStripe::violations`], which a test
 //! asserts empty.
 //!
+//! Realistic conditions: [`FakeStripe::set_latency`] delays every API answer (Stripe takes
+//! 100–500 ms), and [`FakeStripe::set_rate_limit`] answers 429 `rate_limit` (Stripe sends no
+//! `Retry-After`) to a request past N in the last second, as Stripe's per-account limiter
+//! does (25/s in test mode, 100/s live, shared with the merchant's own traffic); what was
+//! refused and the busiest second are kept for the test ([`FakeStripe::rate_limited`],
+//! [`FakeStripe::busiest_second`]).
+//!
 //! Failures are injected with [`FakeStripe::fail_next`] (before the request is looked at, as
 //! a load balancer or an overloaded API would answer) and, for creates, with
 //! [`FakeStripe::next_creates`] (Stripe's own idempotency behaviour: a create that keeps
@@ -225,7 +232,7 @@ impl FakeStripe {
     }
 
     /// A provider config for this fake with test-speed timings: 2 s per try, 3 tries,
-    /// 10 ms initial backoff.
+    /// 10 ms initial backoff, and a budget no test reaches by accident.
     pub fn provider_config(&self) -> StripeConfig {
         StripeConfig {
             api_base: self.base_url().to_owned(),
@@ -233,6 +240,9 @@ impl FakeStripe {
             request_timeout: Duration::from_secs(2),
             max_tries: 3,
             initial_backoff: Duration::from_millis(10),
+            // Unpaced: the tests of pacing set their own budget.
+            max_rps: 10_000,
+            rate_limited_patience: Duration::from_secs(2),
         }
     }
 
@@ -379,6 +389,36 @@ impl FakeStripe {
         })
     }
 
+    /// Every API answer comes this much later (after the request was recorded).
+    pub fn set_latency(&self, latency: Duration) {
+        self.shared.ledger().latency = latency;
+    }
+
+    /// Answer 429 to any API request past `per_second` admitted in the last second.
+    pub fn set_rate_limit(&self, per_second: usize) {
+        self.shared.ledger().rate_limit = Some(per_second);
+    }
+
+    /// Requests refused with 429 by [`FakeStripe::set_rate_limit`].
+    pub fn rate_limited(&self) -> usize {
+        self.shared.ledger().rate_limited
+    }
+
+    /// The most API requests that arrived within any one second (refused ones included).
+    pub fn busiest_second(&self) -> usize {
+        let ledger = self.shared.ledger();
+        let arrivals = &ledger.arrivals;
+        let mut busiest = 0;
+        let mut start = 0;
+        for end in 0..arrivals.len() {
+            while arrivals[end].duration_since(arrivals[start]) >= Duration::from_secs(1) {
+                start += 1;
+            }
+            busiest = busiest.max(end - start + 1);
+        }
+        busiest
+    }
+
     /// Requests the fake answered 409 because another with the same key was running.
     pub fn conflicts(&self) -> usize {
         self.shared.ledger().conflicts
@@ -426,8 +466,25 @@ impl Shared {
         headers: &HeaderMap,
         body: &Bytes,
     ) -> Option<Response> {
-        let injected = {
+        let (injected, latency, over_limit) = {
             let mut ledger = self.ledger();
+            let now = std::time::Instant::now();
+            ledger.arrivals.push(now);
+            while ledger
+                .admitted
+                .front()
+                .is_some_and(|at| now.duration_since(*at) >= Duration::from_secs(1))
+            {
+                ledger.admitted.pop_front();
+            }
+            let over_limit = ledger
+                .rate_limit
+                .is_some_and(|limit| ledger.admitted.len() >= limit);
+            if over_limit {
+                ledger.rate_limited += 1;
+            } else {
+                ledger.admitted.push_back(now);
+            }
             ledger.requests.push(RecordedRequest {
                 method: method.to_string(),
                 path: uri.path().to_owned(),
@@ -437,8 +494,12 @@ impl Shared {
                 content_type: header_text(headers, header::CONTENT_TYPE.as_str()),
                 body: String::from_utf8_lossy(body).into_owned(),
             });
-            ledger.failures.pop_front()
+            (ledger.failures.pop_front(), ledger.latency, over_limit)
         };
+        tokio::time::sleep(latency).await;
+        if over_limit {
+            return Some(rate_limit_refusal());
+        }
         match injected {
             Some(FailureMode::Status(status)) => return Some(injected_failure(status, None)),
             Some(FailureMode::StatusWithRetryAfter(status, after)) => {
@@ -502,6 +563,13 @@ impl Shared {
 
 #[derive(Default)]
 struct Ledger {
+    /// When every API request arrived, in order.
+    arrivals: Vec<std::time::Instant>,
+    /// Admitted requests of the last second, for the rate limit.
+    admitted: VecDeque<std::time::Instant>,
+    rate_limit: Option<usize>,
+    rate_limited: usize,
+    latency: Duration,
     checkouts: Vec<FakeCheckout>,
     refunds: Vec<FakeRefund>,
     /// Idempotency-Key → the parameters and response of the first successful create.

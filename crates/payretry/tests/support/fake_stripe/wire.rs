@@ -37,6 +37,16 @@ pub(super) fn injected_failure(status: u16, retry_after: Option<Duration>) -> Re
     response
 }
 
+/// Stripe's limiter refusing a request: 429 with code `rate_limit` and no `Retry-After`.
+pub(super) fn rate_limit_refusal() -> Response {
+    stripe_error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "invalid_request_error",
+        Some("rate_limit"),
+        "Request rate limit exceeded. Learn more about rate limits here https://stripe.com/docs/rate-limits.",
+    )
+}
+
 /// A 500 Stripe saved under the request's key: marked not worth retrying, and as a replay
 /// when it is one.
 pub(super) fn saved_server_error(body: Value, replayed: bool) -> Response {
