@@ -3,6 +3,7 @@
 //! as a ratio to its ceiling or target (BENCHMARKS.md). The last line printed is one JSON
 //! object with every ratio.
 
+mod budget;
 mod charts;
 mod db;
 mod limits;
@@ -40,12 +41,12 @@ pub fn log(line: &str) {
 /// which `pgbench` on the socket never pays).
 const DEFAULT_PG: &str = "postgres://postgres@localhost/postgres?host=/var/run/postgresql";
 
-const USAGE: &str = "usage: payretry-bench [--quick] [--out DIR] [--only a,b,c,d,e,f,limits,s2p] \
+const USAGE: &str = "usage: payretry-bench [--quick] [--out DIR] [--only a,b,c,d,e,f,g,limits,s2p] \
 [--payretry PATH] [--pg URL] [--limits PATH]
 
 Runs shared/bench/limits.sh, S2p (payretry's retry statement through pgbench) and the scenarios (a) retry endpoint on SQLite, (b) on \
 PostgreSQL, (c) worker drain, (d) schedule lateness, (e) idle RSS and time to ready, \
-(f) the drain on apalis; prints a table and, last, one JSON line with every ratio.
+(f) the drain on apalis, (g) the provider budget against a slow, rate-limiting Stripe; prints a table and, last, one JSON line with every ratio.
 Build first: cargo build --release -p payretry -p payretry-bench";
 
 fn parse_args() -> anyhow::Result<Opts> {
@@ -137,6 +138,8 @@ struct Results {
     lateness: Option<LatenessBench>,
     lateness_pg: Option<LatenessBench>,
     idle: Option<IdleBench>,
+    budget_pg: Option<budget::BudgetBench>,
+    budget_sqlite: Option<budget::BudgetBench>,
 }
 
 /// One row of the report: what, measured, ceiling or target, ratio, the target on the ratio.
@@ -341,6 +344,86 @@ fn rows(r: &Results) -> Vec<Row> {
             bound: 1.0,
         });
     }
+    for (b, key) in [(&r.budget_pg, "pg"), (&r.budget_sqlite, "sqlite")] {
+        let Some(b) = b else { continue };
+        let who = format!(
+            "(g) {} jobs due at once, {} on {}",
+            b.jobs,
+            match b.processes {
+                1 => "1 process".to_owned(),
+                n => format!("{n} processes"),
+            },
+            b.backend
+        );
+        rows.push(Row {
+            key: if key == "pg" {
+                "budget_used_pg"
+            } else {
+                "budget_used_sqlite"
+            },
+            what: format!("{who}: drain × calls/job ÷ budget"),
+            measured: format!(
+                "{:.1} calls/s ({:.2}/job)",
+                b.calls as f64 / b.seconds,
+                b.calls_per_job()
+            ),
+            against: format!("budget {}/s", b.budget_rps),
+            ratio: b.budget_used(),
+            at_least: true,
+            bound: 0.9,
+        });
+        rows.push(Row {
+            key: if key == "pg" {
+                "budget_refused_pg"
+            } else {
+                "budget_refused_sqlite"
+            },
+            what: format!("{who}: refused with 429"),
+            measured: format!("{} of {}", b.refused, b.calls + b.refused),
+            against: "all sent".into(),
+            ratio: b.refused_share(),
+            at_least: false,
+            bound: 0.01,
+        });
+        rows.push(Row {
+            key: if key == "pg" {
+                "budget_lateness_pg"
+            } else {
+                "budget_lateness_sqlite"
+            },
+            what: format!("{who}: lateness of the last job"),
+            measured: format!("{:.1} s", b.seconds),
+            against: format!(
+                "jobs × calls/job ÷ budget = {:.1} s",
+                b.calls as f64 / f64::from(b.budget_rps)
+            ),
+            ratio: b.lateness_ratio(),
+            at_least: false,
+            bound: 1.1,
+        });
+        let lost = b.dead_letters
+            + b.attempts_spent
+            + b.keys_created_twice as i64
+            + (b.jobs as i64 - b.created as i64).abs();
+        rows.push(Row {
+            key: if key == "pg" {
+                "budget_losses_pg"
+            } else {
+                "budget_losses_sqlite"
+            },
+            what: format!("{who}: dead letters + attempts spent + checkouts not created once"),
+            measured: format!(
+                "{} + {} + {}",
+                b.dead_letters,
+                b.attempts_spent,
+                b.keys_created_twice as i64 + (b.jobs as i64 - b.created as i64).abs()
+            ),
+            against: "0".into(),
+            ratio: lost as f64,
+            at_least: false,
+            bound: 0.0,
+        });
+    }
     if let Some(i) = &r.idle {
         rows.push(Row {
             key: "idle_rss_vs_30mb",
@@ -489,6 +572,17 @@ async fn run(opts: &Opts) -> anyhow::Result<()> {
         log("(d) schedule lateness at 1000 due jobs/s, embedded queue on PostgreSQL");
         r.lateness_pg = Some(scenarios::lateness(opts, &stub, true, 1000, secs).await?);
     }
+    if wants("g") {
+        let jobs = if opts.quick { 2_000 } else { 10_000 };
+        log(&format!(
+            "(g) provider budget: {jobs} jobs due at once, 250 ms latency, 429 past 100/s, budget 80/s, 2 processes on PostgreSQL"
+        ));
+        r.budget_pg = Some(budget::run(opts, true, 2, jobs).await?);
+        log(&format!(
+            "(g) provider budget: {jobs} jobs, the embedded default (1 process, SQLite)"
+        ));
+        r.budget_sqlite = Some(budget::run(opts, false, 1, jobs).await?);
+    }
     if wants("e") {
         log("(e) idle RSS and time to ready");
         let tries = if opts.quick { 3 } else { 5 };
@@ -602,6 +696,8 @@ async fn run(opts: &Opts) -> anyhow::Result<()> {
         "lateness": r.lateness,
         "lateness_postgres": r.lateness_pg,
         "idle": r.idle,
+        "budget_postgres": r.budget_pg,
+        "budget_sqlite": r.budget_sqlite,
         "ratios": ratios,
         "met": met,
     });

@@ -139,7 +139,7 @@ async fn ready(addr: std::net::SocketAddr) -> bool {
     }
 }
 
-fn stripe_env(stub: &Stub) -> Vec<(&'static str, String)> {
+pub(crate) fn stripe_env(stub: &Stub) -> Vec<(&'static str, String)> {
     vec![
         ("PAYRETRY_PROVIDER", "stripe".into()),
         // `serve` with Stripe needs the address buyers come back to; none come here.

@@ -8,6 +8,7 @@ use crate::http::{
     self, AppState, auth::JwtKeys, client_ip::TrustedProxies, rate_limit::RateLimiter,
 };
 use crate::provider::PaymentProvider;
+use crate::provider::budget::{ScheduleStore, SharedBudget};
 use crate::provider::sandbox::SandboxProvider;
 use crate::provider::stripe::{StripeConfig, StripeProvider};
 use crate::queue::relay::SqsRelay;
@@ -81,6 +82,9 @@ pub struct Backend {
     /// The embedded queue (the outbox table itself).
     pub embedded_queue: Arc<dyn JobQueue>,
     pub outbox: Arc<dyn Outbox>,
+    /// Where the provider budget of a deployment of several processes is kept (PostgreSQL);
+    /// `None`: the process paces itself (SQLite, the embedded default: one process).
+    pub shared_schedule: Option<Arc<dyn ScheduleStore>>,
 }
 
 /// Opens the database named by `PAYRETRY_DATABASE_URL` and applies migrations.
@@ -95,7 +99,8 @@ pub async fn open_backend(config: &Config, postgres_connections: u32) -> anyhow:
         Ok(Backend {
             storage: pg.clone(),
             embedded_queue: pg.clone(),
-            outbox: pg,
+            outbox: pg.clone(),
+            shared_schedule: Some(pg),
         })
     } else {
         let lite = SqliteStorage::connect(url)
@@ -107,6 +112,7 @@ pub async fn open_backend(config: &Config, postgres_connections: u32) -> anyhow:
             storage: lite.clone(),
             embedded_queue: lite.clone(),
             outbox: lite,
+            shared_schedule: None,
         })
     }
 }
@@ -200,7 +206,16 @@ impl App {
                 if let Some(max_rps) = config.provider_max_rps {
                     stripe.max_rps = max_rps;
                 }
-                Arc::new(StripeProvider::new(stripe)?)
+                let rate = f64::from(stripe.max_rps.max(1));
+                let provider = StripeProvider::new(stripe)?;
+                Arc::new(match &backend.shared_schedule {
+                    Some(store) => provider.with_budget(Arc::new(SharedBudget::new(
+                        store.clone(),
+                        "stripe",
+                        rate,
+                    ))),
+                    None => provider,
+                })
             }
         };
         let (queue, sqs): (Arc<dyn JobQueue>, _) = match config.queue {

@@ -169,6 +169,14 @@ impl Default for Config {
     }
 }
 
+/// Jobs in flight enough for a provider budget of `max_rps`: a job makes about three calls,
+/// each of which takes up to half a second at Stripe, so keeping the budget busy takes about
+/// `max_rps × 0.5` jobs waiting on the provider at once (async waits cost little). Never
+/// fewer than the default 16, never more than 256.
+fn concurrency_for_budget(max_rps: u32) -> usize {
+    (max_rps as usize).div_ceil(2).clamp(16, 256)
+}
+
 fn bad(var: &'static str, expected: impl Into<String>, got: &str) -> ConfigError {
     ConfigError {
         var,
@@ -447,6 +455,13 @@ impl Config {
                         &v,
                     )
                 })?;
+        } else if c.provider == ProviderKind::Stripe {
+            let max_rps = c.provider_max_rps.or_else(|| {
+                c.stripe_secret_key
+                    .as_ref()
+                    .map(crate::provider::stripe::default_max_rps)
+            });
+            c.worker_concurrency = concurrency_for_budget(max_rps.unwrap_or(0));
         }
         if let Some(v) = lookup("PAYRETRY_RATE_LIMIT_PER_MINUTE") {
             c.rate_limit_per_minute =
@@ -542,6 +557,25 @@ mod tests {
             let line = err.to_string();
             assert!(line.starts_with(var) && !line.contains('\n'), "{line}");
         }
+    }
+
+    #[test]
+    fn worker_concurrency_follows_the_provider_budget_unless_set() {
+        let stripe = [
+            ("PAYRETRY_PROVIDER", "stripe"),
+            ("STRIPE_SECRET_KEY", "sk_test_abc"),
+            ("STRIPE_WEBHOOK_SECRET", "whsec_x"),
+        ];
+        assert_eq!(from(&stripe).unwrap().worker_concurrency, 16, "20/s");
+        let with = |extra: (&'static str, &'static str)| {
+            let mut vars = stripe.to_vec();
+            vars.push(extra);
+            from(&vars).unwrap().worker_concurrency
+        };
+        assert_eq!(with(("PAYRETRY_PROVIDER_MAX_RPS", "80")), 40);
+        assert_eq!(with(("PAYRETRY_PROVIDER_MAX_RPS", "1000")), 256);
+        assert_eq!(with(("PAYRETRY_WORKER_CONCURRENCY", "3")), 3);
+        assert_eq!(from(&[]).unwrap().worker_concurrency, 16, "the sandbox");
     }
 
     #[test]

@@ -8,11 +8,14 @@
 //! slot, `1 / rate` after the one before, so callers are served in the order they asked and
 //! never faster than the rate; an idle budget lets a short burst through (at most
 //! [`BURST`] of the rate's slots at once). [`LocalBudget`] keeps it in this process, for the
-//! embedded default where one process makes every call.
+//! embedded default where one process makes every call; [`SharedBudget`] keeps it in a row
+//! of the database every process of a deployment shares ([`ScheduleStore`], PostgreSQL),
+//! each call reserving its slot there, so the processes together keep to the rate.
 
 use async_trait::async_trait;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::Instant;
 
 /// How many calls an idle budget lets through at once, as a fraction of one second's rate:
@@ -47,23 +50,33 @@ pub trait ProviderBudget: Send + Sync + 'static {
     fn current_rate(&self) -> f64;
 }
 
-/// When calls may go: the pacing state, a plain value.
+/// When calls may go: the pacing state, a plain value. Times are offsets from an origin the
+/// owner picks (a process's start, or the Unix epoch for a schedule processes share).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Schedule {
     /// The configured rate (calls per second).
-    max_rate: f64,
+    pub max_rate: f64,
     /// The rate now, lowered by 429s and recovering towards `max_rate`.
-    rate: f64,
+    pub rate: f64,
     /// The earliest time the next reservation may be given.
-    next_slot: Instant,
+    pub next_slot: Duration,
     /// No call goes before this (a `Retry-After`).
-    paused_until: Instant,
+    pub paused_until: Duration,
     /// When the rate was last changed (a 429 or recovery), to recover from.
-    rate_since: Instant,
+    pub rate_since: Duration,
+}
+
+/// What a caller does to a schedule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScheduleChange {
+    /// Reserve the next slot (the answer: when the call may go).
+    Reserve,
+    /// The provider refused a call for its rate limit, asking to wait this long (if it said).
+    Throttled(Option<Duration>),
 }
 
 impl Schedule {
-    pub fn new(max_rate: f64, now: Instant) -> Self {
+    pub fn new(max_rate: f64, now: Duration) -> Self {
         assert!(max_rate > 0.0, "a budget needs a positive rate");
         Self {
             max_rate,
@@ -78,21 +91,32 @@ impl Schedule {
         self.rate
     }
 
+    /// Applies `change` at `now`; returns when a reserved call may go (`now` for a 429).
+    pub fn apply(&mut self, change: ScheduleChange, now: Duration) -> Duration {
+        match change {
+            ScheduleChange::Reserve => self.reserve(now),
+            ScheduleChange::Throttled(retry_after) => {
+                self.throttled(now, retry_after);
+                now
+            }
+        }
+    }
+
     /// Reserves the next free slot for a call asked for at `now`; the call goes at the
     /// returned time (`now` or later).
-    pub fn reserve(&mut self, now: Instant) -> Instant {
+    pub fn reserve(&mut self, now: Duration) -> Duration {
         self.recover(now);
         let interval = Duration::from_secs_f64(1.0 / self.rate);
         // An idle budget keeps at most BURST's worth of unused slots.
         let burst = Duration::from_secs_f64(BURST);
-        let earliest = now.checked_sub(burst).unwrap_or(now);
+        let earliest = now.saturating_sub(burst);
         let slot = self.next_slot.max(earliest).max(self.paused_until);
         self.next_slot = slot + interval;
         slot.max(now)
     }
 
     /// A 429 at `now`: halve the rate (not below the floor) and pause until `retry_after`.
-    pub fn throttled(&mut self, now: Instant, retry_after: Option<Duration>) {
+    pub fn throttled(&mut self, now: Duration, retry_after: Option<Duration>) {
         self.recover(now);
         self.rate = (self.rate * BACKOFF_FACTOR).max(self.max_rate * FLOOR);
         self.rate_since = now;
@@ -102,18 +126,18 @@ impl Schedule {
         self.next_slot = self.paused_until;
     }
 
-    fn recover(&mut self, now: Instant) {
+    fn recover(&mut self, now: Duration) {
         if self.rate >= self.max_rate {
             return;
         }
-        let seconds = now.saturating_duration_since(self.rate_since).as_secs_f64();
+        let seconds = now.saturating_sub(self.rate_since).as_secs_f64();
         self.rate = (self.rate + self.max_rate * RECOVERY_PER_SECOND * seconds).min(self.max_rate);
         self.rate_since = now;
     }
 
     /// Whether a call reserved for `slot` may still go at `now`, or must reserve again (a
     /// 429 since paused the budget).
-    pub fn still_open(&self, now: Instant) -> bool {
+    pub fn still_open(&self, now: Duration) -> bool {
         now >= self.paused_until
     }
 }
@@ -121,13 +145,20 @@ impl Schedule {
 /// The budget of one process: the embedded default, where this process makes every call.
 pub struct LocalBudget {
     schedule: Mutex<Schedule>,
+    /// Times in the schedule are offsets from this.
+    origin: Instant,
 }
 
 impl LocalBudget {
     pub fn new(max_rate: f64) -> Self {
         Self {
-            schedule: Mutex::new(Schedule::new(max_rate, Instant::now())),
+            schedule: Mutex::new(Schedule::new(max_rate, Duration::ZERO)),
+            origin: Instant::now(),
         }
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
     }
 
     fn schedule(&self) -> std::sync::MutexGuard<'_, Schedule> {
@@ -141,17 +172,18 @@ impl LocalBudget {
 impl ProviderBudget for LocalBudget {
     async fn acquire(&self) {
         loop {
-            let slot = self.schedule().reserve(Instant::now());
-            tokio::time::sleep_until(slot).await;
+            let slot = self.schedule().reserve(self.now());
+            tokio::time::sleep_until(self.origin + slot).await;
             // A 429 while this call waited paused the budget: wait for a new slot.
-            if self.schedule().still_open(Instant::now()) {
+            if self.schedule().still_open(self.now()) {
                 return;
             }
         }
     }
 
     async fn throttled(&self, retry_after: Option<Duration>) {
-        self.schedule().throttled(Instant::now(), retry_after);
+        let now = self.now();
+        self.schedule().throttled(now, retry_after);
     }
 
     fn current_rate(&self) -> f64 {
@@ -159,30 +191,119 @@ impl ProviderBudget for LocalBudget {
     }
 }
 
+/// Where a schedule shared by the processes of a deployment is kept: a row, changed under a
+/// lock, so that of two processes reserving at once each gets its own slot.
+#[async_trait]
+pub trait ScheduleStore: Send + Sync + 'static {
+    /// Applies `change` at `now` (since the Unix epoch) to the schedule `name`, created as
+    /// `fresh` if there is none, with its configured rate set to `fresh`'s; returns what
+    /// [`Schedule::apply`] returns.
+    async fn apply_to_schedule(
+        &self,
+        name: &str,
+        fresh: Schedule,
+        change: ScheduleChange,
+        now: Duration,
+    ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// The budget of a deployment: one schedule in the shared database, each call reserving its
+/// slot there (one short transaction per call: 80 a second at the live default). Calls
+/// already reserved when another process meets a 429 still go (at most a burst's worth);
+/// every reservation after it waits for the pause. If the database cannot be reached, this
+/// process paces itself alone at the same rate until it can.
+pub struct SharedBudget {
+    store: std::sync::Arc<dyn ScheduleStore>,
+    name: String,
+    max_rate: f64,
+    fallback: LocalBudget,
+    /// The rate last seen in the shared schedule (f64 bits), for metrics.
+    rate: AtomicU64,
+}
+
+impl SharedBudget {
+    pub fn new(store: std::sync::Arc<dyn ScheduleStore>, name: &str, max_rate: f64) -> Self {
+        Self {
+            store,
+            name: name.to_owned(),
+            max_rate,
+            fallback: LocalBudget::new(max_rate),
+            rate: AtomicU64::new(max_rate.to_bits()),
+        }
+    }
+
+    async fn apply(&self, change: ScheduleChange) -> Option<Duration> {
+        let now = since_epoch();
+        let fresh = Schedule::new(self.max_rate, now);
+        match self
+            .store
+            .apply_to_schedule(&self.name, fresh, change, now)
+            .await
+        {
+            Ok(at) => Some(at.saturating_sub(now)),
+            Err(error) => {
+                tracing::warn!(%error, "the shared provider budget is unreachable; pacing this process alone");
+                None
+            }
+        }
+    }
+}
+
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+#[async_trait]
+impl ProviderBudget for SharedBudget {
+    async fn acquire(&self) {
+        match self.apply(ScheduleChange::Reserve).await {
+            Some(wait) => tokio::time::sleep(wait).await,
+            None => self.fallback.acquire().await,
+        }
+    }
+
+    async fn throttled(&self, retry_after: Option<Duration>) {
+        if self
+            .apply(ScheduleChange::Throttled(retry_after))
+            .await
+            .is_none()
+        {
+            self.fallback.throttled(retry_after).await;
+        }
+        let halved = (f64::from_bits(self.rate.load(Ordering::Relaxed)) * BACKOFF_FACTOR)
+            .max(self.max_rate * FLOOR);
+        self.rate.store(halved.to_bits(), Ordering::Relaxed);
+    }
+
+    fn current_rate(&self) -> f64 {
+        f64::from_bits(self.rate.load(Ordering::Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn at(start: Instant, ms: u64) -> Instant {
+    fn at(start: Duration, ms: u64) -> Duration {
         start + Duration::from_millis(ms)
     }
 
     #[test]
     fn slots_follow_each_other_at_the_rate_after_a_short_burst() {
-        let start = Instant::now();
+        let start = Duration::from_secs(1_000);
         let mut s = Schedule::new(10.0, start);
         // All asked at once, 1 s after an idle start: 0.1 s of burst (one slot), then 100 ms
         // apart.
         let now = at(start, 1000);
-        let slots: Vec<u128> = (0..5)
-            .map(|_| s.reserve(now).duration_since(now).as_millis())
-            .collect();
+        let slots: Vec<u128> = (0..5).map(|_| (s.reserve(now) - now).as_millis()).collect();
         assert_eq!(slots, vec![0, 0, 100, 200, 300]);
     }
 
     #[test]
     fn no_second_gets_more_than_the_rate_and_its_burst() {
-        let start = Instant::now();
+        let start = Duration::from_secs(1_000);
         let mut s = Schedule::new(80.0, start);
         let mut in_first_second = 0;
         for n in 0..1000 {
@@ -204,7 +325,7 @@ mod tests {
 
     #[test]
     fn a_429_halves_the_rate_pauses_for_retry_after_and_the_rate_recovers() {
-        let start = Instant::now();
+        let start = Duration::from_secs(1_000);
         let mut s = Schedule::new(20.0, start);
         s.throttled(at(start, 0), Some(Duration::from_secs(2)));
         assert_eq!(s.rate(), 10.0);
@@ -226,7 +347,7 @@ mod tests {
 
     #[test]
     fn a_retry_after_is_capped() {
-        let start = Instant::now();
+        let start = Duration::from_secs(1_000);
         let mut s = Schedule::new(20.0, start);
         s.throttled(start, Some(Duration::from_secs(3600)));
         assert!(s.still_open(start + MAX_PAUSE));

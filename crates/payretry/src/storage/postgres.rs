@@ -28,6 +28,7 @@ use super::one_statement;
 use super::sql::{self, Backend, Write};
 use super::*;
 use super::{reads, rows};
+use crate::provider::budget::{Schedule, ScheduleChange, ScheduleStore};
 use crate::queue::{Delivery, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use sqlx::Postgres;
@@ -258,6 +259,65 @@ impl Engine for PostgresStorage {
             .iter()
             .map(|row| rows::delivery(row, locked_until))
             .collect()
+    }
+}
+
+/// The shared provider budget's schedule: one row per provider, changed under its lock in a
+/// short transaction (insert-if-missing, read for update, write) per call to the provider.
+#[async_trait]
+impl ScheduleStore for PostgresStorage {
+    async fn apply_to_schedule(
+        &self,
+        name: &str,
+        fresh: Schedule,
+        change: ScheduleChange,
+        now: Duration,
+    ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+        let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
+        let from_micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
+        let mut tx = self.pool.begin().await?;
+        // Created by the first call of the deployment; a concurrent first call waits here.
+        sqlx::query(
+            "INSERT INTO provider_schedules
+                (name, max_rate, rate, next_slot_us, paused_until_us, rate_since_us)
+             VALUES ($1, $2, $2, $3, $3, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(fresh.max_rate)
+        .bind(micros(now))
+        .execute(&mut *tx)
+        .await?;
+        let (rate, next_slot, paused_until, rate_since): (f64, i64, i64, i64) = sqlx::query_as(
+            "SELECT rate, next_slot_us, paused_until_us, rate_since_us
+             FROM provider_schedules WHERE name = $1 FOR UPDATE",
+        )
+        .bind(name)
+        .fetch_one(&mut *tx)
+        .await?;
+        // This process's configured rate is the deployment's (they share one setting).
+        let mut schedule = Schedule {
+            max_rate: fresh.max_rate,
+            rate: rate.min(fresh.max_rate),
+            next_slot: from_micros(next_slot),
+            paused_until: from_micros(paused_until),
+            rate_since: from_micros(rate_since),
+        };
+        let at = schedule.apply(change, now);
+        sqlx::query(
+            "UPDATE provider_schedules SET max_rate = $2, rate = $3, next_slot_us = $4,
+                paused_until_us = $5, rate_since_us = $6
+             WHERE name = $1",
+        )
+        .bind(name)
+        .bind(schedule.max_rate)
+        .bind(schedule.rate)
+        .bind(micros(schedule.next_slot))
+        .bind(micros(schedule.paused_until))
+        .bind(micros(schedule.rate_since))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(at)
     }
 }
 

@@ -3,7 +3,11 @@
 //! calls, a 429 slows it down, and a job the limit refused is postponed without counting as
 //! a failed delivery: it is never dead-lettered for it, and no buyer's attempt is spent on it.
 
-use crate::support::app::{Options, TestApp, with_action};
+use crate::support::app::{Options, TestApp, WEBHOOK_SECRET, with_action};
+use crate::support::fake_stripe::TEST_SECRET_KEY;
+use crate::support::process::ServeProcess;
+use crate::support::services::Database;
+use payretry::app::ServeRole;
 use std::time::Duration;
 
 const SESSIONS: usize = 6;
@@ -24,6 +28,19 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> 
         assert!(tokio::time::Instant::now() < deadline, "never: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// `n` declined sessions, each with its retry accepted (202); their ids.
+async fn retried_sessions(app: &TestApp, n: usize) -> Vec<String> {
+    let buyer = app.buyer();
+    let mut ids = Vec::new();
+    for k in 0..n {
+        let id = app.declined_session(&buyer).await.id;
+        let accepted = app.retry(&buyer, &id, &format!("key-{k}")).await;
+        assert_eq!(accepted.status(), 202);
+        ids.push(id);
+    }
+    ids
 }
 
 /// Waits (90 s at most) until every session of `ids` is open on its retry's checkout.
@@ -58,14 +75,7 @@ async fn a_429_storm_dead_letters_nothing_and_spends_no_attempt() {
     let fake = app.stripe.as_ref().expect("the fake Stripe API");
     fake.set_latency(Duration::from_millis(50));
     fake.set_rate_limit(4);
-    let buyer = app.buyer();
-    let mut ids = Vec::new();
-    for n in 0..SESSIONS {
-        let id = app.declined_session(&buyer).await.id;
-        let accepted = app.retry(&buyer, &id, &format!("key-{n}")).await;
-        assert_eq!(accepted.status(), 202);
-        ids.push(id);
-    }
+    let ids = retried_sessions(&app, SESSIONS).await;
 
     wait_until_open(&app, &ids).await;
 
@@ -102,16 +112,7 @@ async fn no_second_sees_more_calls_than_the_budget() {
     ])
     .await;
     let fake = app.stripe.as_ref().expect("the fake Stripe API");
-    let buyer = app.buyer();
-    let mut ids = Vec::new();
-    for n in 0..SESSIONS * 2 {
-        let id = app.declined_session(&buyer).await.id;
-        assert_eq!(
-            app.retry(&buyer, &id, &format!("key-{n}")).await.status(),
-            202
-        );
-        ids.push(id);
-    }
+    let ids = retried_sessions(&app, SESSIONS * 2).await;
 
     wait_until_open(&app, &ids).await;
 
@@ -186,4 +187,70 @@ async fn a_job_the_rate_limit_keeps_refusing_is_postponed_uncounted() {
         );
     }
     assert_eq!(fake.violations(), Vec::<String>::new());
+}
+
+/// One deployment on PostgreSQL: this API process and two worker processes (the real
+/// binary), each configured with a budget of 10 calls a second. Together they keep every
+/// second at or under 10 (and a burst): the budget is the deployment's, not each process's.
+#[tokio::test]
+async fn the_budget_holds_across_two_worker_processes_on_postgres() {
+    let budget = ("PAYRETRY_PROVIDER_MAX_RPS", "10".to_owned());
+    let app = TestApp::spawn_with(Options {
+        vars: vec![("PAYRETRY_RETRY_DELAYS", "1s".to_owned()), budget.clone()],
+        stripe: true,
+        role: ServeRole::Api,
+        database: Database::Postgres,
+        ..Options::default()
+    })
+    .await;
+    let fake = app.stripe.as_ref().expect("the fake Stripe API");
+    let dir = tempfile::tempdir().expect("a directory for the workers' logs");
+    let env: Vec<(String, String)> = [
+        ("PAYRETRY_DATABASE_URL", app.db.url.clone()),
+        ("PAYRETRY_PROVIDER", "stripe".to_owned()),
+        ("PAYRETRY_PUBLIC_URL", "https://pay.example.test".to_owned()),
+        ("STRIPE_API_BASE", fake.base_url().to_owned()),
+        ("STRIPE_SECRET_KEY", TEST_SECRET_KEY.to_owned()),
+        ("STRIPE_WEBHOOK_SECRET", WEBHOOK_SECRET.to_owned()),
+        ("PAYRETRY_RETRY_DELAYS", "1s".to_owned()),
+        // Two jobs each at a time: neither worker can take the whole backlog.
+        ("PAYRETRY_WORKER_CONCURRENCY", "2".to_owned()),
+        budget,
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let mut workers: Vec<ServeProcess> = (0..2)
+        .map(|n| {
+            ServeProcess::spawn(
+                env!("CARGO_BIN_EXE_payretry"),
+                &["serve", "--role", "worker"],
+                &env,
+                dir.path(),
+                &format!("worker-{n}"),
+            )
+        })
+        .collect();
+    for worker in &mut workers {
+        worker.wait_ready().await;
+    }
+    let ids = retried_sessions(&app, SESSIONS * 3).await;
+
+    wait_until_open(&app, &ids).await;
+
+    let busiest = fake.busiest_second();
+    assert!(
+        busiest <= 11,
+        "{busiest} calls reached the provider within one second from three processes"
+    );
+    assert_eq!(fake.rate_limited(), 0);
+    for id in &ids {
+        assert_eq!(fake.create_count(id, 1), 1, "{id}");
+    }
+    assert_eq!(fake.violations(), Vec::<String>::new());
+    let picked: Vec<bool> = workers
+        .iter()
+        .map(|w| w.log_text().contains("retry job processed"))
+        .collect();
+    assert_eq!(picked, [true, true], "both workers took jobs");
 }
