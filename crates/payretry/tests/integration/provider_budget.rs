@@ -12,6 +12,14 @@ use std::time::Duration;
 
 const SESSIONS: usize = 6;
 
+/// The window the fake's arrivals are counted in, and the most calls a budget of 10 a
+/// second may show in it: 30, its 0.1 s burst, and three calls of slack for arrival jitter (a
+/// call sent late on a loaded machine lands among the ones after it). Three seconds rather
+/// than one, so that jitter at the window's edges weighs little. Without pacing, or with a
+/// budget per process, these tests show 45 or more.
+const WINDOW: Duration = Duration::from_secs(3);
+const BUSIEST_IN_WINDOW: usize = 34;
+
 async fn app(vars: Vec<(&'static str, String)>) -> TestApp {
     TestApp::spawn_with(Options {
         vars,
@@ -102,10 +110,10 @@ async fn a_429_storm_dead_letters_nothing_and_spends_no_attempt() {
     );
 }
 
-/// A budget of 10 calls a second keeps every second at or under 10 (and its 0.1 s burst),
-/// however many jobs fall due together.
+/// A budget of 10 calls a second keeps every second at about 10 (see
+/// [`BUSIEST_IN_WINDOW`]), however many jobs fall due together.
 #[tokio::test]
-async fn no_second_sees_more_calls_than_the_budget() {
+async fn no_three_seconds_see_more_calls_than_the_budget() {
     let app = app(vec![
         ("PAYRETRY_RETRY_DELAYS", "1s".to_owned()),
         ("PAYRETRY_PROVIDER_MAX_RPS", "10".to_owned()),
@@ -116,10 +124,10 @@ async fn no_second_sees_more_calls_than_the_budget() {
 
     wait_until_open(&app, &ids).await;
 
-    let busiest = fake.busiest_second();
+    let busiest = fake.busiest(WINDOW);
     assert!(
-        busiest <= 11,
-        "{busiest} calls reached the provider within one second"
+        busiest <= BUSIEST_IN_WINDOW,
+        "{busiest} calls reached the provider within {WINDOW:?}"
     );
     assert_eq!(fake.rate_limited(), 0);
     assert_eq!(fake.violations(), Vec::<String>::new());
@@ -191,7 +199,7 @@ async fn a_job_the_rate_limit_keeps_refusing_is_postponed_uncounted() {
 
 /// One deployment on PostgreSQL: this API process and two worker processes (the real
 /// binary), each configured with a budget of 10 calls a second. Together they keep every
-/// second at or under 10 (and a burst): the budget is the deployment's, not each process's.
+/// second at about 10: the budget is the deployment's, not each process's.
 #[tokio::test]
 async fn the_budget_holds_across_two_worker_processes_on_postgres() {
     let budget = ("PAYRETRY_PROVIDER_MAX_RPS", "10".to_owned());
@@ -238,10 +246,10 @@ async fn the_budget_holds_across_two_worker_processes_on_postgres() {
 
     wait_until_open(&app, &ids).await;
 
-    let busiest = fake.busiest_second();
+    let busiest = fake.busiest(WINDOW);
     assert!(
-        busiest <= 11,
-        "{busiest} calls reached the provider within one second from three processes"
+        busiest <= BUSIEST_IN_WINDOW,
+        "{busiest} calls reached the provider within {WINDOW:?} from three processes"
     );
     assert_eq!(fake.rate_limited(), 0);
     for id in &ids {

@@ -31,8 +31,8 @@
 //! 100–500 ms), and [`FakeStripe::set_rate_limit`] answers 429 `rate_limit` (Stripe sends no
 //! `Retry-After`) to a request past N in the last second, as Stripe's per-account limiter
 //! does (25/s in test mode, 100/s live, shared with the merchant's own traffic); what was
-//! refused and the busiest second are kept for the test ([`FakeStripe::rate_limited`],
-//! [`FakeStripe::busiest_second`]).
+//! refused and when requests arrived are kept for the test ([`FakeStripe::rate_limited`],
+//! [`FakeStripe::busiest`]).
 //!
 //! Failures are injected with [`FakeStripe::fail_next`] (before the request is looked at, as
 //! a load balancer or an overloaded API would answer) and, for creates, with
@@ -404,14 +404,14 @@ impl FakeStripe {
         self.shared.ledger().rate_limited
     }
 
-    /// The most API requests that arrived within any one second (refused ones included).
-    pub fn busiest_second(&self) -> usize {
+    /// The most API requests that arrived within any `window` (refused ones included).
+    pub fn busiest(&self, window: Duration) -> usize {
         let ledger = self.shared.ledger();
         let arrivals = &ledger.arrivals;
         let mut busiest = 0;
         let mut start = 0;
         for end in 0..arrivals.len() {
-            while arrivals[end].duration_since(arrivals[start]) >= Duration::from_secs(1) {
+            while arrivals[end].duration_since(arrivals[start]) >= window {
                 start += 1;
             }
             busiest = busiest.max(end - start + 1);
