@@ -74,7 +74,14 @@ pub async fn run(
         format!("sqlite://{}", path.display())
     };
     let stub = Stub::realistic(LATENCY, STRIPE_LIMIT).await?;
+    // The budget, and the jobs in flight payretry derives from it.
     let mut env = stripe_env(&stub);
+    env.retain(|(k, _)| {
+        !matches!(
+            *k,
+            "PAYRETRY_PROVIDER_MAX_RPS" | "PAYRETRY_WORKER_CONCURRENCY"
+        )
+    });
     env.push(("PAYRETRY_PROVIDER_MAX_RPS", BUDGET.to_string()));
     let mut children = Vec::new();
     for n in 0..processes {

@@ -69,8 +69,8 @@ pub struct Schedule {
 /// What a caller does to a schedule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ScheduleChange {
-    /// Reserve the next slot (the answer: when the call may go).
-    Reserve,
+    /// Reserve the next `n` slots (the answer: when the first may go, and how far apart).
+    Reserve(u32),
     /// The provider refused a call for its rate limit, asking to wait this long (if it said).
     Throttled(Option<Duration>),
 }
@@ -91,13 +91,17 @@ impl Schedule {
         self.rate
     }
 
-    /// Applies `change` at `now`; returns when a reserved call may go (`now` for a 429).
-    pub fn apply(&mut self, change: ScheduleChange, now: Duration) -> Duration {
+    /// Applies `change` at `now`; returns the slots reserved (none for a 429).
+    pub fn apply(&mut self, change: ScheduleChange, now: Duration) -> Reserved {
         match change {
-            ScheduleChange::Reserve => self.reserve(now),
+            ScheduleChange::Reserve(n) => self.reserve_many(now, n),
             ScheduleChange::Throttled(retry_after) => {
                 self.throttled(now, retry_after);
-                now
+                Reserved {
+                    first: now,
+                    every: Duration::ZERO,
+                    count: 0,
+                }
             }
         }
     }
@@ -105,14 +109,23 @@ impl Schedule {
     /// Reserves the next free slot for a call asked for at `now`; the call goes at the
     /// returned time (`now` or later).
     pub fn reserve(&mut self, now: Duration) -> Duration {
+        self.reserve_many(now, 1).first.max(now)
+    }
+
+    /// Reserves the next `n` free slots, `1 / rate` apart, for calls asked for at `now`.
+    pub fn reserve_many(&mut self, now: Duration, n: u32) -> Reserved {
         self.recover(now);
         let interval = Duration::from_secs_f64(1.0 / self.rate);
         // An idle budget keeps at most BURST's worth of unused slots.
         let burst = Duration::from_secs_f64(BURST);
         let earliest = now.saturating_sub(burst);
         let slot = self.next_slot.max(earliest).max(self.paused_until);
-        self.next_slot = slot + interval;
-        slot.max(now)
+        self.next_slot = slot + interval * n.max(1);
+        Reserved {
+            first: slot,
+            every: interval,
+            count: n.max(1),
+        }
     }
 
     /// A 429 at `now`: halve the rate (not below the floor) and pause until `retry_after`.
@@ -139,6 +152,21 @@ impl Schedule {
     /// 429 since paused the budget).
     pub fn still_open(&self, now: Duration) -> bool {
         now >= self.paused_until
+    }
+}
+
+/// Slots reserved together: `count` of them, `every` apart from `first` (a time that may lie
+/// a burst in the past: such a slot goes at once).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    pub first: Duration,
+    pub every: Duration,
+    pub count: u32,
+}
+
+impl Reserved {
+    pub fn slots(self) -> impl Iterator<Item = Duration> {
+        (0..self.count).map(move |j| self.first + self.every * j)
     }
 }
 
@@ -204,22 +232,31 @@ pub trait ScheduleStore: Send + Sync + 'static {
         fresh: Schedule,
         change: ScheduleChange,
         now: Duration,
-    ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>>;
+    ) -> Result<Reserved, Box<dyn std::error::Error + Send + Sync>>;
 }
 
-/// The budget of a deployment: one schedule in the shared database, each call reserving its
-/// slot there (one short transaction per call: 80 a second at the live default). Calls
-/// already reserved when another process meets a 429 still go (at most a burst's worth);
-/// every reservation after it waits for the pause. If the database cannot be reached, this
+/// The budget of a deployment: one schedule in the shared database. A process reserves its
+/// slots there in leases of [`LEASE`]'s worth (one slot at a time at the live default of 80
+/// a second: one short transaction per call; a hundred at a time at 10 000 a second, so the
+/// schedule's row never bounds the calls) and hands them to its callers in order; a slot
+/// not taken within a burst of its time is dropped, never saved up. Calls already reserved
+/// when another process meets a 429 still go (at most a lease and a burst's worth); every
+/// reservation after it waits for the pause. If the database cannot be reached, this
 /// process paces itself alone at the same rate until it can.
 pub struct SharedBudget {
     store: std::sync::Arc<dyn ScheduleStore>,
     name: String,
     max_rate: f64,
     fallback: LocalBudget,
+    /// Slots this process reserved and has not handed out, soonest first; locked while a
+    /// lease is reserved, so one process reserves one lease at a time.
+    slots: tokio::sync::Mutex<std::collections::VecDeque<Duration>>,
     /// The rate last seen in the shared schedule (f64 bits), for metrics.
     rate: AtomicU64,
 }
+
+/// How much of the rate one lease of slots covers: 10 ms (at least one slot).
+pub const LEASE: Duration = Duration::from_millis(10);
 
 impl SharedBudget {
     pub fn new(store: std::sync::Arc<dyn ScheduleStore>, name: &str, max_rate: f64) -> Self {
@@ -228,11 +265,17 @@ impl SharedBudget {
             name: name.to_owned(),
             max_rate,
             fallback: LocalBudget::new(max_rate),
+            slots: tokio::sync::Mutex::new(std::collections::VecDeque::new()),
             rate: AtomicU64::new(max_rate.to_bits()),
         }
     }
 
-    async fn apply(&self, change: ScheduleChange) -> Option<Duration> {
+    /// Slots per lease at the configured rate.
+    fn lease_size(&self) -> u32 {
+        (self.max_rate * LEASE.as_secs_f64()).clamp(1.0, 100.0) as u32
+    }
+
+    async fn apply(&self, change: ScheduleChange) -> Option<Reserved> {
         let now = since_epoch();
         let fresh = Schedule::new(self.max_rate, now);
         match self
@@ -240,7 +283,7 @@ impl SharedBudget {
             .apply_to_schedule(&self.name, fresh, change, now)
             .await
         {
-            Ok(at) => Some(at.saturating_sub(now)),
+            Ok(reserved) => Some(reserved),
             Err(error) => {
                 tracing::warn!(%error, "the shared provider budget is unreachable; pacing this process alone");
                 None
@@ -258,13 +301,29 @@ fn since_epoch() -> Duration {
 #[async_trait]
 impl ProviderBudget for SharedBudget {
     async fn acquire(&self) {
-        match self.apply(ScheduleChange::Reserve).await {
-            Some(wait) => tokio::time::sleep(wait).await,
-            None => self.fallback.acquire().await,
+        let burst = Duration::from_secs_f64(BURST);
+        let mut slots = self.slots.lock().await;
+        let now = since_epoch();
+        while slots.front().is_some_and(|slot| *slot + burst < now) {
+            slots.pop_front();
         }
+        if slots.is_empty() {
+            match self.apply(ScheduleChange::Reserve(self.lease_size())).await {
+                Some(reserved) => slots.extend(reserved.slots()),
+                None => {
+                    drop(slots);
+                    return self.fallback.acquire().await;
+                }
+            }
+        }
+        let slot = slots.pop_front().unwrap_or(now);
+        drop(slots);
+        tokio::time::sleep(slot.saturating_sub(since_epoch())).await;
     }
 
     async fn throttled(&self, retry_after: Option<Duration>) {
+        // Slots leased before the 429 were planned at the old rate.
+        self.slots.lock().await.clear();
         if self
             .apply(ScheduleChange::Throttled(retry_after))
             .await
@@ -343,6 +402,16 @@ mod tests {
         assert!((s.rate() - 3.0).abs() < 1e-9, "{}", s.rate());
         s.reserve(at(start, 60_000));
         assert_eq!(s.rate(), 20.0);
+    }
+
+    #[test]
+    fn a_lease_takes_consecutive_slots_and_the_next_caller_waits_for_all_of_them() {
+        let start = Duration::from_secs(1_000);
+        let mut s = Schedule::new(100.0, start);
+        let lease = s.reserve_many(start, 4);
+        let slots: Vec<u128> = lease.slots().map(|t| (t - start).as_millis()).collect();
+        assert_eq!(slots, vec![0, 10, 20, 30]);
+        assert_eq!(s.reserve(start), at(start, 40));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use super::one_statement;
 use super::sql::{self, Backend, Write};
 use super::*;
 use super::{reads, rows};
-use crate::provider::budget::{Schedule, ScheduleChange, ScheduleStore};
+use crate::provider::budget::{Reserved, Schedule, ScheduleChange, ScheduleStore};
 use crate::queue::{Delivery, Outbox, QueueResult};
 use crate::telemetry::analytics::{AnalyticsResult, AnalyticsRow};
 use sqlx::Postgres;
@@ -272,7 +272,7 @@ impl ScheduleStore for PostgresStorage {
         fresh: Schedule,
         change: ScheduleChange,
         now: Duration,
-    ) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    ) -> Result<Reserved, Box<dyn std::error::Error + Send + Sync>> {
         let micros = |d: Duration| i64::try_from(d.as_micros()).unwrap_or(i64::MAX);
         let from_micros = |us: i64| Duration::from_micros(u64::try_from(us).unwrap_or(0));
         let mut tx = self.pool.begin().await?;
