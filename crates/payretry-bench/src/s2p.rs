@@ -153,9 +153,15 @@ async fn script(storage: &PostgresStorage, clients: u64, sessions: u64) -> anyho
         fingerprint: "f".repeat(64),
     };
     let now = payretry::service::now_millis();
-    let (mut transition, _) =
-        retry_transition(&RetryPolicy::default(), &session, &caller, &scope, now)
-            .map_err(|e| anyhow::anyhow!("the seeded session refused a retry: {e:?}"))?;
+    let (mut transition, _) = retry_transition(
+        &RetryPolicy::default(),
+        false,
+        &session,
+        &caller,
+        &scope,
+        now,
+    )
+    .map_err(|e| anyhow::anyhow!("the seeded session refused a retry: {e:?}"))?;
     // As in (b): no Segment key, so no analytics rows.
     transition.analytics.clear();
     let sql =

@@ -13,6 +13,8 @@ pub enum IdError {
     IdempotencyKey,
     #[error("a dead letter id is a positive whole number")]
     DeadLetterId,
+    #[error("a delivery id is a positive whole number")]
+    DeliveryId,
 }
 
 /// Our payment session id (`ps_…`). It is preserved across every retry: only the provider
@@ -148,58 +150,75 @@ impl From<IdempotencyKey> for String {
     }
 }
 
-/// A dead letter's id: the positive row id storage gave it, written as a string in JSON
-/// and in paths. Parsed once where it comes in (a path, the CLI), so a malformed id is
-/// refused there and never reaches a transition that would silently remove nothing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(try_from = "String", into = "String")]
-pub struct DeadLetterId(i64);
+/// An id that is the positive row id storage gave out, written as a string in JSON and in
+/// paths. Parsed once where it comes in (a path, the CLI), so a malformed id is refused
+/// there and never reaches a write that would silently touch nothing.
+macro_rules! row_id {
+    ($(#[$doc:meta])* $name:ident, $error:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(i64);
 
-impl DeadLetterId {
-    pub fn parse(raw: &str) -> Result<Self, IdError> {
-        // Digits only: `i64::from_str` would also take a sign.
-        if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(IdError::DeadLetterId);
+        impl $name {
+            pub fn parse(raw: &str) -> Result<Self, IdError> {
+                // Digits only: `i64::from_str` would also take a sign.
+                if raw.is_empty() || !raw.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(IdError::$error);
+                }
+                match raw.parse::<i64>() {
+                    Ok(id) if id > 0 => Ok(Self(id)),
+                    _ => Err(IdError::$error),
+                }
+            }
+
+            /// The id as storage holds it: only ids storage gave out are built from a row.
+            pub fn from_row(id: i64) -> Result<Self, IdError> {
+                if id > 0 {
+                    Ok(Self(id))
+                } else {
+                    Err(IdError::$error)
+                }
+            }
+
+            pub const fn get(self) -> i64 {
+                self.0
+            }
         }
-        match raw.parse::<i64>() {
-            Ok(id) if id > 0 => Ok(Self(id)),
-            _ => Err(IdError::DeadLetterId),
+
+        impl TryFrom<String> for $name {
+            type Error = IdError;
+
+            fn try_from(raw: String) -> Result<Self, IdError> {
+                Self::parse(&raw)
+            }
         }
-    }
 
-    /// The id as storage holds it: only ids storage gave out are built from a row.
-    pub fn from_row(id: i64) -> Result<Self, IdError> {
-        if id > 0 {
-            Ok(Self(id))
-        } else {
-            Err(IdError::DeadLetterId)
+        impl From<$name> for String {
+            fn from(id: $name) -> Self {
+                id.0.to_string()
+            }
         }
-    }
 
-    pub const fn get(self) -> i64 {
-        self.0
-    }
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                write!(f, "{}", self.0)
+            }
+        }
+    };
 }
 
-impl TryFrom<String> for DeadLetterId {
-    type Error = IdError;
+row_id!(
+    /// A dead letter's id.
+    DeadLetterId,
+    DeadLetterId
+);
 
-    fn try_from(raw: String) -> Result<Self, IdError> {
-        Self::parse(&raw)
-    }
-}
-
-impl From<DeadLetterId> for String {
-    fn from(id: DeadLetterId) -> Self {
-        id.0.to_string()
-    }
-}
-
-impl fmt::Display for DeadLetterId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
-    }
-}
+row_id!(
+    /// A merchant webhook delivery's id (one per event).
+    DeliveryId,
+    DeliveryId
+);
 
 /// Which checkout of a session: 0 is the original, 1..=max the retries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]

@@ -9,6 +9,7 @@
 //! - [`policy`]: the retry policy (delays, attempt cap, window, non-retryable reasons).
 //! - [`eligibility`]: the single place that decides whether a retry may be scheduled.
 //! - [`lifecycle`]: the session's state and what each event does to it, with its effects.
+//! - [`merchant_event`]: what the merchant's systems are told about each change.
 //! - [`audit`]: roles, actors and the audit log's actions.
 //! - [`job`]: the queue message shared by every queue backend.
 //! - [`backoff`]: the exponential backoff every "try again later" uses.
@@ -24,6 +25,7 @@ pub mod failure;
 pub mod ids;
 pub mod job;
 pub mod lifecycle;
+pub mod merchant_event;
 pub mod money;
 pub mod policy;
 pub mod status;
@@ -33,7 +35,8 @@ pub use backoff::{Backoff, Jitter};
 pub use eligibility::{RetryPlan, RetryRefusal, SessionSnapshot, check_retry};
 pub use failure::FailureReason;
 pub use ids::{
-    AttemptNumber, DeadLetterId, IdempotencyKey, PaymentSessionId, ProviderSessionId, UserId,
+    AttemptNumber, DeadLetterId, DeliveryId, IdempotencyKey, PaymentSessionId, ProviderSessionId,
+    UserId,
 };
 pub use job::RetryJob;
 pub use lifecycle::{Change, Effects, Lifecycle, SessionState};

@@ -7,6 +7,7 @@ use crate::http::sandbox::SandboxPages;
 use crate::http::{
     self, AppState, auth::JwtKeys, client_ip::TrustedProxies, rate_limit::RateLimiter,
 };
+use crate::merchant_events::relay::WebhookRelay;
 use crate::provider::PaymentProvider;
 use crate::provider::budget::{ScheduleStore, SharedBudget};
 use crate::provider::sandbox::SandboxProvider;
@@ -29,12 +30,16 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 
+/// Merchant webhook tries in flight per process: a receiver that hangs until the timeout
+/// still gets 1.6 tries a second from each.
+const WEBHOOK_CONCURRENCY: usize = 16;
+
 /// Which parts of payretry this process runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum ServeRole {
     /// HTTP API, outbox relays, worker and sweeper in one process.
     All,
-    /// HTTP API and the outbox relays (SQS, Segment).
+    /// HTTP API and the outbox relays (SQS, Segment, merchant webhooks).
     Api,
     /// Queue consumer and window sweeper (plus health and metrics routes).
     Worker,
@@ -147,6 +152,8 @@ pub struct App {
     pub state: AppState,
     /// Set when Segment analytics are on.
     pub segment: Option<SegmentRelay>,
+    /// Set when merchant events are on.
+    pub merchant_webhooks: Option<WebhookRelay>,
     /// What the worker consumes: the embedded queue or SQS.
     pub queue: Arc<dyn JobQueue>,
     /// With SQS: the queue (for its dead-letter queue) and the outbox its relay drains.
@@ -239,6 +246,7 @@ impl App {
             policy: config.policy.clone(),
             public_url,
             analytics: config.segment_write_key.is_some(),
+            merchant_events: config.merchant_webhook.is_some(),
             auto_refund_duplicates: config.auto_refund_duplicates,
             stripe_charge_limits: config.provider == ProviderKind::Stripe,
         });
@@ -262,9 +270,19 @@ impl App {
                 http: http_client,
                 backoff: tuning.analytics_backoff,
             });
+        let merchant_webhooks = match &config.merchant_webhook {
+            Some(endpoint) => Some(WebhookRelay {
+                outbox: storage.clone(),
+                http: WebhookRelay::client(endpoint)?,
+                endpoint: Arc::new(endpoint.clone()),
+                concurrency: WEBHOOK_CONCURRENCY,
+            }),
+            None => None,
+        };
         Ok(Self {
             state,
             segment,
+            merchant_webhooks,
             queue,
             sqs,
             tuning,
@@ -308,6 +326,9 @@ impl App {
         background.spawn(refunds.run(shutdown.clone()));
         if role != ServeRole::Worker {
             if let Some(relay) = self.segment {
+                background.spawn(relay.run(shutdown.clone()));
+            }
+            if let Some(relay) = self.merchant_webhooks {
                 background.spawn(relay.run(shutdown.clone()));
             }
             if let Some((sqs, outbox)) = &self.sqs {

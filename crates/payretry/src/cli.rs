@@ -4,11 +4,12 @@ use crate::app::{self, App, ServeRole, Tuning};
 use crate::config::Config;
 use crate::http::admin::DeadLetterView;
 use crate::http::auth::JwtKeys;
+use crate::http::webhook_deliveries::DeliveryView;
 use crate::shutdown;
-use crate::storage::Page;
+use crate::storage::{DeliveryFilter, DeliveryStatus, Page};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use payretry_domain::{DeadLetterId, Principal, Role, UserId};
+use payretry_domain::{DeadLetterId, DeliveryId, PaymentSessionId, Principal, Role, UserId};
 use tokio::net::TcpListener;
 
 #[derive(Debug, Parser)]
@@ -45,6 +46,11 @@ pub enum Command {
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
+    },
+    /// Review merchant webhook deliveries, and redeliver failed ones.
+    Webhooks {
+        #[command(subcommand)]
+        action: WebhookAction,
     },
     /// Walk through the whole retry story on a throw-away database, narrated.
     Demo,
@@ -97,6 +103,29 @@ pub enum DeadLetterAction {
     Redrive { id: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum WebhookAction {
+    /// List deliveries as JSON lines, oldest first (read a page of 100 at a time).
+    List {
+        /// Only `pending`, `delivered` or `failed` ones.
+        #[arg(long, value_parser = parse_delivery_status)]
+        status: Option<DeliveryStatus>,
+        /// Only this payment session's.
+        #[arg(long, value_parser = parse_session_id)]
+        session: Option<PaymentSessionId>,
+    },
+    /// Queue a delivery again (same webhook-id and body).
+    Redeliver { id: String },
+}
+
+fn parse_delivery_status(raw: &str) -> Result<DeliveryStatus, String> {
+    DeliveryStatus::parse(raw).ok_or_else(|| "expected pending, delivered or failed".to_owned())
+}
+
+fn parse_session_id(raw: &str) -> Result<PaymentSessionId, String> {
+    PaymentSessionId::parse(raw).map_err(|e| e.to_string())
+}
+
 fn parse_role(raw: &str) -> Result<Role, String> {
     raw.parse()
 }
@@ -132,11 +161,7 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::DeadLetters { action } => {
-            let public_url = config
-                .public_url
-                .clone()
-                .unwrap_or_else(|| format!("http://{}", config.listen));
-            let app = App::build(&config, public_url, Tuning::from_config(&config)).await?;
+            let app = build_for_admin(&config).await?;
             let payments = &app.state.payments;
             match action {
                 DeadLetterAction::List => {
@@ -173,6 +198,10 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Webhooks { action } => {
+            let app = build_for_admin(&config).await?;
+            webhooks(&app.state.payments, action).await
+        }
         Command::Demo => crate::demo::run().await,
         Command::Sqs {
             action: SqsAction::Setup,
@@ -190,6 +219,60 @@ pub async fn run(cli: Cli, config: Config) -> anyhow::Result<()> {
         Command::Status { session, remote } => client_status(&config, &session, &remote).await,
         Command::Retry { session, remote } => client_retry(&config, &session, &remote).await,
     }
+}
+
+/// payretry as the admin commands use it (no server, no background tasks).
+async fn build_for_admin(config: &Config) -> anyhow::Result<App> {
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{}", config.listen));
+    App::build(config, public_url, Tuning::from_config(config)).await
+}
+
+/// `payretry webhooks list|redeliver`.
+async fn webhooks(
+    payments: &crate::service::Payments,
+    action: WebhookAction,
+) -> anyhow::Result<()> {
+    match action {
+        WebhookAction::List { status, session } => {
+            let filter = DeliveryFilter { status, session };
+            let mut page = Page::first(Page::MAX_LIMIT);
+            loop {
+                let found = payments.webhook_deliveries(&filter, page).await?;
+                for delivery in &found.items {
+                    println!("{}", serde_json::to_string(&DeliveryView::from(delivery))?);
+                }
+                match found.next {
+                    Some(after) => page.after = Some(after),
+                    None => break,
+                }
+            }
+        }
+        WebhookAction::Redeliver { id } => {
+            let operator = Principal {
+                user: UserId::new("cli"),
+                role: Role::Admin,
+            };
+            let id =
+                DeliveryId::parse(&id).map_err(|e| anyhow::anyhow!("delivery id {id:?}: {e}"))?;
+            let delivery = payments
+                .redeliver_webhook(id, &operator)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "redelivery refused: {}",
+                        crate::http::error::ApiError::from(e)
+                    )
+                })?;
+            println!(
+                "queued: delivery {} ({} {} of session {})",
+                delivery.id, delivery.event_type, delivery.event_id, delivery.session_id
+            );
+        }
+    }
+    Ok(())
 }
 
 /// With Stripe the public address must be spelled out, whatever the role. Stripe sends the

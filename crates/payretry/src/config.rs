@@ -1,6 +1,7 @@
 //! Configuration from the environment (DESIGN.md §7). Everything is optional; a bad value
 //! stops start-up with one line naming the variable and what it accepts.
 
+use crate::merchant_events::{MerchantWebhook, signature};
 use crate::secret::Secret;
 use ipnet::IpNet;
 use payretry_domain::policy::{parse_delays, parse_duration};
@@ -96,6 +97,8 @@ pub struct Config {
     /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`). Off by default: moving money back is a business
     /// decision, and support sees every duplicate either way.
     pub auto_refund_duplicates: bool,
+    /// Where merchant events are delivered (`PAYRETRY_MERCHANT_WEBHOOK_*`); `None`: off.
+    pub merchant_webhook: Option<MerchantWebhook>,
 }
 
 /// The longest payment window payretry accepts. A window is a promise that a checkout may
@@ -165,6 +168,7 @@ impl Default for Config {
             rate_limit_per_minute: 120,
             trusted_proxies: Vec::new(),
             auto_refund_duplicates: false,
+            merchant_webhook: None,
         }
     }
 }
@@ -495,8 +499,87 @@ impl Config {
                 }
             };
         }
+        c.merchant_webhook = merchant_webhook(&lookup)?;
         Ok(c)
     }
+}
+
+/// `PAYRETRY_MERCHANT_WEBHOOK_URL` and `_SECRET` (both, or neither), and the tuning of
+/// `_RETRY_DELAYS` and `_TIMEOUT`.
+fn merchant_webhook(
+    lookup: &impl Fn(&str) -> Option<String>,
+) -> Result<Option<MerchantWebhook>, ConfigError> {
+    const URL: &str = "PAYRETRY_MERCHANT_WEBHOOK_URL";
+    const SECRET: &str = "PAYRETRY_MERCHANT_WEBHOOK_SECRET";
+    const DELAYS: &str = "PAYRETRY_MERCHANT_WEBHOOK_RETRY_DELAYS";
+    const TIMEOUT: &str = "PAYRETRY_MERCHANT_WEBHOOK_TIMEOUT";
+    let (url, secret) = match (lookup(URL), lookup(SECRET)) {
+        (None, None) => return Ok(None),
+        (None, Some(_)) => {
+            return Err(bad(
+                URL,
+                "expected the receiver's URL when PAYRETRY_MERCHANT_WEBHOOK_SECRET is set",
+                "",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(bad(
+                SECRET,
+                "expected `whsec_` + base64 of a 24 to 64 byte key (a comma list while rotating) when PAYRETRY_MERCHANT_WEBHOOK_URL is set",
+                "",
+            ));
+        }
+        (Some(url), Some(secret)) => (url, secret),
+    };
+    let parsed = reqwest::Url::parse(&url).ok().filter(|u| {
+        matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
+    });
+    if parsed.is_none() {
+        return Err(bad(
+            URL,
+            "expected an absolute http:// or https:// URL",
+            &url,
+        ));
+    }
+    let keys = signature::parse_secrets(&secret).map_err(|(n, why)| {
+        bad(
+            SECRET,
+            format!("secret {n} is not valid ({why}): expected `whsec_` + base64 of a 24 to 64 byte key, a comma list while rotating"),
+            "[redacted]",
+        )
+    })?;
+    let retry_delays = match lookup(DELAYS) {
+        None => MerchantWebhook::default_retry_delays(),
+        Some(v) => parse_delays(&v)
+            .ok()
+            .filter(|d| d.len() <= 20 && d.iter().all(|d| d.as_secs() >= 1))
+            .ok_or_else(|| {
+                bad(
+                    DELAYS,
+                    "expected 1 to 20 durations of at least 1s, like `5s,5m,30m` (units s, m, h)",
+                    &v,
+                )
+            })?,
+    };
+    let timeout = match lookup(TIMEOUT) {
+        None => MerchantWebhook::DEFAULT_TIMEOUT,
+        Some(v) => parse_duration(&v)
+            .ok()
+            .filter(|d| (1..=60).contains(&d.as_secs()))
+            .ok_or_else(|| {
+                bad(
+                    TIMEOUT,
+                    "expected a duration from 1s to 60s, like `10s`",
+                    &v,
+                )
+            })?,
+    };
+    Ok(Some(MerchantWebhook {
+        url,
+        keys,
+        retry_delays,
+        timeout,
+    }))
 }
 
 #[cfg(test)]
@@ -584,6 +667,66 @@ mod tests {
         assert_eq!(err.var, "STRIPE_SECRET_KEY");
         let err = from(&[("PAYRETRY_JWT_SECRET", "short-secret")]).unwrap_err();
         assert!(!err.to_string().contains("short-secret"));
+    }
+
+    #[test]
+    fn merchant_webhooks_need_a_url_and_a_valid_secret() {
+        let secret = crate::merchant_events::signature::SigningKey::encode(&[9; 32]);
+        assert!(from(&[]).unwrap().merchant_webhook.is_none());
+        let on = from(&[
+            (
+                "PAYRETRY_MERCHANT_WEBHOOK_URL",
+                "https://orders.example/hooks",
+            ),
+            (
+                "PAYRETRY_MERCHANT_WEBHOOK_SECRET",
+                &format!("{secret},{secret}"),
+            ),
+        ])
+        .unwrap()
+        .merchant_webhook
+        .unwrap();
+        assert_eq!(on.keys.len(), 2);
+        assert_eq!(on.retry_delays.len(), 7);
+        assert_eq!(on.timeout, Duration::from_secs(10));
+        let refused = [
+            vec![(
+                "PAYRETRY_MERCHANT_WEBHOOK_URL",
+                "https://orders.example/hooks",
+            )],
+            vec![("PAYRETRY_MERCHANT_WEBHOOK_SECRET", secret.as_str())],
+            vec![
+                ("PAYRETRY_MERCHANT_WEBHOOK_URL", "ftp://orders.example"),
+                ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", secret.as_str()),
+            ],
+            vec![
+                ("PAYRETRY_MERCHANT_WEBHOOK_URL", "/hooks"),
+                ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", secret.as_str()),
+            ],
+            vec![
+                ("PAYRETRY_MERCHANT_WEBHOOK_URL", "https://orders.example"),
+                ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", "whsec_dG9vc2hvcnQ="),
+            ],
+            vec![
+                ("PAYRETRY_MERCHANT_WEBHOOK_URL", "https://orders.example"),
+                ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", secret.as_str()),
+                ("PAYRETRY_MERCHANT_WEBHOOK_RETRY_DELAYS", "5s,0s"),
+            ],
+            vec![
+                ("PAYRETRY_MERCHANT_WEBHOOK_URL", "https://orders.example"),
+                ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", secret.as_str()),
+                ("PAYRETRY_MERCHANT_WEBHOOK_TIMEOUT", "2m"),
+            ],
+        ];
+        for pairs in refused {
+            let err = from(&pairs).unwrap_err();
+            assert!(err.var.starts_with("PAYRETRY_MERCHANT_WEBHOOK_"), "{err}");
+            let shown = err.to_string();
+            assert!(
+                !shown.contains(&secret[6..]) && !shown.contains("dG9vc2hvcnQ"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -5,11 +5,13 @@
 //! Layout:
 //! - [`app`]: wiring: builds storage, queue, provider and service from the configuration,
 //!   then serves the API and runs the background tasks until shutdown.
-//! - [`cli`]: the `payretry` command line (`serve`, `migrate`, `token`, `dead-letters`, `sqs`, `demo`).
+//! - [`cli`]: the `payretry` command line (`serve`, `migrate`, `token`, `dead-letters`, `webhooks`, `sqs`, `demo`).
 //! - [`config`]: configuration from the environment, validated at start-up.
 //! - [`demo`]: `payretry demo`, the whole retry story end to end on the embedded default.
 //! - [`http`]: the HTTP edge: routes, authentication, idempotency, rate limits, the error
 //!   type and the server-rendered pages.
+//! - [`merchant_events`]: signed callbacks (Standard Webhooks) to the merchant's systems,
+//!   and the relay that delivers them.
 //! - [`provider`]: the payment provider trait, with the built-in `sandbox` and `stripe`,
 //!   and the provider's webhook signature format.
 //! - [`queue`]: the retry-job queue traits, the SQS backend and its outbox relay.
@@ -18,7 +20,7 @@
 //! - [`service`]: the business operations, each ending in one atomic storage transition.
 //! - [`shutdown`]: the shutdown signal shared by the server and the background tasks.
 //! - [`storage`]: durable state and its transitions, on SQLite or PostgreSQL (also the
-//!   embedded queue, the analytics outbox and the sandbox's checkouts).
+//!   embedded queue, the analytics and webhook outboxes and the sandbox's checkouts).
 //! - [`sweeper`]: expires sessions whose window closed, closes the checkouts nobody should
 //!   pay any more, and purges old records.
 //! - [`telemetry`]: metrics, logs, and Segment analytics with their relay.
@@ -40,6 +42,7 @@ macro_rules! crash_point {
     };
 }
 
+pub mod merchant_events;
 pub mod provider;
 pub mod queue;
 pub mod refund_runner;

@@ -211,7 +211,7 @@ impl Worker {
                     s.lifecycle()
                         .retry_checkout_opened(job, &checkout, delivery.receive_count);
                 Ok(opened.map(|change| {
-                    let (mut t, metrics) = record::transition(s, change, now);
+                    let (mut t, metrics) = self.payments.record(s, change, now);
                     if settle_in_transition {
                         t.settles = Some(delivery.receipt.clone());
                     }
@@ -315,7 +315,7 @@ impl Worker {
             .transition(&job.payment_session_id, |s, now| {
                 Ok(s.lifecycle()
                     .dead_lettered(job, delivery.receive_count, error)
-                    .map(|change| record::transition(s, change, now)))
+                    .map(|change| self.payments.record(s, change, now)))
             })
             .await;
         match result {

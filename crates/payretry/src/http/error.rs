@@ -37,6 +37,9 @@ pub enum ApiError {
     /// 404 `dead_letter_not_found`.
     #[error("no such dead letter")]
     DeadLetterNotFound,
+    /// 404 `delivery_not_found`.
+    #[error("no such webhook delivery")]
+    DeliveryNotFound,
     /// 404 `not_found`: no such route.
     #[error("no such route")]
     RouteNotFound,
@@ -103,9 +106,10 @@ impl ApiError {
             | Self::InvalidSignature => StatusCode::BAD_REQUEST,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::Forbidden => StatusCode::FORBIDDEN,
-            Self::SessionNotFound | Self::DeadLetterNotFound | Self::RouteNotFound => {
-                StatusCode::NOT_FOUND
-            }
+            Self::SessionNotFound
+            | Self::DeadLetterNotFound
+            | Self::DeliveryNotFound
+            | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::Refused(refusal) => {
                 StatusCode::from_u16(refusal.http_status()).unwrap_or(StatusCode::CONFLICT)
             }
@@ -134,6 +138,7 @@ impl ApiError {
             Self::Forbidden => "forbidden",
             Self::SessionNotFound => "session_not_found",
             Self::DeadLetterNotFound => "dead_letter_not_found",
+            Self::DeliveryNotFound => "delivery_not_found",
             Self::RouteNotFound => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::RequestTimeout => "request_timeout",
@@ -236,6 +241,7 @@ impl From<ServiceError> for ApiError {
         match error {
             ServiceError::SessionNotFound => Self::SessionNotFound,
             ServiceError::DeadLetterNotFound => Self::DeadLetterNotFound,
+            ServiceError::DeliveryNotFound => Self::DeliveryNotFound,
             ServiceError::Refused(refusal) => Self::Refused(refusal),
             ServiceError::Provider(e) => Self::Provider(e.to_string()),
             ServiceError::Storage(e) => e.into(),

@@ -17,6 +17,7 @@ pub mod payments;
 pub mod rate_limit;
 pub mod sandbox;
 pub mod server;
+pub mod webhook_deliveries;
 pub mod webhooks;
 
 use crate::secret::Secret;
@@ -195,6 +196,7 @@ pub fn router(state: AppState) -> Router {
     payments::router()
         .merge(webhooks::router())
         .merge(admin::router())
+        .merge(webhook_deliveries::router())
         .merge(pay_page::router())
         .merge(match &state.sandbox {
             Some(pages) => sandbox::router(pages.clone(), &state),

@@ -27,6 +27,8 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         super::admin::list,
         super::admin::redrive,
         super::admin::duplicate_payments,
+        super::webhook_deliveries::list,
+        super::webhook_deliveries::redeliver,
         super::health::healthz,
         super::health::readyz,
         super::health::metrics,
@@ -42,6 +44,8 @@ async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
         super::admin::DuplicatePaymentsView,
         super::admin::DuplicatePaymentView,
         super::admin::DuplicatePaymentStatusView,
+        super::webhook_deliveries::DeliveriesView,
+        super::webhook_deliveries::DeliveryView,
         super::error::Problem,
     )),
     modifiers(&BearerAuth, &CommonResponses, &ResponseDescriptions)

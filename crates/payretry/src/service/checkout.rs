@@ -58,6 +58,7 @@ impl Payments {
             created_at: now,
             updated_at: now,
             version: 0,
+            event_sequence: 0,
             state: opened.state,
         };
         let response = json_response(201, &StatusView::of(&session, &self.policy, now));

@@ -2,7 +2,7 @@
 //! into `retry_scheduled` for the same attempt and queues the job again, in one commit that
 //! also removes the dead letter.
 
-use super::{Payments, ServiceError, ServiceResult, record};
+use super::{Payments, ServiceError, ServiceResult};
 use crate::storage::{DeadLetter, Page, Paged};
 use payretry_domain::{DeadLetterId, PaymentSessionId, Principal};
 
@@ -28,7 +28,7 @@ impl Payments {
                 admin.actor(),
                 now,
             )?;
-            Ok(Some(record::transition(session, change, now)))
+            Ok(Some(self.record(session, change, now)))
         })
         .await?
         .ok_or(ServiceError::Contended)?;

@@ -65,7 +65,7 @@ impl Payments {
                 };
                 Ok(decided.map(|(change, effect)| {
                     warn_if_unrefundable(session, &change, self.auto_refund_duplicates);
-                    let (mut t, metrics) = record::transition(session, change, now);
+                    let (mut t, metrics) = self.record(session, change, now);
                     t.webhook_event_id = Some(event.id.clone());
                     for entry in &mut t.audit {
                         entry.details["eventId"] = json!(event.id);
@@ -151,7 +151,7 @@ impl Payments {
                     | CheckoutState::CompleteUnpaid => None,
                 };
                 Ok(decided.map(|(change, _)| {
-                    let (mut t, metrics) = record::transition(s, change, now);
+                    let (mut t, metrics) = self.record(s, change, now);
                     for entry in &mut t.audit {
                         entry.details["reconciled"] = json!(true);
                     }

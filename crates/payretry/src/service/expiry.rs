@@ -15,7 +15,7 @@ impl Payments {
                 Ok(session
                     .lifecycle()
                     .window_closed(now)
-                    .map(|change| record::transition(session, change, now)))
+                    .map(|change| self.record(session, change, now)))
             })
             .await?;
         let Some((_, metrics)) = outcome else {

@@ -17,6 +17,7 @@
 pub mod checkout;
 pub mod closures;
 pub mod dead_letters;
+pub mod deliveries;
 pub mod duplicates;
 pub mod events;
 pub mod expiry;
@@ -45,6 +46,8 @@ pub enum ServiceError {
     SessionNotFound,
     #[error("dead letter not found")]
     DeadLetterNotFound,
+    #[error("webhook delivery not found")]
+    DeliveryNotFound,
     #[error(transparent)]
     Refused(#[from] RetryRefusal),
     #[error(transparent)]
@@ -67,6 +70,9 @@ pub struct Payments {
     /// Whether Segment events are recorded (a write key is configured). When off, no
     /// analytics rows are written at all, so none pile up.
     pub analytics: bool,
+    /// Whether merchant events are recorded (`PAYRETRY_MERCHANT_WEBHOOK_URL` is set). When
+    /// off, no delivery rows are written at all.
+    pub merchant_events: bool,
     /// Whether a detected double payment is refunded through the provider
     /// (`PAYRETRY_AUTO_REFUND_DUPLICATES`); otherwise it is only recorded for support.
     pub auto_refund_duplicates: bool,
@@ -108,6 +114,22 @@ impl Payments {
     /// The buyer-facing page of a session, also the provider's return URL.
     pub fn pay_url(&self, id: &PaymentSessionId) -> String {
         format!("{}/pay/{id}", self.public_url)
+    }
+
+    /// The transition recording `change` of `session` at `now` (with its merchant events
+    /// when they are on), and the metrics to emit once it is committed.
+    pub(crate) fn record(
+        &self,
+        session: &SessionRecord,
+        change: payretry_domain::Change,
+        now: DateTime<Utc>,
+    ) -> (Transition, Vec<payretry_domain::lifecycle::MetricNote>) {
+        record::transition(
+            session,
+            change,
+            now,
+            self.merchant_events.then_some(&self.policy),
+        )
     }
 
     /// Decides and commits a transition, re-deciding on a lost compare-and-set race.

@@ -1,27 +1,36 @@
 //! Turning a lifecycle [`Change`] (the domain's decision, plain data) into the storage
 //! [`Transition`] that commits it, and its metrics into the telemetry facade. The only place
-//! the domain's audit details and analytics events become JSON.
+//! the domain's audit details, analytics events and merchant events become JSON.
 
+use super::views::StatusView;
 use crate::storage::{
-    DuplicatePaymentStatus, NewAuditEntry, NewDeadLetter, NewDuplicatePayment, SessionRecord,
-    Transition,
+    DuplicatePaymentStatus, NewAuditEntry, NewDeadLetter, NewDuplicatePayment, NewMerchantEvent,
+    SessionRecord, Transition,
 };
 use crate::telemetry::analytics::{AnalyticsEvent, TrackEvent};
 use crate::telemetry::metrics;
 use chrono::{DateTime, Utc};
 use payretry_domain::lifecycle::{AuditDetails, AuditNote, MetricNote, Track};
-use payretry_domain::{Change, FailureReason, ProviderSessionId};
+use payretry_domain::merchant_event::{MerchantEvent, merchant_events};
+use payretry_domain::{Change, FailureReason, ProviderSessionId, RetryPolicy};
 use serde_json::{Value, json};
 
 /// The transition recording `change` of `session` at `now`, and the metrics to emit once it
-/// is committed.
+/// is committed. With `merchant` (merchant events are on), the change's merchant events go
+/// with it, their status objects computed under that policy.
 pub(crate) fn transition(
     session: &SessionRecord,
     change: Change,
     now: DateTime<Utc>,
+    merchant: Option<&RetryPolicy>,
 ) -> (Transition, Vec<MetricNote>) {
+    let events = match merchant {
+        Some(policy) => merchant_bodies(session, &change, policy, now),
+        None => Vec::new(),
+    };
     let Change { state, effects } = change;
     let mut t = Transition::new(session, state);
+    t.merchant_events = events;
     t.attempt = effects.attempt;
     t.audit = effects.audit.iter().map(audit_entry).collect();
     t.analytics = effects
@@ -206,4 +215,98 @@ fn analytics_event(session: &SessionRecord, track: &Track, now: DateTime<Utc>) -
         properties,
         now,
     )
+}
+
+/// The merchant events of `change`, numbered on from the session's last one, each with the
+/// body every delivery of it sends (DESIGN.md §6b): `type`, `timestamp` and `data`, the
+/// status object as the change leaves the session plus `buyer`, `sequence` and the event's
+/// own fields.
+fn merchant_bodies(
+    session: &SessionRecord,
+    change: &Change,
+    policy: &RetryPolicy,
+    now: DateTime<Utc>,
+) -> Vec<NewMerchantEvent> {
+    let events = merchant_events(change);
+    if events.is_empty() {
+        return Vec::new();
+    }
+    let after = SessionRecord {
+        state: change.state.clone(),
+        ..session.clone()
+    };
+    let status = serde_json::to_value(StatusView::of(&after, policy, now)).unwrap_or_default();
+    events
+        .iter()
+        .zip(session.event_sequence + 1..)
+        .map(|(event, sequence)| {
+            let mut data = status.clone();
+            data["buyer"] = json!(session.buyer.as_str());
+            data["sequence"] = json!(sequence);
+            for (field, value) in own_fields(event) {
+                data[field] = value;
+            }
+            let event_type = event.event_type();
+            NewMerchantEvent {
+                event_id: format!("msg_{}_{sequence}", session.id),
+                event_type,
+                sequence,
+                body: json!({"type": event_type.as_str(), "timestamp": now, "data": data})
+                    .to_string(),
+            }
+        })
+        .collect()
+}
+
+/// The fields an event adds to the status object.
+fn own_fields(event: &MerchantEvent) -> Vec<(&'static str, Value)> {
+    match event {
+        MerchantEvent::Failed { attempt } => vec![("attemptNumber", json!(attempt.get()))],
+        MerchantEvent::RetryScheduled {
+            attempt,
+            scheduled_for,
+        } => vec![
+            ("attemptNumber", json!(attempt.get())),
+            ("scheduledFor", json!(scheduled_for)),
+        ],
+        MerchantEvent::RetryReady {
+            attempt,
+            checkout_url,
+        } => vec![
+            ("attemptNumber", json!(attempt.get())),
+            ("checkoutUrl", json!(checkout_url)),
+        ],
+        MerchantEvent::Succeeded { paid_attempt } => {
+            vec![("paidAttempt", json!(paid_attempt.get()))]
+        }
+        MerchantEvent::Expired => Vec::new(),
+        MerchantEvent::RetryAbandoned { attempt, reason } => vec![
+            ("attemptNumber", json!(attempt.map(|a| a.get()))),
+            ("reason", json!(reason.as_str())),
+        ],
+        MerchantEvent::DoublePayment {
+            paid_attempt,
+            duplicate_attempt,
+            provider_session_id,
+            refund_requested,
+        } => vec![
+            ("paidAttempt", json!(paid_attempt.get())),
+            ("duplicateAttempt", json!(duplicate_attempt.get())),
+            (
+                "duplicateProviderSessionId",
+                json!(provider_session_id.as_ref().map(ProviderSessionId::as_str)),
+            ),
+            (
+                "refundStatus",
+                json!(
+                    if *refund_requested {
+                        DuplicatePaymentStatus::RefundRequested
+                    } else {
+                        DuplicatePaymentStatus::Detected
+                    }
+                    .as_str()
+                ),
+            ),
+        ],
+    }
 }

@@ -23,7 +23,15 @@ impl Payments {
     ) -> ServiceResult<StoredResponse> {
         let outcome = self
             .transition_on(id, read, |session, now| {
-                retry_transition(&self.policy, session, caller, idempotency, now).map(Some)
+                retry_transition(
+                    &self.policy,
+                    self.merchant_events,
+                    session,
+                    caller,
+                    idempotency,
+                    now,
+                )
+                .map(Some)
             })
             .await?;
         let (_, response) = outcome.ok_or(ServiceError::Contended)?;
@@ -32,10 +40,11 @@ impl Payments {
 }
 
 /// What `caller`'s retry of `session` at `now` commits, and the 202 response stored with it
-/// under `idempotency`. Public so that `payretry-bench` can run exactly these writes through
+/// under `idempotency` (with its merchant events when `merchant_events`). Public so that `payretry-bench` can run exactly these writes through
 /// `pgbench` (its S2p ceiling).
 pub fn retry_transition(
     policy: &RetryPolicy,
+    merchant_events: bool,
     session: &SessionRecord,
     caller: &Principal,
     idempotency: &IdempotencyScope,
@@ -48,7 +57,7 @@ pub fn retry_transition(
         .lifecycle()
         .request_retry(policy, now, caller.actor())?;
     let response = json_response(202, &RetryAcceptedView::of(session, &plan));
-    let (mut t, _) = record::transition(session, change, now);
+    let (mut t, _) = record::transition(session, change, now, merchant_events.then_some(policy));
     t.idempotency = completion(Some(idempotency), &response);
     Ok((t, response))
 }

@@ -12,6 +12,9 @@ use super::{
     SessionRecord, SessionStore, Storage, StorageResult, Transition, corrupt, plan, reads,
     to_millis,
 };
+use super::{
+    DeliveryFilter, DeliveryOutcome, LeasedDelivery, Redelivery, WebhookDelivery, WebhookOutbox,
+};
 use crate::provider::sandbox::{
     SandboxCheckout, SandboxCheckoutResult, SandboxCheckoutStatus, SandboxCheckouts,
 };
@@ -19,7 +22,9 @@ use crate::queue::{Delivery, JobQueue, QueueResult};
 use crate::telemetry::analytics::AnalyticsOutbox;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use payretry_domain::{AttemptNumber, DeadLetterId, PaymentSessionId, ProviderSessionId};
+use payretry_domain::{
+    AttemptNumber, DeadLetterId, DeliveryId, PaymentSessionId, ProviderSessionId,
+};
 use sqlx::{Database, Executor, Pool};
 use std::time::Duration;
 
@@ -68,6 +73,15 @@ pub(crate) trait Engine: AnalyticsOutbox + Send + Sync + 'static {
         lease: Duration,
         due_only: bool,
     ) -> StorageResult<Vec<Delivery>>;
+
+    /// Leases up to `max` merchant webhook deliveries due at `now` (ms) until `lease_end`
+    /// (ms), the most overdue first; concurrent claimers take disjoint rows.
+    async fn claim_webhooks(
+        &self,
+        now: i64,
+        lease_end: i64,
+        max: u32,
+    ) -> StorageResult<Vec<LeasedDelivery>>;
 }
 
 /// Rows a single statement outside a transaction touched.
@@ -304,6 +318,66 @@ where
         let now = to_millis(Utc::now());
         let writes = plan::settle_refund(session_id, attempt, settlement, audit, event_id, now);
         Ok(self.write(writes).await? == Committed::Applied)
+    }
+}
+
+#[async_trait]
+impl<E> WebhookOutbox for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
+    async fn claim_webhook_deliveries(
+        &self,
+        max: u32,
+        lease: Duration,
+    ) -> StorageResult<Vec<LeasedDelivery>> {
+        let now = to_millis(Utc::now());
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        self.claim_webhooks(now, now + lease_ms, max).await
+    }
+
+    async fn settle_webhook_delivery(
+        &self,
+        delivery: &LeasedDelivery,
+        outcome: &DeliveryOutcome,
+    ) -> StorageResult<bool> {
+        let settle = plan::settle_delivery(delivery, outcome, to_millis(Utc::now()));
+        Ok(self.write(vec![settle]).await? == Committed::Applied)
+    }
+
+    async fn next_webhook_due(&self) -> StorageResult<Option<DateTime<Utc>>> {
+        reads::next_webhook_due(self.reader()).await
+    }
+
+    async fn webhooks_written(&self) {
+        self.wakeups().webhooks_written().await;
+    }
+
+    async fn webhook_deliveries(
+        &self,
+        filter: &DeliveryFilter,
+        page: Page,
+    ) -> StorageResult<Paged<WebhookDelivery>> {
+        reads::webhook_deliveries(self.reader(), filter, page).await
+    }
+
+    async fn webhook_delivery(&self, id: DeliveryId) -> StorageResult<Option<WebhookDelivery>> {
+        reads::webhook_delivery(self.reader(), id).await
+    }
+
+    async fn redeliver_webhook(&self, id: DeliveryId) -> StorageResult<Redelivery> {
+        let queued = self
+            .write(vec![plan::redeliver(id, to_millis(Utc::now()))])
+            .await?;
+        if queued == Committed::Applied {
+            self.wakeups().webhooks_queued();
+            return Ok(Redelivery::Queued);
+        }
+        Ok(match reads::webhook_delivery(self.reader(), id).await? {
+            Some(_) => Redelivery::AlreadyPending,
+            None => Redelivery::NotFound,
+        })
     }
 }
 

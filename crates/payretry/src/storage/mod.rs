@@ -19,6 +19,7 @@
 //! statement ([`one_statement`]). Each keeps the few statements that truly differ (claims
 //! with `SKIP LOCKED`, array binds, idempotency claims).
 
+pub mod deliveries;
 mod engine;
 mod group_commit;
 mod one_statement;
@@ -31,6 +32,11 @@ pub mod sqlite;
 pub mod wakeups;
 
 use wakeups::Wakeups;
+
+pub use deliveries::{
+    DeliveryFilter, DeliveryOutcome, DeliveryStatus, LeasedDelivery, NewMerchantEvent, Redelivery,
+    WebhookDelivery, WebhookOutbox,
+};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -151,6 +157,8 @@ pub struct SessionRecord {
     pub updated_at: DateTime<Utc>,
     /// Incremented by every transition; the compare-and-set token.
     pub version: i64,
+    /// The `sequence` of the session's last merchant event (0: none yet).
+    pub event_sequence: i64,
     pub state: SessionState,
 }
 
@@ -447,6 +455,9 @@ pub struct Transition {
     pub idempotency: Option<IdempotencyCompletion>,
     /// Segment events describing this change (analytics outbox).
     pub analytics: Vec<AnalyticsEvent>,
+    /// Merchant events announcing this change (the webhook outbox), numbered on from the
+    /// session's [`SessionRecord::event_sequence`].
+    pub merchant_events: Vec<NewMerchantEvent>,
     /// A double payment this change detected, recorded for support (and a refund).
     pub duplicate_payment: Option<NewDuplicatePayment>,
     /// Provider checkouts nobody should pay any more, recorded to be closed (see
@@ -473,6 +484,7 @@ impl Transition {
             webhook_event_id: None,
             idempotency: None,
             analytics: Vec::new(),
+            merchant_events: Vec::new(),
             duplicate_payment: None,
             close_checkouts: Vec::new(),
             settles: None,
@@ -720,6 +732,7 @@ pub trait Storage:
     + DeadLetterStore
     + DuplicateStore
     + SecretStore
+    + WebhookOutbox
     + AnalyticsOutbox
     + SandboxCheckouts
     + Send

@@ -22,7 +22,7 @@ const RECORD_EVENT: &str = "INSERT INTO processed_webhook_events (event_id, proc
 const UPDATE_SESSION: &str = "UPDATE payment_sessions SET status = $1, failure_reason = $2,
         retry_attempts = $3, last_retry_at = $4, retry_reason = $5, next_retry_at = $6,
         current_attempt = $7, provider_session_id = $8, checkout_url = $9, paid_attempt = $10,
-        updated_at = $11, version = version + 1
+        updated_at = $11, version = version + 1, event_sequence = event_sequence + $14
      WHERE id = $12 AND version = $13";
 
 /// One row per session and duplicate attempt: another event about the same payment (a
@@ -90,6 +90,10 @@ const QUEUE_ANALYTICS: &str = "INSERT INTO analytics_events (message_id, payload
         next_attempt_at)
      VALUES ($1, $2, $3, $3) ON CONFLICT (message_id) DO NOTHING";
 
+const QUEUE_MERCHANT_EVENT: &str = "INSERT INTO webhook_deliveries (event_id, session_id,
+        event_type, sequence, body, next_attempt_at, created_at, updated_at)
+     VALUES ($1, $2, $3, $4, $5, $6, $6, $6)";
+
 const INSERT_SESSION: &str = "INSERT INTO payment_sessions (id, buyer_id, status, amount,
         currency, description, metadata, current_attempt, provider_session_id, checkout_url,
         expires_at, created_at, updated_at)
@@ -127,6 +131,7 @@ pub(crate) fn transition(t: &Transition, now: i64) -> StorageResult<Vec<Write>> 
                 now.into(),
                 session.into(),
                 t.expected_version.into(),
+                i64::try_from(t.merchant_events.len()).unwrap_or(0).into(),
             ],
         )
         .or(IfNone::Stop(Committed::Conflict)),
@@ -199,6 +204,19 @@ pub(crate) fn transition(t: &Transition, now: i64) -> StorageResult<Vec<Write>> 
             [
                 event.message_id.as_str().into(),
                 event.payload.to_string().into(),
+                now.into(),
+            ],
+        )
+    }));
+    writes.extend(t.merchant_events.iter().map(|event| {
+        Write::new(
+            QUEUE_MERCHANT_EVENT,
+            [
+                event.event_id.as_str().into(),
+                session.into(),
+                event.event_type.as_str().into(),
+                event.sequence.into(),
+                event.body.as_str().into(),
                 now.into(),
             ],
         )
@@ -546,6 +564,59 @@ pub(crate) fn purge(before: i64) -> [Write; 2] {
     ]
 }
 
+/// Written only while the row still holds the lease it was claimed with (`$7`), and only for
+/// a pending row, so a relay whose lease ran out writes nothing.
+const SETTLE_DELIVERY: &str = "UPDATE webhook_deliveries SET status = $1, attempts = attempts + 1,
+        next_attempt_at = $2, last_error = $3, delivered_at = $4, redelivery = 0,
+        updated_at = $5
+     WHERE id = $6 AND next_attempt_at = $7 AND status = 'pending'";
+
+/// A failed or delivered delivery, due again at once for one try.
+const REDELIVER: &str = "UPDATE webhook_deliveries SET status = 'pending', next_attempt_at = $1,
+        redelivery = 1, updated_at = $1
+     WHERE id = $2 AND status IN ('failed', 'delivered')";
+
+/// Records the `outcome` of the leased try of `delivery`, at `now` (ms). Touching no row means
+/// the lease was lost ([`Committed::Conflict`]).
+pub(crate) fn settle_delivery(
+    delivery: &super::LeasedDelivery,
+    outcome: &super::DeliveryOutcome,
+    now: i64,
+) -> Write {
+    use super::{DeliveryOutcome, DeliveryStatus};
+    let (status, next, error, delivered_at) = match outcome {
+        DeliveryOutcome::Delivered => (DeliveryStatus::Delivered, now, None, Some(now)),
+        DeliveryOutcome::Retry { at, error } => (
+            DeliveryStatus::Pending,
+            to_millis(*at),
+            Some(error.as_str()),
+            None,
+        ),
+        DeliveryOutcome::Failed { error } => {
+            (DeliveryStatus::Failed, now, Some(error.as_str()), None)
+        }
+    };
+    Write::new(
+        SETTLE_DELIVERY,
+        [
+            status.as_str().into(),
+            next.into(),
+            error.into(),
+            delivered_at.into(),
+            now.into(),
+            delivery.id.get().into(),
+            delivery.lease.into(),
+        ],
+    )
+    .or(IfNone::Stop(Committed::Conflict))
+}
+
+/// Queues delivery `id` again at `now` (ms); touching no row means it is pending already or
+/// does not exist ([`Committed::Conflict`]).
+pub(crate) fn redeliver(id: payretry_domain::DeliveryId, now: i64) -> Write {
+    Write::new(REDELIVER, [now.into(), id.get().into()]).or(IfNone::Stop(Committed::Conflict))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -624,6 +695,12 @@ mod tests {
                 message_id: "m1".into(),
                 payload: json!({"event": "x"}),
             }],
+            merchant_events: vec![super::super::NewMerchantEvent {
+                event_id: "msg_ps_1_8".into(),
+                event_type: payretry_domain::merchant_event::MerchantEventType::Failed,
+                sequence: 8,
+                body: "{}".into(),
+            }],
             duplicate_payment: Some(NewDuplicatePayment {
                 paid_attempt: AttemptNumber::new(0),
                 duplicate_attempt: AttemptNumber::new(1),
@@ -682,6 +759,22 @@ mod tests {
             Some("evt_2"),
             NOW,
         ));
+        let leased = super::super::LeasedDelivery {
+            id: payretry_domain::DeliveryId::parse("3").unwrap(),
+            event_id: "msg_ps_1_1".into(),
+            body: "{}".into(),
+            attempts: 1,
+            redelivery: false,
+            created_at: Utc.timestamp_millis_opt(NOW).unwrap(),
+            lease: NOW + 25_000,
+        };
+        for outcome in [
+            super::super::DeliveryOutcome::Delivered,
+            super::super::DeliveryOutcome::Failed { error: "500".into() },
+        ] {
+            writes.push(settle_delivery(&leased, &outcome, NOW));
+        }
+        writes.push(redeliver(leased.id, NOW));
         for write in &writes {
             assert_eq!(placeholders(write.sql), write.args.len(), "{}", write.sql);
         }
@@ -694,10 +787,11 @@ mod tests {
         assert_eq!(writes[0].if_none, IfNone::Stop(Committed::DuplicateEvent));
         assert_eq!(writes[1].sql, UPDATE_SESSION);
         assert_eq!(writes[1].if_none, IfNone::Stop(Committed::Conflict));
+        assert_eq!(writes[1].args[12], Arg::from(7), "the version compared");
         assert_eq!(
-            writes[1].args.last(),
-            Some(&Arg::from(7)),
-            "the version compared"
+            writes[1].args[13],
+            Arg::from(1),
+            "the sequence advanced by the events written"
         );
         assert_eq!(
             writes[1].args[11],
@@ -720,7 +814,8 @@ mod tests {
         assert_eq!(count(REMOVE_DEAD_LETTER), 1);
         assert_eq!(count(STORE_RESPONSE), 1);
         assert_eq!(count(QUEUE_ANALYTICS), 1);
-        assert_eq!(writes.len(), 14);
+        assert_eq!(count(QUEUE_MERCHANT_EVENT), 1);
+        assert_eq!(writes.len(), 15);
     }
 
     #[test]
@@ -744,6 +839,7 @@ mod tests {
         for sql in [
             SCHEDULE_CLOSURE,
             QUEUE_ANALYTICS,
+            QUEUE_MERCHANT_EVENT,
             DELETE_DELIVERED_JOB,
             UPSERT_ATTEMPT,
         ] {
@@ -762,6 +858,7 @@ mod tests {
         t.redrive = None;
         t.idempotency = None;
         t.analytics.clear();
+        t.merchant_events.clear();
         t.duplicate_payment = None;
         t.close_checkouts.clear();
         t.settles = None;

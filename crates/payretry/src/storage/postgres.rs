@@ -260,6 +260,33 @@ impl Engine for PostgresStorage {
             .map(|row| rows::delivery(row, locked_until))
             .collect()
     }
+
+    async fn claim_webhooks(
+        &self,
+        now: i64,
+        lease_end: i64,
+        max: u32,
+    ) -> StorageResult<Vec<LeasedDelivery>> {
+        // As `claim_jobs`: one statement, a CTE locked with SKIP LOCKED, so relays in other
+        // processes take other rows without waiting.
+        let claimed = sqlx::query(
+            "WITH claimed AS (
+                SELECT id FROM webhook_deliveries
+                WHERE status = 'pending' AND next_attempt_at <= $2
+                ORDER BY next_attempt_at LIMIT $3
+                FOR UPDATE SKIP LOCKED)
+             UPDATE webhook_deliveries SET next_attempt_at = $1
+             FROM claimed WHERE webhook_deliveries.id = claimed.id
+             RETURNING webhook_deliveries.id, event_id, body, attempts, redelivery, created_at,
+                next_attempt_at",
+        )
+        .bind(lease_end)
+        .bind(now)
+        .bind(i64::from(max))
+        .fetch_all(&self.pool)
+        .await?;
+        claimed.iter().map(rows::leased_delivery).collect()
+    }
 }
 
 /// The shared provider budget's schedule: one row per provider, changed under its lock in a

@@ -291,3 +291,70 @@ where
     };
     Ok((session, rows::idempotency_record(&row, "key_")?))
 }
+
+/// The columns the admin routes show of a delivery.
+macro_rules! delivery_columns {
+    () => {
+        "SELECT id, event_id, session_id, event_type, sequence, status, attempts, last_error,
+            next_attempt_at, created_at, delivered_at FROM webhook_deliveries"
+    };
+}
+
+/// One page of merchant webhook deliveries, oldest first. Each filter has its own statement,
+/// so each is an index lookup (`webhook_deliveries_by_status`, the `(session_id, sequence)`
+/// key) rather than one plan for every combination.
+pub(crate) async fn webhook_deliveries<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    filter: &super::DeliveryFilter,
+    page: Page,
+) -> StorageResult<Paged<super::WebhookDelivery>> {
+    const ALL: &str = concat!(delivery_columns!(), " WHERE id > $1 ORDER BY id LIMIT $2");
+    const BY_STATUS: &str = concat!(
+        delivery_columns!(),
+        " WHERE status = $3 AND id > $1 ORDER BY status, id LIMIT $2"
+    );
+    /// A session has a handful of events: its key finds them, the status filters them.
+    const BY_SESSION: &str = concat!(
+        delivery_columns!(),
+        " WHERE session_id = $3 AND ($4 = '' OR status = $4) AND id > $1 ORDER BY id LIMIT $2"
+    );
+    let mut args = vec![page.after_id().into(), page.fetch().into()];
+    let status = filter.status.map(super::DeliveryStatus::as_str);
+    let sql = match (&filter.session, status) {
+        (Some(session), status) => {
+            args.push(session.as_str().into());
+            args.push(status.unwrap_or("").into());
+            BY_SESSION
+        }
+        (None, Some(status)) => {
+            args.push(status.into());
+            BY_STATUS
+        }
+        (None, None) => ALL,
+    };
+    let rows = fetch_all(db, sql, &args, rows::webhook_delivery).await?;
+    Ok(Paged::from_rows(page, rows))
+}
+
+pub(crate) async fn webhook_delivery<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    id: payretry_domain::DeliveryId,
+) -> StorageResult<Option<super::WebhookDelivery>> {
+    const SQL: &str = concat!(delivery_columns!(), " WHERE id = $1");
+    let found = fetch_optional(db, SQL, &[id.get().into()], rows::webhook_delivery).await?;
+    Ok(found.map(|(_, delivery)| delivery))
+}
+
+/// When the next pending delivery is due (a leased one: when its lease ends).
+pub(crate) async fn next_webhook_due<'e>(
+    db: impl Executor<'e, Database: Backend>,
+) -> StorageResult<Option<DateTime<Utc>>> {
+    let next = fetch_optional(
+        db,
+        "SELECT MIN(next_attempt_at) AS next FROM webhook_deliveries WHERE status = 'pending'",
+        &[],
+        |row| row.opt_int("next"),
+    )
+    .await?;
+    opt_time(next.flatten())
+}

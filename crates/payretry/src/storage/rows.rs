@@ -68,6 +68,7 @@ pub(crate) fn session(row: &impl Columns) -> StorageResult<SessionRecord> {
         created_at: from_millis(row.int("created_at")?)?,
         updated_at: from_millis(row.int("updated_at")?)?,
         version: row.int("version")?,
+        event_sequence: row.int("event_sequence")?,
         state: SessionState {
             status: row.text("status")?.parse().map_err(corrupt)?,
             failure_reason: reason(row, "failure_reason")?,
@@ -180,5 +181,42 @@ pub(crate) fn delivery(row: &impl Columns, locked_until: i64) -> StorageResult<D
         receipt: format!("{id}:{locked_until}"),
         receive_count: count(row, "receive_count")?,
         first_delivered_at: super::from_millis(row.int("first_delivered_at")?)?,
+    })
+}
+
+/// A `webhook_deliveries` row as the admin routes show it, with its id.
+pub(crate) fn webhook_delivery(row: &impl Columns) -> StorageResult<(i64, super::WebhookDelivery)> {
+    let id = row.int("id")?;
+    let status = super::DeliveryStatus::parse(&row.text("status")?)
+        .ok_or_else(|| corrupt("delivery status"))?;
+    let delivery = super::WebhookDelivery {
+        id: payretry_domain::DeliveryId::from_row(id).map_err(corrupt)?,
+        event_id: row.text("event_id")?,
+        event_type: row.text("event_type")?,
+        session_id: session_id(row, "session_id")?,
+        sequence: row.int("sequence")?,
+        status,
+        attempts: count(row, "attempts")?,
+        last_error: row.opt_text("last_error")?,
+        next_attempt_at: match status {
+            super::DeliveryStatus::Pending => Some(from_millis(row.int("next_attempt_at")?)?),
+            _ => None,
+        },
+        created_at: from_millis(row.int("created_at")?)?,
+        delivered_at: opt_time(row.opt_int("delivered_at")?)?,
+    };
+    Ok((id, delivery))
+}
+
+/// A `webhook_deliveries` row a relay just leased; `next_attempt_at` holds the lease's end.
+pub(crate) fn leased_delivery(row: &impl Columns) -> StorageResult<super::LeasedDelivery> {
+    Ok(super::LeasedDelivery {
+        id: payretry_domain::DeliveryId::from_row(row.int("id")?).map_err(corrupt)?,
+        event_id: row.text("event_id")?,
+        body: row.text("body")?,
+        attempts: count(row, "attempts")?,
+        redelivery: row.int("redelivery")? != 0,
+        created_at: from_millis(row.int("created_at")?)?,
+        lease: row.int("next_attempt_at")?,
     })
 }

@@ -73,6 +73,14 @@ const CLAIM_JOBS: &str =
         ORDER BY run_at LIMIT $4)
      RETURNING id, payload, receive_count, first_delivered_at";
 
+/// Leases up to `$3` merchant webhook deliveries due by `$2` until `$1`.
+const CLAIM_WEBHOOKS: &str = "UPDATE webhook_deliveries SET next_attempt_at = $1
+     WHERE id IN (
+        SELECT id FROM webhook_deliveries
+        WHERE status = 'pending' AND next_attempt_at <= $2
+        ORDER BY next_attempt_at LIMIT $3)
+     RETURNING id, event_id, body, attempts, redelivery, created_at, next_attempt_at";
+
 /// The idempotency record of `scope`, if any.
 async fn idempotency_record<'c>(
     conn: impl sqlx::SqliteExecutor<'c>,
@@ -200,6 +208,23 @@ impl Engine for SqliteStorage {
             .run(move |conn| {
                 let claimed = group_commit::query(conn, CLAIM_JOBS, &args, |row| {
                     rows::delivery(row, locked_until)
+                })?;
+                Ok((claimed, true))
+            })
+            .await
+    }
+
+    async fn claim_webhooks(
+        &self,
+        now: i64,
+        lease_end: i64,
+        max: u32,
+    ) -> StorageResult<Vec<LeasedDelivery>> {
+        let args = [lease_end.into(), now.into(), i64::from(max).into()];
+        self.committer
+            .run(move |conn| {
+                let claimed = group_commit::query(conn, CLAIM_WEBHOOKS, &args, |row| {
+                    rows::leased_delivery(row)
                 })?;
                 Ok((claimed, true))
             })

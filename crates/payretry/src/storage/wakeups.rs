@@ -21,6 +21,8 @@ pub struct Wakeups {
     outbox_written: Notify,
     /// Segment events were written to the analytics outbox.
     analytics_written: Notify,
+    /// Merchant events were written to the webhook outbox.
+    webhooks_written: Notify,
     /// A double payment was recorded with a refund owed (the refund runner makes the call).
     refund_owed: Notify,
     /// Checkouts were recorded for closing (the sweeper closes them).
@@ -39,6 +41,9 @@ impl Wakeups {
         }
         if !t.analytics.is_empty() {
             self.analytics_written.notify_one();
+        }
+        if !t.merchant_events.is_empty() {
+            self.webhooks_written.notify_one();
         }
         if t.duplicate_payment
             .as_ref()
@@ -70,6 +75,15 @@ impl Wakeups {
 
     pub async fn analytics_written(&self) {
         self.analytics_written.notified().await;
+    }
+
+    /// A delivery was queued again outside a transition (an admin's redelivery).
+    pub fn webhooks_queued(&self) {
+        self.webhooks_written.notify_one();
+    }
+
+    pub async fn webhooks_written(&self) {
+        self.webhooks_written.notified().await;
     }
 
     pub async fn refund_owed(&self) {

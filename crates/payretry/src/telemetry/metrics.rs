@@ -14,6 +14,8 @@ pub const ABANDONED_COUNT: &str = "payments.retry.abandoned_count";
 pub const DEAD_LETTER_COUNT: &str = "payments.retry.dead_letter_count";
 pub const SCHEDULE_LAG_SECONDS: &str = "payments.retry.schedule_lag_seconds";
 pub const DOUBLE_PAYMENT_COUNT: &str = "payments.retry.double_payment_count";
+pub const WEBHOOK_DELIVERY_COUNT: &str = "payments.webhook.delivery_count";
+pub const WEBHOOK_DELIVERY_LAG_SECONDS: &str = "payments.webhook.delivery_lag_seconds";
 
 /// The most retries a policy may allow (`PAYRETRY_MAX_ATTEMPTS` is at most 20).
 const MAX_TAGGED_ATTEMPT: u32 = 20;
@@ -88,6 +90,35 @@ pub fn double_payment_detected(duplicate_attempt: AttemptNumber) {
 /// How late the worker picked a job, relative to when it was due.
 pub fn schedule_lag(seconds: f64) {
     metrics::histogram!(SCHEDULE_LAG_SECONDS).record(seconds.max(0.0));
+}
+
+/// How one try of a merchant webhook delivery ended (the `outcome` tag).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WebhookOutcome {
+    Delivered,
+    /// Not accepted; another try is scheduled.
+    Retried,
+    /// Not accepted, and no try is left.
+    Failed,
+}
+
+impl WebhookOutcome {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Retried => "retried",
+            Self::Failed => "failed",
+        }
+    }
+}
+
+/// A merchant webhook try ended; a delivered event also records how long after its state
+/// change it was delivered.
+pub fn webhook_delivery(outcome: WebhookOutcome, lag_seconds: Option<f64>) {
+    metrics::counter!(WEBHOOK_DELIVERY_COUNT, "outcome" => outcome.as_str()).increment(1);
+    if let Some(lag) = lag_seconds {
+        metrics::histogram!(WEBHOOK_DELIVERY_LAG_SECONDS).record(lag.max(0.0));
+    }
 }
 
 /// Installs the process-wide recorder once: Prometheus always (for `/metrics`), fanned out
