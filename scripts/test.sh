@@ -53,12 +53,17 @@ if ! psql "$PAYRETRY_TEST_POSTGRES_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
 fi
 echo "reachable: $PAYRETRY_TEST_POSTGRES_URL"
 
-section "moto SQS server"
+section "moto SQS server, standardwebhooks"
 venv="${PAYRETRY_VENV:-$HOME/.cache/payretry-venv}"
 if [ ! -x "$venv/bin/moto_server" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
 fi
+# The Standard Webhooks reference library verifies every merchant event the tests receive.
+if ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check standardwebhooks
+fi
+export PAYRETRY_TEST_PYTHON="$venv/bin/python"
 moto_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # Through scripts/moto_sqs.py: moto with its message deletion and receipt made thread-safe.
 "$venv/bin/python" scripts/moto_sqs.py -H 127.0.0.1 -p "$moto_port" >"${TMPDIR:-/tmp}/payretry-moto-$moto_port.log" 2>&1 &

@@ -770,7 +770,9 @@ mod tests {
         };
         for outcome in [
             super::super::DeliveryOutcome::Delivered,
-            super::super::DeliveryOutcome::Failed { error: "500".into() },
+            super::super::DeliveryOutcome::Failed {
+                error: "500".into(),
+            },
         ] {
             writes.push(settle_delivery(&leased, &outcome, NOW));
         }

@@ -16,6 +16,7 @@ mod dogstatsd;
 mod double_payment;
 mod http_contract;
 mod logs;
+mod merchant_events;
 mod postgres_plans;
 mod provider_budget;
 mod queue_conformance;

@@ -312,6 +312,23 @@ impl TestApp {
         body[field].as_array().expect(field).clone()
     }
 
+    /// Polls `/admin/webhook-deliveries{query}` until its first delivery is `status` (20 s
+    /// at most), and returns that delivery.
+    pub async fn wait_until_delivery(&self, query: &str, status: &str) -> Value {
+        let path = format!("/admin/webhook-deliveries{query}");
+        let mut last = Vec::new();
+        for _ in 0..400 {
+            last = self.admin_list(&path, "deliveries").await;
+            if let Some(first) = last.first()
+                && first["status"] == status
+            {
+                return first.clone();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no delivery of {path} became {status}; last {last:?}");
+    }
+
     /// The session's audit entries, oldest first, as an admin reads them: every page,
     /// followed to the end.
     pub async fn audit_entries(&self, id: &str) -> Vec<Value> {

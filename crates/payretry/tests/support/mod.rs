@@ -4,5 +4,6 @@
 pub mod app;
 pub mod fake_segment;
 pub mod fake_stripe;
+pub mod merchant_receiver;
 pub mod process;
 pub mod services;
