@@ -21,6 +21,9 @@ use std::time::Duration;
 use support::app::{declined_event, paid_event, paid_event_with_intent};
 use support::fake_segment::FakeSegment;
 use support::fake_stripe::{FakeStripe, TEST_SECRET_KEY};
+use support::merchant_receiver::{
+    MerchantReceiver, distinct_accepted, verify_with_reference_library,
+};
 use support::process::ServeProcess;
 use support::services;
 
@@ -567,4 +570,78 @@ async fn a_crash_inside_a_group_commit_answers_no_caller_and_loses_none() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_after_a_group_commit_before_its_answers_loses_none_and_repeats_none() {
     crash_in_group_commit("sqlite-group-commit-after-commit").await;
+}
+
+/// A scenario whose merchant events go to `receiver`, each try given 1 s (so a lease left by
+/// a crashed relay runs out 7 s later).
+async fn merchant_scenario(receiver: &MerchantReceiver) -> Scenario {
+    Scenario::new(&[
+        ("PAYRETRY_MERCHANT_WEBHOOK_URL", receiver.url.clone()),
+        ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", merchant_secret()),
+        ("PAYRETRY_MERCHANT_WEBHOOK_TIMEOUT", "1s".to_owned()),
+        ("PAYRETRY_MERCHANT_WEBHOOK_RETRY_DELAYS", "1s".to_owned()),
+    ])
+    .await
+}
+
+fn merchant_secret() -> String {
+    payretry::merchant_events::signature::SigningKey::encode(&[42; 32])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_between_a_state_change_and_its_merchant_event_loses_no_event() {
+    let receiver = MerchantReceiver::start().await;
+    let s = merchant_scenario(&receiver).await;
+    let mut first = s.start("first", Some("webhook-before-send")).await;
+    let id = s.create(&first).await;
+    s.event(&first, &declined_event(&id, 0, "insufficient_funds"))
+        .await
+        .unwrap();
+    assert_crashed(&mut first, "webhook-before-send").await;
+    assert!(receiver.received().is_empty(), "nothing was sent");
+
+    let second = s.start("second", None).await;
+    let received = receiver.wait_for_accepted(1, Duration::from_secs(30)).await;
+    assert_eq!(received.len(), 1, "delivered once, after the lease ran out");
+    assert_eq!(received[0].id, format!("msg_{id}_1"));
+    let bodies = verify_with_reference_library(&received, &[&merchant_secret()]);
+    assert_eq!(bodies[0]["type"], "payment_session.failed");
+    assert_eq!(bodies[0]["data"]["sessionId"], id.as_str());
+    drop(second);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_receiver_accepted_repeats_only_that_event_under_its_id() {
+    let receiver = MerchantReceiver::start().await;
+    let s = merchant_scenario(&receiver).await;
+    let mut first = s.start("first", Some("webhook-after-delivered")).await;
+    let id = s.create(&first).await;
+    s.event(&first, &declined_event(&id, 0, "insufficient_funds"))
+        .await
+        .unwrap();
+    assert_crashed(&mut first, "webhook-after-delivered").await;
+    assert_eq!(receiver.received().len(), 1, "accepted before the crash");
+
+    let second = s.start("second", None).await;
+    s.retry(&second, &id).await;
+    s.wait_for(&second, &id, "open").await;
+    let received = receiver
+        .wait_until(
+            "the repeat and the retry's events",
+            Duration::from_secs(30),
+            |r| distinct_accepted(r) == 3 && r.len() >= 4,
+        )
+        .await;
+    verify_with_reference_library(&received, &[&merchant_secret()]);
+    let mut copies: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for r in &received {
+        copies.entry(r.id.clone()).or_default().push(r.body.clone());
+    }
+    let repeated = &copies[&format!("msg_{id}_1")];
+    assert_eq!(repeated.len(), 2, "the event in flight at the crash, again");
+    assert_eq!(repeated[0], repeated[1], "with the same body");
+    for n in [2, 3] {
+        assert_eq!(copies[&format!("msg_{id}_{n}")].len(), 1, "{copies:?}");
+    }
+    assert_eq!(copies.len(), 3);
 }

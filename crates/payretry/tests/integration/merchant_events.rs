@@ -476,3 +476,95 @@ async fn events_are_delivered_from_postgres_with_the_same_fields() {
     assert_envelopes(&events, "buyer-1");
     assert_eq!(distinct_accepted(&received), 3);
 }
+
+/// The delivered count in a process's `/metrics`.
+async fn delivered_by(base: &str) -> u64 {
+    let metrics = reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix("payments_webhook_delivery_count{outcome=\"delivered\"} ")
+                .map(|n| n.parse().unwrap())
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_relay_processes_on_postgres_deliver_each_event_once() {
+    const EVENTS: usize = 60;
+    let receiver = MerchantReceiver::start().await;
+    // Each answer takes half a second: one relay (16 tries at a time) cannot take the whole
+    // backlog before the other looks.
+    receiver.answer_always(Answer::Slow(Duration::from_millis(500)));
+    let secrets = [secret(10)];
+    let mut options = options(&receiver, &secrets, "1s");
+    options.database = Database::Postgres;
+    options.role = payretry::app::ServeRole::Api;
+    let vars = options.vars.clone();
+    let app = TestApp::spawn_with(options).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut env: Vec<(String, String)> = vars
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+        .collect();
+    env.extend([
+        ("PAYRETRY_DATABASE_URL".to_owned(), app.db.url.clone()),
+        (
+            "STRIPE_WEBHOOK_SECRET".to_owned(),
+            crate::support::app::WEBHOOK_SECRET.to_owned(),
+        ),
+        (
+            "PAYRETRY_JWT_SECRET".to_owned(),
+            crate::support::app::JWT_SECRET.to_owned(),
+        ),
+    ]);
+    let mut other = crate::support::process::ServeProcess::spawn(
+        env!("CARGO_BIN_EXE_payretry"),
+        &["serve", "--role", "api"],
+        &env,
+        dir.path(),
+        "second-relay",
+    );
+    other.wait_ready().await;
+
+    let buyer = app.buyer();
+    let mut ids = Vec::new();
+    for _ in 0..EVENTS {
+        ids.push(app.declined_session(&buyer).await.id);
+    }
+    let received = receiver
+        .wait_for_accepted(EVENTS, Duration::from_secs(60))
+        .await;
+    verify_with_reference_library(&received, &[&secrets[0]]);
+    let mut copies: HashMap<&str, usize> = HashMap::new();
+    for r in &received {
+        *copies.entry(r.id.as_str()).or_default() += 1;
+    }
+    assert_eq!(copies.len(), EVENTS);
+    assert!(
+        copies.values().all(|n| *n == 1),
+        "an event was delivered twice: {copies:?}"
+    );
+    for id in &ids {
+        assert!(copies.contains_key(format!("msg_{id}_1").as_str()), "{id}");
+    }
+    // The receiver records a try when it arrives; its relay counts it once answered.
+    let deadline = Instant::now() + WAIT;
+    let split = loop {
+        let split = (delivered_by(&app.base).await, delivered_by(&other.base).await);
+        if split.0 + split.1 >= EVENTS as u64 || Instant::now() > deadline {
+            break split;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(split.0 + split.1, EVENTS as u64, "{split:?}");
+    assert!(
+        split.0 > 0 && split.1 > 0,
+        "both relays delivered: {split:?}"
+    );
+}
