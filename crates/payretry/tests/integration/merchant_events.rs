@@ -556,7 +556,10 @@ async fn two_relay_processes_on_postgres_deliver_each_event_once() {
     // The receiver records a try when it arrives; its relay counts it once answered.
     let deadline = Instant::now() + WAIT;
     let split = loop {
-        let split = (delivered_by(&app.base).await, delivered_by(&other.base).await);
+        let split = (
+            delivered_by(&app.base).await,
+            delivered_by(&other.base).await,
+        );
         if split.0 + split.1 >= EVENTS as u64 || Instant::now() > deadline {
             break split;
         }

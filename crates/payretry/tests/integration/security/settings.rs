@@ -72,3 +72,45 @@ fn retry_delays_keep_a_floor() {
         "PAYRETRY_RETRY_DELAYS",
     );
 }
+
+#[test]
+fn merchant_webhook_settings_are_checked_before_start_up() {
+    let secret = payretry::merchant_events::signature::SigningKey::encode(&[5; 32]);
+    let url = (
+        "PAYRETRY_MERCHANT_WEBHOOK_URL",
+        "https://orders.example/hooks",
+    );
+    let key = ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", secret.as_str());
+    assert_refused(&[url], "PAYRETRY_MERCHANT_WEBHOOK_SECRET");
+    assert_refused(&[key], "PAYRETRY_MERCHANT_WEBHOOK_URL");
+    for bad in ["orders.example/hooks", "ftp://orders.example", "https://"] {
+        assert_refused(
+            &[("PAYRETRY_MERCHANT_WEBHOOK_URL", bad), key],
+            "PAYRETRY_MERCHANT_WEBHOOK_URL",
+        );
+    }
+    for bad in [
+        "shh",
+        "whsec_not base64",
+        "whsec_c2hvcnQ=",
+        &format!("{secret},x"),
+    ] {
+        let (code, lines) = start_with(&[url, ("PAYRETRY_MERCHANT_WEBHOOK_SECRET", bad)]);
+        assert_eq!(code, Some(2), "{lines:?}");
+        assert!(
+            lines[0]
+                .starts_with("payretry: configuration error: PAYRETRY_MERCHANT_WEBHOOK_SECRET: "),
+            "{lines:?}"
+        );
+        assert!(
+            !lines[0].contains(&secret[6..]),
+            "no secret echoed: {lines:?}"
+        );
+    }
+    for (var, bad) in [
+        ("PAYRETRY_MERCHANT_WEBHOOK_RETRY_DELAYS", "5s,soon"),
+        ("PAYRETRY_MERCHANT_WEBHOOK_TIMEOUT", "0s"),
+    ] {
+        assert_refused(&[url, key, (var, bad)], var);
+    }
+}
