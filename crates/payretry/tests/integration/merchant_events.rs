@@ -571,3 +571,21 @@ async fn two_relay_processes_on_postgres_deliver_each_event_once() {
         "both relays delivered: {split:?}"
     );
 }
+
+#[tokio::test]
+async fn without_a_receiver_no_delivery_rows_pile_up() {
+    let app = TestApp::spawn().await;
+    let buyer = app.buyer();
+    let id = app.declined_session(&buyer).await.id;
+    assert_eq!(app.retry(&buyer, &id, "n1").await.status(), 202);
+    app.wait_for_status(&id, "open").await;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM webhook_deliveries").await,
+        0
+    );
+    assert_eq!(
+        app.count("SELECT MAX(event_sequence) FROM payment_sessions")
+            .await,
+        0
+    );
+}
