@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Browser tests of the buyer's /pay page and the sandbox checkout, in headless Chromium
-# driven by playwright-core (no browser download: Debian's chromium is used).
+# Browser tests of the buyer's /pay page, the sandbox checkout and the operator console
+# (/admin), in headless Chromium, driven by playwright-core (no browser download: Debian's
+# chromium is used), with axe-core checking accessibility in the console.
 #
 #   tests/browser/run.sh
 #
@@ -69,4 +70,4 @@ else
 fi
 
 export CHROMIUM="$chromium"
-exec node --test --test-concurrency=1 --test-reporter=spec "$here/story.spec.mjs"
+exec node --test --test-concurrency=1 --test-reporter=spec "$here/story.spec.mjs" "$here/console.spec.mjs"

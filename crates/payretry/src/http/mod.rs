@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod client_ip;
+pub mod console;
 pub mod error;
 pub mod form;
 pub mod health;
@@ -198,6 +199,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(webhook_deliveries::router())
         .merge(pay_page::router())
+        .merge(console::router())
         .merge(match &state.sandbox {
             Some(pages) => sandbox::router(pages.clone(), &state),
             None => Router::new(),
