@@ -3,6 +3,7 @@
 //! the outcome; no business rule lives here.
 
 pub mod admin;
+pub mod admin_sessions;
 pub mod auth;
 pub mod client_ip;
 pub mod console;
@@ -16,6 +17,7 @@ pub mod pagination;
 pub mod pay_page;
 pub mod payments;
 pub mod rate_limit;
+pub mod retry_stats;
 pub mod sandbox;
 pub mod server;
 pub mod webhook_deliveries;
@@ -198,6 +200,8 @@ pub fn router(state: AppState) -> Router {
         .merge(webhooks::router())
         .merge(admin::router())
         .merge(webhook_deliveries::router())
+        .merge(admin_sessions::router())
+        .merge(retry_stats::router())
         .merge(pay_page::router())
         .merge(console::router())
         .merge(match &state.sandbox {

@@ -9,6 +9,8 @@
 //! - [`expiry`]: closing sessions whose window passed.
 //! - [`dead_letters`]: listing and redriving jobs that kept failing.
 //! - [`duplicates`]: double payments for support, and refunding them.
+//! - [`sessions`] and [`funnel`]: what the operator console reads: sessions newest first,
+//!   and the retry funnel.
 //! - [`views`]: the status and retry objects of the HTTP contract.
 //!
 //! What each operation does to a session is decided by the domain's lifecycle rules
@@ -21,8 +23,10 @@ pub mod deliveries;
 pub mod duplicates;
 pub mod events;
 pub mod expiry;
+pub mod funnel;
 pub(crate) mod record;
 pub mod retry;
+pub mod sessions;
 pub mod views;
 
 use crate::provider::{PaymentProvider, ProviderError};

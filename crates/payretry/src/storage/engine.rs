@@ -12,6 +12,7 @@ use super::{
     SessionRecord, SessionStore, Storage, StorageResult, Transition, corrupt, plan, reads,
     to_millis,
 };
+use super::{ConsoleReads, FunnelRow, SessionFilter, SessionKey, SessionPage};
 use super::{
     DeliveryFilter, DeliveryOutcome, LeasedDelivery, Redelivery, WebhookDelivery, WebhookOutbox,
 };
@@ -378,6 +379,29 @@ where
             Some(_) => Redelivery::AlreadyPending,
             None => Redelivery::NotFound,
         })
+    }
+}
+
+#[async_trait]
+impl<E> ConsoleReads for E
+where
+    E: Engine + SandboxCheckouts,
+    for<'c> &'c mut <E::Db as Database>::Connection: Executor<'c, Database = E::Db>,
+{
+    async fn sessions(
+        &self,
+        filter: &SessionFilter,
+        page: &SessionPage,
+    ) -> StorageResult<Paged<SessionRecord, SessionKey>> {
+        reads::sessions(self.reader(), filter, page).await
+    }
+
+    async fn retry_funnel(
+        &self,
+        since: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> StorageResult<Vec<FunnelRow>> {
+        reads::retry_funnel(self.reader(), since, until).await
     }
 }
 

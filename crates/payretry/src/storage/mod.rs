@@ -14,11 +14,15 @@
 //! - [`engine`]: [`Storage`], the embedded queue and the sandbox checkouts, once over an
 //!   engine that says how a transaction's writes are committed and where reads go.
 //!
+//! The roles beside [`Storage`]'s own: [`deliveries`] (merchant webhook deliveries) and
+//! [`console`] (what the operator console reads).
+//!
 //! [`sqlite`] and [`postgres`] are those engines. SQLite commits every write on one thread,
 //! several callers to a commit ([`group_commit`]); PostgreSQL sends a transition as one
 //! statement ([`one_statement`]). Each keeps the few statements that truly differ (claims
 //! with `SKIP LOCKED`, array binds, idempotency claims).
 
+pub mod console;
 pub mod deliveries;
 mod engine;
 mod group_commit;
@@ -33,6 +37,7 @@ pub mod wakeups;
 
 use wakeups::Wakeups;
 
+pub use console::{ConsoleReads, FunnelCounts, FunnelRow, SessionFilter, SessionKey, SessionPage};
 pub use deliveries::{
     DeliveryFilter, DeliveryOutcome, DeliveryStatus, LeasedDelivery, NewMerchantEvent, Redelivery,
     WebhookDelivery, WebhookOutbox,
@@ -224,23 +229,33 @@ impl Page {
     }
 }
 
-/// One page of a list, and the id to continue after when another page follows.
+/// One page of a list, and the key to continue after when another page follows: the id of
+/// the last row for lists paged by id ([`Page`]), another key for the others (such as
+/// [`SessionKey`]).
 #[derive(Debug, Clone, PartialEq)]
-pub struct Paged<T> {
+pub struct Paged<T, K = i64> {
     pub items: Vec<T>,
-    /// The id of the last item here when more rows follow; `None` on the last page.
-    pub next: Option<i64>,
+    /// The key of the last item here when more rows follow; `None` on the last page.
+    pub next: Option<K>,
 }
 
 impl<T> Paged<T> {
     /// The page from the up to `page.limit + 1` rows (with their ids) a query fetched.
     pub fn from_rows(page: Page, rows: Vec<(i64, T)>) -> Self {
-        let limit = usize::try_from(page.limit).unwrap_or(usize::MAX);
+        Self::from_keyed_rows(page.limit, rows)
+    }
+}
+
+impl<T, K> Paged<T, K> {
+    /// The page of `limit` items from the up to `limit + 1` rows (with their keys) a query
+    /// fetched.
+    pub fn from_keyed_rows(limit: u32, rows: Vec<(K, T)>) -> Self {
+        let limit = usize::try_from(limit).unwrap_or(usize::MAX);
         let more = rows.len() > limit;
         let mut items = Vec::with_capacity(rows.len().min(limit));
         let mut last = None;
-        for (id, item) in rows.into_iter().take(limit) {
-            last = Some(id);
+        for (key, item) in rows.into_iter().take(limit) {
+            last = Some(key);
             items.push(item);
         }
         Self {
@@ -733,6 +748,7 @@ pub trait Storage:
     + DuplicateStore
     + SecretStore
     + WebhookOutbox
+    + ConsoleReads
     + AnalyticsOutbox
     + SandboxCheckouts
     + Send

@@ -358,3 +358,86 @@ pub(crate) async fn next_webhook_due<'e>(
     .await?;
     opt_time(next.flatten())
 }
+
+/// The sessions below the page's key, newest first. Each filter has its own statement, so
+/// each is one backwards range read of its index (`payment_sessions_by_created`, `_by_status`,
+/// `_by_buyer`: migration 0014). A buyer has a handful of sessions: the buyer's index finds
+/// them, the status (if asked for) filters them. The first page continues below a key no
+/// session has (`created_at` at its maximum).
+pub(crate) async fn sessions<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    filter: &super::SessionFilter,
+    page: &super::SessionPage,
+) -> StorageResult<Paged<SessionRecord, super::SessionKey>> {
+    const ALL: &str = "SELECT * FROM payment_sessions
+         WHERE (created_at, id) < ($1, $2)
+         ORDER BY created_at DESC, id DESC LIMIT $3";
+    const BY_STATUS: &str = "SELECT * FROM payment_sessions
+         WHERE status = $4 AND (created_at, id) < ($1, $2)
+         ORDER BY created_at DESC, id DESC LIMIT $3";
+    const BY_BUYER: &str = "SELECT * FROM payment_sessions
+         WHERE buyer_id = $4 AND ($5 = '' OR status = $5) AND (created_at, id) < ($1, $2)
+         ORDER BY created_at DESC, id DESC LIMIT $3";
+    let (created_at, id) = match &page.before {
+        Some(key) => (to_millis(key.created_at), key.id.as_str()),
+        None => (i64::MAX, ""),
+    };
+    let mut args = vec![created_at.into(), id.into(), page.fetch().into()];
+    let status = filter.status.map(payretry_domain::SessionStatus::as_str);
+    let sql = match (&filter.buyer, status) {
+        (Some(buyer), status) => {
+            args.push(buyer.as_str().into());
+            args.push(status.unwrap_or("").into());
+            BY_BUYER
+        }
+        (None, Some(status)) => {
+            args.push(status.into());
+            BY_STATUS
+        }
+        (None, None) => ALL,
+    };
+    let rows = fetch_all(db, sql, &args, |row| {
+        let session = rows::session(row)?;
+        Ok((super::SessionKey::of(&session), session))
+    })
+    .await?;
+    Ok(Paged::from_keyed_rows(page.limit, rows))
+}
+
+/// The retry funnel: retries (attempt rows past attempt 0) created from `$1` to `$2` (ms),
+/// counted by where each stands, per attempt number and currency. One range read of
+/// `payment_attempts_retries_by_created` (migration 0014), each row joined to its session
+/// through the primary key for the currency and the amount (PostgreSQL may instead hash the
+/// retries and read the key once, for a long period). `CAST`: PostgreSQL's `SUM` of a
+/// `BIGINT` is a `NUMERIC`, and every number payretry reads is an `i64`.
+pub(crate) async fn retry_funnel<'e>(
+    db: impl Executor<'e, Database: Backend>,
+    since: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> StorageResult<Vec<super::FunnelRow>> {
+    fetch_all(
+        db,
+        RETRY_FUNNEL,
+        &[to_millis(since).into(), to_millis(until).into()],
+        rows::funnel_row,
+    )
+    .await
+}
+
+/// The statement [`retry_funnel`] runs, with `$1` the period's start and `$2` its end (ms).
+/// `scripts/funnel_bench.sh` times this text as it stands here.
+pub(crate) const RETRY_FUNNEL: &str = "SELECT a.attempt_number, s.currency,
+        COUNT(*) AS scheduled,
+        COUNT(a.provider_session_id) AS checkout_created,
+        COUNT(CASE WHEN a.status = 'succeeded' THEN 1 END) AS paid,
+        COUNT(CASE WHEN a.status = 'failed' THEN 1 END) AS failed_again,
+        COUNT(CASE WHEN a.status = 'abandoned' THEN 1 END) AS abandoned,
+        COUNT(CASE WHEN a.status = 'dead_lettered' THEN 1 END) AS dead_lettered,
+        COUNT(CASE WHEN a.status IN ('scheduled', 'open', 'processing') THEN 1 END) AS in_progress,
+        CAST(COALESCE(SUM(CASE WHEN a.status = 'succeeded' THEN s.amount END), 0) AS BIGINT)
+            AS recovered
+     FROM payment_attempts AS a
+     JOIN payment_sessions AS s ON s.id = a.session_id
+     WHERE a.attempt_number > 0 AND a.created_at >= $1 AND a.created_at <= $2
+     GROUP BY a.attempt_number, s.currency
+     ORDER BY a.attempt_number, s.currency";

@@ -220,3 +220,23 @@ pub(crate) fn leased_delivery(row: &impl Columns) -> StorageResult<super::Leased
         lease: row.int("next_attempt_at")?,
     })
 }
+
+/// One group of the retry funnel (`reads::retry_funnel`).
+pub(crate) fn funnel_row(row: &impl Columns) -> StorageResult<super::FunnelRow> {
+    let total =
+        |column: &str| -> StorageResult<u64> { u64::try_from(row.int(column)?).map_err(corrupt) };
+    Ok(super::FunnelRow {
+        attempt: attempt(row.int("attempt_number")?),
+        currency: Currency::parse(&row.text("currency")?).map_err(corrupt)?,
+        counts: super::FunnelCounts {
+            scheduled: total("scheduled")?,
+            checkout_created: total("checkout_created")?,
+            paid: total("paid")?,
+            failed_again: total("failed_again")?,
+            abandoned: total("abandoned")?,
+            dead_lettered: total("dead_lettered")?,
+            in_progress: total("in_progress")?,
+        },
+        recovered: row.int("recovered")?,
+    })
+}

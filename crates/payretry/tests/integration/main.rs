@@ -11,6 +11,7 @@
 #[path = "../support/mod.rs"]
 mod support;
 
+mod admin_console_data;
 mod cli;
 mod dogstatsd;
 mod double_payment;

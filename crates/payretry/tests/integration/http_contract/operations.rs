@@ -45,6 +45,8 @@ async fn openapi_document_lists_every_api_path_of_the_contract() {
         ("/admin/duplicate-payments", "get"),
         ("/admin/webhook-deliveries", "get"),
         ("/admin/webhook-deliveries/{id}/redeliver", "post"),
+        ("/admin/sessions", "get"),
+        ("/admin/stats/retries", "get"),
         ("/healthz", "get"),
         ("/readyz", "get"),
         ("/metrics", "get"),

@@ -316,6 +316,7 @@ async fn the_openapi_document_declares_paging_on_every_list() {
         ("/payments/checkout/{sessionId}/audit", "AuditLogView"),
         ("/admin/dead-letters", "DeadLettersView"),
         ("/admin/duplicate-payments", "DuplicatePaymentsView"),
+        ("/admin/sessions", "AdminSessionsView"),
     ];
     for (path, schema) in lists {
         let operation = &document["paths"][path]["get"];
