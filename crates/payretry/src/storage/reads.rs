@@ -425,6 +425,9 @@ pub(crate) async fn retry_funnel<'e>(
 }
 
 /// The statement [`retry_funnel`] runs, with `$1` the period's start and `$2` its end (ms).
+/// A retry is in progress only while it is its session's latest and the session is live: a
+/// retry left open when the session was paid through an older checkout, or when the window
+/// closed, keeps its attempt row's status but is no longer in progress.
 /// `scripts/funnel_bench.sh` times this text as it stands here.
 pub(crate) const RETRY_FUNNEL: &str = "SELECT a.attempt_number, s.currency,
         COUNT(*) AS scheduled,
@@ -433,7 +436,9 @@ pub(crate) const RETRY_FUNNEL: &str = "SELECT a.attempt_number, s.currency,
         COUNT(CASE WHEN a.status = 'failed' THEN 1 END) AS failed_again,
         COUNT(CASE WHEN a.status = 'abandoned' THEN 1 END) AS abandoned,
         COUNT(CASE WHEN a.status = 'dead_lettered' THEN 1 END) AS dead_lettered,
-        COUNT(CASE WHEN a.status IN ('scheduled', 'open', 'processing') THEN 1 END) AS in_progress,
+        COUNT(CASE WHEN a.status IN ('scheduled', 'open', 'processing')
+            AND s.status IN ('open', 'retry_scheduled', 'processing')
+            AND s.retry_attempts = a.attempt_number THEN 1 END) AS in_progress,
         CAST(COALESCE(SUM(CASE WHEN a.status = 'succeeded' THEN s.amount END), 0) AS BIGINT)
             AS recovered
      FROM payment_attempts AS a

@@ -465,3 +465,23 @@ async fn console_data_routes_refuse_bad_parameters() {
     let buyer = "b".repeat(255);
     get_ok(&app, &format!("/admin/sessions?buyer={buyer}"), &support).await;
 }
+
+#[tokio::test]
+async fn a_retry_overtaken_by_a_payment_of_the_first_checkout_is_not_in_progress() {
+    // A retry's checkout is open when the buyer pays the first checkout after all: the retry's
+    // attempt row stays `open`, but the retry is over.
+    let app = spawn(Database::Sqlite).await;
+    let buyer = app.buyer();
+    let id = declined_in(&app, &buyer, 2500, "usd").await;
+    let first = text(&app.status(&app.admin(), &id).await, "providerSessionId");
+    retried(&app, &buyer, &id, "overtaken").await;
+    app.pay(&id, 0, &first).await;
+    app.wait_for_status(&id, "succeeded").await;
+
+    let funnel = get_ok(&app, "/admin/stats/retries", &app.admin()).await;
+
+    assert_eq!(
+        funnel["attempts"],
+        json!([attempt(1, [1, 1, 0, 0, 0, 0, 0], json!([]))])
+    );
+}
