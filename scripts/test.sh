@@ -53,15 +53,16 @@ if ! psql "$PAYRETRY_TEST_POSTGRES_URL" -qAtc 'SELECT 1' >/dev/null 2>&1; then
 fi
 echo "reachable: $PAYRETRY_TEST_POSTGRES_URL"
 
-section "moto SQS server, standardwebhooks"
+section "moto SQS server, reference checkers (standardwebhooks, openapi-spec-validator)"
 venv="${PAYRETRY_VENV:-$HOME/.cache/payretry-venv}"
 if [ ! -x "$venv/bin/moto_server" ]; then
     python3 -m venv "$venv"
     "$venv/bin/pip" install --quiet --disable-pip-version-check 'moto[server]'
 fi
-# The Standard Webhooks reference library verifies every merchant event the tests receive.
-if ! "$venv/bin/python" -c 'import standardwebhooks' 2>/dev/null; then
-    "$venv/bin/pip" install --quiet --disable-pip-version-check standardwebhooks
+# Reference checkers the tests call: the Standard Webhooks library verifies every merchant
+# event the tests receive, openapi-spec-validator checks /openapi.json.
+if ! "$venv/bin/python" -c 'import standardwebhooks, openapi_spec_validator' 2>/dev/null; then
+    "$venv/bin/pip" install --quiet --disable-pip-version-check standardwebhooks openapi-spec-validator
 fi
 export PAYRETRY_TEST_PYTHON="$venv/bin/python"
 moto_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')

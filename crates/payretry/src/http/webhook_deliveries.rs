@@ -109,6 +109,7 @@ impl DeliveryParams {
 
 /// Merchant webhook deliveries, oldest first, one page at a time.
 #[utoipa::path(get, path = "/admin/webhook-deliveries", tag = "admin",
+    operation_id = "list_webhook_deliveries",
     params(DeliveryParams, PageParams),
     responses((status = 200, description = "One page of deliveries", body = DeliveriesView),
         (status = 400, description = "`status`, `sessionId`, `limit` or `cursor` is not valid (`invalid_request`)",
@@ -143,6 +144,7 @@ pub async fn list(
 /// `delivered` one the receiver lost) gets one more try; a `pending` one is already queued and
 /// is left as it is.
 #[utoipa::path(post, path = "/admin/webhook-deliveries/{id}/redeliver", tag = "admin",
+    operation_id = "redeliver_webhook",
     params(("id" = String, Path, description = "The delivery's `id`")),
     responses((status = 202, description = "Queued; the delivery as it now stands", body = DeliveryView),
         (status = 401, description = "No valid token (`unauthenticated`)",

@@ -188,23 +188,6 @@ pub fn distinct_accepted(received: &[Received]) -> usize {
     ids.len()
 }
 
-/// The Python with the `standardwebhooks` package: `PAYRETRY_TEST_PYTHON` (scripts/test.sh
-/// sets it), else the venv scripts/test.sh builds. Missing, it fails the test loudly.
-fn python() -> String {
-    let python = std::env::var("PAYRETRY_TEST_PYTHON").unwrap_or_else(|_| {
-        format!(
-            "{}/.cache/payretry-venv/bin/python",
-            std::env::var("HOME").unwrap_or_default()
-        )
-    });
-    assert!(
-        std::path::Path::new(&python).exists(),
-        "no Python with `standardwebhooks` at {python}: run scripts/test.sh once (it builds \
-         the venv), or set PAYRETRY_TEST_PYTHON to a python that has `pip install standardwebhooks`"
-    );
-    python
-}
-
 const VERIFY: &str = r#"
 import base64, json, sys
 from standardwebhooks.webhooks import Webhook
@@ -233,7 +216,7 @@ pub fn verify_with_reference_library(received: &[Received], secrets: &[&str]) ->
             "body": base64::engine::general_purpose::STANDARD.encode(&r.body),
         })).collect::<Vec<_>>(),
     });
-    let mut child = std::process::Command::new(python())
+    let mut child = std::process::Command::new(super::python::python())
         .args(["-c", VERIFY])
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())

@@ -6,4 +6,5 @@ pub mod fake_segment;
 pub mod fake_stripe;
 pub mod merchant_receiver;
 pub mod process;
+pub mod python;
 pub mod services;

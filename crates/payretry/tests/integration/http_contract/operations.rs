@@ -58,6 +58,28 @@ async fn openapi_document_lists_every_api_path_of_the_contract() {
     }
 }
 
+/// The reference validator of the OpenAPI Initiative's ecosystem, `openapi-spec-validator`
+/// from PyPI, accepts the document (unique operation ids, a description on every response…).
+#[tokio::test]
+async fn openapi_document_passes_the_reference_validator() {
+    let app = TestApp::spawn().await;
+    let document = get(&app, "/openapi.json", None).await.text().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("openapi.json");
+    std::fs::write(&file, document).unwrap();
+    let output = std::process::Command::new(crate::support::python::python())
+        .args(["-m", "openapi_spec_validator"])
+        .arg(&file)
+        .output()
+        .expect("run openapi-spec-validator");
+    assert!(
+        output.status.success(),
+        "openapi-spec-validator refused /openapi.json: {}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 #[tokio::test]
 async fn unknown_route_is_a_404_problem() {
     let app = TestApp::spawn().await;
