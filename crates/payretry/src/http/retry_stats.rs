@@ -23,8 +23,13 @@ pub fn router() -> Router<AppState> {
 pub struct FunnelParams {
     /// Where the period starts: a duration back from now, from `1m` to `31d`, in minutes,
     /// hours or days (`90m`, `24h`, `7d`), or an RFC 3339 time no more than 31 days ago and
-    /// not in the future (percent-encode a `+` offset, or use `Z`). `24h` when absent.
-    #[param(example = "7d")]
+    /// not in the future (percent-encode a `+` offset, or use `Z`). `24h` when absent. The
+    /// pattern documents the durations (each one the server accepts); a time is accepted
+    /// besides, when it lies in the last 31 days.
+    #[param(
+        example = "7d",
+        pattern = "^(?:[1-9][0-9]{0,3}m|[1-9][0-9]?h|[1-6][0-9]{2}h|[1-9]d|[12][0-9]d|3[01]d)$"
+    )]
     pub since: Option<String>,
 }
 
