@@ -119,7 +119,8 @@ async fn the_whole_story_produces_its_events_in_sequence_with_the_contract_field
         app.decline(&exhausted, attempt, "do_not_honor").await;
     }
 
-    let received = receiver.wait_for_accepted(8 + 7, WAIT).await;
+    // Eight events each: the paid session's, and the exhausted one's ending in failed + abandoned.
+    let received = receiver.wait_for_accepted(8 + 8, WAIT).await;
     for r in &received {
         assert_eq!(r.content_type, "application/json");
         assert_eq!(
@@ -162,6 +163,7 @@ async fn the_whole_story_produces_its_events_in_sequence_with_the_contract_field
     assert_eq!(events[7]["data"]["refundStatus"], "detected");
 
     let events = events_of(&received, &exhausted);
+    assert_eq!(events.len(), 8, "{:?}", types(&events));
     assert_eq!(
         types(&events)[events.len() - 2..],
         ["payment_session.failed", "payment_session.retry_abandoned"]
