@@ -248,7 +248,18 @@ async function view(page, name, heading = name) {
 }
 
 /** Waits until the view on screen has loaded since it was shown. */
-const loaded = (page) => page.locator('section.view:not([hidden])[data-loaded]').waitFor();
+async function loaded(page) {
+  try {
+    await page.locator('section.view:not([hidden])[data-loaded]').waitFor({ timeout: 20_000 });
+  } catch (e) {
+    const state = await page.evaluate(() => ({
+      freshness: document.getElementById('freshness').textContent,
+      problem: document.getElementById('problem').textContent,
+      views: [...document.querySelectorAll('section.view')].map((s) => `${s.id} hidden=${s.hidden} loaded=${s.dataset.loaded}`),
+    }));
+    throw new Error(`the view never finished loading: ${JSON.stringify(state)}`, { cause: e });
+  }
+}
 
 /** axe-core's serious and critical violations on the page as it is now. */
 async function assertAccessible(page, label) {
@@ -377,7 +388,7 @@ test('an admin redrives a dead letter and watches the session go back to retry_s
   await shot(page, 'dead-letters');
   // The provider is slow to create the redriven retry's checkout: long enough to see the
   // session scheduled, and for the page's own refresh to show it open afterwards.
-  stripe.state.delayMs = 4000;
+  stripe.state.delayMs = 8000;
   await page.getByRole('button', { name: `Redrive dead letter 1 of session ${sessions.stuck}` }).click();
   await page.getByText(`Dead letter 1 redriven: session ${sessions.stuck} is scheduled again.`).waitFor();
   await page.getByRole('button', { name: `Open session ${sessions.stuck}` }).waitFor({ state: 'detached' });
@@ -416,7 +427,8 @@ test('an admin redelivers a failed webhook with the same webhook-id', { timeout:
   // The session's own view lists its merchant events with where each stands.
   await page.getByRole('button', { name: `Open session ${target.paymentSessionId}` }).first().click();
   await page.getByRole('heading', { name: `Session ${target.paymentSessionId}` }).waitFor();
-  assert.match(await page.locator('#events-table tbody').textContent(), /delivered/);
+  await loaded(page);
+  await page.locator('#events-table tbody').getByText('delivered').first().waitFor();
   assert.deepEqual(errors, []);
   await context.close();
 });
