@@ -43,16 +43,25 @@ impl PageParams {
     /// Validates the parameters into a storage page.
     pub fn page(&self) -> Result<Page, ApiError> {
         let limit = page_limit(self.limit.as_deref())?;
-        let after = match self.cursor.as_deref() {
-            None => None,
-            Some(raw) => Some(parse_cursor(raw).ok_or_else(|| {
-                ApiError::InvalidRequest(
-                    "`cursor` is not a cursor this server returned as `nextCursor`".to_owned(),
-                )
-            })?),
-        };
+        let after = page_cursor(self.cursor.as_deref(), parse_cursor)?;
         Ok(Page { after, limit })
     }
+}
+
+/// The `cursor` parameter read by `parse`: `None` when absent, 400 when it is not a cursor
+/// this server handed out.
+fn page_cursor<T>(
+    raw: Option<&str>,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|raw| {
+        parse(raw).ok_or_else(|| {
+            ApiError::InvalidRequest(
+                "`cursor` is not a cursor this server returned as `nextCursor`".to_owned(),
+            )
+        })
+    })
+    .transpose()
 }
 
 /// The `limit` parameter: 50 when absent, else 1 to 100.
@@ -113,14 +122,7 @@ impl SessionPageParams {
     /// Validates the parameters into a storage page.
     pub fn page(&self) -> Result<SessionPage, ApiError> {
         let limit = page_limit(self.limit.as_deref())?;
-        let before = match self.cursor.as_deref() {
-            None => None,
-            Some(raw) => Some(parse_session_cursor(raw).ok_or_else(|| {
-                ApiError::InvalidRequest(
-                    "`cursor` is not a cursor this server returned as `nextCursor`".to_owned(),
-                )
-            })?),
-        };
+        let before = page_cursor(self.cursor.as_deref(), parse_session_cursor)?;
         Ok(SessionPage { before, limit })
     }
 }
